@@ -1,0 +1,244 @@
+"""The `xtl` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from xtl.errors import XtlError
+
+app = typer.Typer(
+    help="Explainable transfer learning: fine-tune CNNs and ViTs, evaluate them, explain them.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+QUICK_MODELS = ("efficientnet_lite0", "vit_s14_dinov2")
+
+
+def _is_global_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _is_launcher_child() -> bool:
+    """True in the extra processes that DDP starts by re-running this command."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the registered models."""
+    from xtl.models import get_spec, list_models
+
+    table = Table("name", "family", "input", "weights")
+    for name in list_models():
+        if ":" in name:
+            table.add_row(name, "", "", "any model of that library")
+            continue
+        spec = get_spec(name)
+        table.add_row(name, spec.family, str(spec.input_size), spec.weights)
+    console.print(table)
+
+
+@app.command("data")
+def data_command(
+    source: str = typer.Option("../shared/data/cifar10", help="Image folder, hf:NAME, cifar10, cifar100 or torchvision:NAME."),
+    split: str = typer.Option("paper", help="paper (4,500/500 of the first 5,000 + 2,000 test) or random."),
+    train_size: Optional[int] = typer.Option(None, help="random split: training images."),
+    val_size: Optional[int] = typer.Option(None, help="random split: validation images."),
+    test_size: Optional[int] = typer.Option(None, help="Test images."),
+    stratified: bool = typer.Option(False, help="random split: keep class proportions."),
+    seed: int = typer.Option(0, help="Seed of the split."),
+    figure: Path = typer.Option(Path("class_distribution.png"), help="Where to write the class-distribution figure."),
+) -> None:
+    """Show a split's size per class and write its class-distribution figure."""
+    from xtl.data import SplitSpec, load_split
+    from xtl.data.figures import plot_class_distribution
+
+    data = load_split(source, SplitSpec(split, train_size, val_size, test_size, seed, stratified))
+    table = Table("class", *data.parts)
+    counts = data.summary()
+    for k, name in enumerate(data.class_names):
+        table.add_row(name, *[str(counts[part][k]) for part in data.parts])
+    table.add_row("[bold]total", *[f"[bold]{len(part)}" for part in data.parts.values()])
+    console.print(table)
+    plot_class_distribution(data, figure)
+    console.print(f"class distribution: {figure}")
+
+
+@app.command("finetune")
+def finetune_command(
+    model: str = typer.Option("efficientnet_lite0", help="A registry name (xtl models), timm:NAME, torchvision:NAME or hf:REPO."),
+    preset: str = typer.Option("default", help="default (GPU recipe), quick (2-core CPU) or paper (the paper's protocol)."),
+    source: Optional[str] = typer.Option(None, help="Data: image folder, hf:NAME, cifar10, cifar100, torchvision:NAME."),
+    name: Optional[str] = typer.Option(None, help="Run name (default: <preset>-<model>)."),
+    runs_dir: Path = typer.Option(Path("runs"), help="Folder of run directories."),
+    weights: Optional[Path] = typer.Option(None, help="Local weights file instead of the hub."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--random-init", help="Start from pretrained weights."),
+    input_size: Optional[int] = typer.Option(None, help="Model input size in pixels (images are resized to it)."),
+    normalization: Optional[str] = typer.Option(None, help="model (pretrained mean/std) or paper (0.5/0.5)."),
+    split: Optional[str] = typer.Option(None, help="paper or random."),
+    train_size: Optional[int] = typer.Option(None),
+    val_size: Optional[int] = typer.Option(None),
+    test_size: Optional[int] = typer.Option(None),
+    stratified: Optional[bool] = typer.Option(None, "--stratified/--not-stratified"),
+    seed: Optional[int] = typer.Option(None),
+    optimizer: Optional[str] = typer.Option(None, help="adam or adamw."),
+    lr: Optional[float] = typer.Option(None),
+    weight_decay: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, help="Per device."),
+    epochs: Optional[int] = typer.Option(None),
+    schedule: Optional[str] = typer.Option(None, help="cosine or constant (after warm-up)."),
+    warmup_epochs: Optional[float] = typer.Option(None),
+    label_smoothing: Optional[float] = typer.Option(None),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random flips, zooms and shifts."),
+    patience: Optional[int] = typer.Option(None, help="Early stopping patience in epochs (0 = off)."),
+    bn_momentum: Optional[float] = typer.Option(None, help="Override BatchNorm momentum (PyTorch convention)."),
+    accelerator: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
+    devices: Optional[int] = typer.Option(None, help="Devices per node (DDP when > 1)."),
+    num_nodes: Optional[int] = typer.Option(None, help="Nodes (launch with torchrun)."),
+    precision: Optional[str] = typer.Option(None, help="auto, 32-true, bf16-mixed, ..."),
+    resume: bool = typer.Option(False, help="Continue the run from its last checkpoint."),
+    evaluate: bool = typer.Option(True, help="Evaluate the best model on the test split afterwards."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Fine-tune a pretrained model with a new head; keep the best model; evaluate it."""
+    from xtl.config import preset as make_preset
+    from xtl.runs import RunDir, split_spec
+
+    run = RunDir(runs_dir / (name or f"{preset}-{model.replace(':', '_').replace('/', '_')}"))
+    if resume and run.config_path.is_file():
+        config = run.config()
+    else:
+        if run.config_path.is_file() and not _is_launcher_child():
+            raise XtlError(f"run directory {run.path} already exists; pass --resume or another --name")
+        overrides = {k: v for k, v in locals().items() if k in _CONFIG_OPTIONS}
+        overrides["weights"] = str(weights) if weights else None
+        config = make_preset(preset, model, **overrides)
+    metrics = _train_and_evaluate(config, run, split_spec(config), resume, evaluate, progress)
+    if metrics:
+        _print_comparison([run])
+
+
+_CONFIG_OPTIONS = {
+    "source", "pretrained", "input_size", "normalization", "split", "train_size", "val_size", "test_size",
+    "stratified", "seed", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "schedule", "warmup_epochs",
+    "label_smoothing", "augment", "patience", "bn_momentum", "accelerator", "devices", "num_nodes", "precision",
+}
+
+
+def _train_and_evaluate(config, run, spec, resume: bool, evaluate: bool, progress: bool) -> dict | None:
+    from xtl.data import load_split
+    from xtl.data.figures import plot_class_distribution
+    from xtl.evaluate import evaluate as evaluate_run
+    from xtl.train import finetune
+
+    data = load_split(config.source, spec)
+    finetune(config, data, run, resume=resume, progress=progress)
+    if not _is_global_zero():
+        return None
+    plot_class_distribution(data, run.figures / "class_distribution.png")
+    if not evaluate:
+        return None
+    metrics = evaluate_run(run, data, device="cuda" if config.accelerator in ("auto", "cuda") and _cuda() else "cpu")
+    console.print(f"run: {run.path}")
+    return metrics
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@app.command("evaluate")
+def evaluate_command(run: Path = typer.Argument(..., help="A run directory.")) -> None:
+    """Evaluate a run's best model on its test split (metrics, predictions, figures)."""
+    from xtl.evaluate import evaluate
+    from xtl.runs import RunDir
+
+    run_dir = RunDir(run)
+    run_dir.read()
+    evaluate(run_dir)
+    _print_comparison([run_dir])
+
+
+@app.command("compare")
+def compare_command(runs: list[Path] = typer.Argument(..., help="Run directories.")) -> None:
+    """Print the test results of several runs side by side."""
+    from xtl.runs import RunDir
+
+    _print_comparison([RunDir(r) for r in runs])
+
+
+@app.command("demo")
+def demo_command(
+    runs_dir: Path = typer.Option(Path("runs"), help="Folder of run directories."),
+    source: str = typer.Option("../shared/data/cifar10", help="The CIFAR-10 image folder."),
+) -> None:
+    """`make run`: the quick preset for EfficientNet-Lite0 and DINOv2 ViT-S/14, offline, on the CPU."""
+    from xtl.config import preset
+    from xtl.runs import RunDir, split_spec
+
+    runs = []
+    for model in QUICK_MODELS:
+        run = RunDir(runs_dir / f"quick-{model}")
+        runs.append(run)
+        if run.file("metrics.json").is_file():
+            console.print(f"{run.path}: done already (delete it to run again)")
+            continue
+        config = preset("quick", model, source=source)
+        console.rule(f"{model}: {config.train_size} train / {config.val_size} val / {config.test_size} test at {config.input_size} px")
+        _train_and_evaluate(config, run, split_spec(config), resume=True, evaluate=True, progress=sys.stderr.isatty())
+    _print_comparison(runs)
+
+
+def _print_comparison(runs) -> None:
+    import json
+
+    table = Table("run", "model", "input", "train/val/test", "epochs (best)", "val acc", "test acc [95 % CI]", "ROC-AUC", "train img/s",
+                  title="Test results")
+    for run in runs:
+        data = run.read()
+        metrics_path = run.file("metrics.json")
+        if not metrics_path.is_file():
+            raise XtlError(f"run directory {run.path} has no metrics.json; run `xtl evaluate {run.path}`")
+        m = json.loads(metrics_path.read_text())
+        sizes = data["derived"]["split_sizes"]
+        from xtl.evaluate.figures import read_csv
+
+        epochs = read_csv(run.file("history_epochs.csv"))
+        best = min(epochs, key=lambda e: e["val_loss"]) if epochs else None
+        low, high = m["accuracy_ci95"]
+        table.add_row(
+            run.path.name, m["model"], str(data["derived"]["input_size"]),
+            f"{sizes['train']}/{sizes['val']}/{sizes['test']}",
+            f"{len(epochs)} ({m['best_epoch']:.0f})" if best else "-",
+            f"{best['val_accuracy']:.3f}" if best else "-",
+            f"{m['accuracy']:.3f} [{low:.3f}, {high:.3f}]", f"{m['roc_auc_macro_ovr']:.3f}",
+            f"{m['images_per_s_train']:.1f}" if m.get("images_per_s_train") else "-",
+        )
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except XtlError as err:
+        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted: finished epochs are kept; continue with --resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The one configuration of a fine-tuning run, with presets, validated by name."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from xtl.errors import XtlError
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rebuild the split and the model and to train it again."""
+
+    # model
+    model: str = "efficientnet_lite0"
+    weights: str | None = None  # local weights file instead of the hub
+    pretrained: bool = True
+    input_size: int | None = None  # None: the model's own
+    normalization: str = "model"  # "model": pretrained mean/std; "paper": 0.5/0.5
+    bn_momentum: float | None = None  # override BatchNorm momentum (PyTorch convention)
+    # data
+    source: str = "../shared/data/cifar10"
+    split: str = "paper"
+    train_size: int | None = None
+    val_size: int | None = None
+    test_size: int | None = None
+    stratified: bool = False
+    seed: int = 0
+    # optimisation
+    optimizer: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    batch_size: int = 64
+    epochs: int = 10
+    schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    augment: bool = True
+    grad_clip: float | None = 1.0
+    patience: int = 3  # early stopping on val loss; 0 = off
+    # hardware
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    precision: str = "auto"  # auto = bf16-mixed on GPU, 32-true on CPU
+    eval_batch_size: int = 128
+    # provenance, filled in by the run
+    preset: str = "default"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        choices = {
+            "normalization": ("model", "paper"),
+            "split": ("paper", "random"),
+            "optimizer": ("adam", "adamw"),
+            "schedule": ("cosine", "constant"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise XtlError(f"option --{name.replace('_', '-')} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
+        positive = ("lr", "batch_size", "epochs", "devices", "num_nodes", "eval_batch_size")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise XtlError(f"option --{name.replace('_', '-')} must be > 0, not {getattr(self, name)}")
+        for name in ("weight_decay", "warmup_epochs", "label_smoothing", "patience"):
+            if getattr(self, name) < 0:
+                raise XtlError(f"option --{name.replace('_', '-')} must be >= 0, not {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise XtlError(f"option --label-smoothing must be in [0, 1), not {self.label_smoothing}")
+        if self.input_size is not None and self.input_size < 16:
+            raise XtlError(f"option --input-size must be >= 16, not {self.input_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise XtlError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _is_vit(model: str) -> bool:
+    from xtl.models import get_spec
+
+    return get_spec(model).family == "vit"
+
+
+def preset(name: str, model: str, **overrides: Any) -> RunConfig:
+    """A named recipe for `model`; `overrides` (None values ignored) win over it.
+
+    - `paper`: the paper's protocol exactly (Adam, paper split, 0.5/0.5 normalisation, no
+      augmentation, constant lr; ResNet/CNN lr 1e-5 wd 5e-4 5 epochs; ViT lr 2e-5 wd 0.01
+      batch 32 3 epochs).
+    - `default`: our recipe for the paper split on a GPU (AdamW, warm-up + cosine, flips and
+      shifts, label smoothing, early stopping); see BENCHMARKS.md.
+    - `quick`: `default` on a small seeded subset at low resolution, for a 2-core CPU.
+    """
+    vit = _is_vit(model)
+    if name == "paper":
+        base = dict(
+            optimizer="adam", normalization="paper", augment=False, schedule="constant", warmup_epochs=0.0,
+            label_smoothing=0.0, grad_clip=None, patience=0, split="paper", batch_size=32,
+            lr=2e-5 if vit else 1e-5, weight_decay=0.01 if vit else 5e-4, epochs=3 if vit else 5,
+        )
+    elif name in ("default", "quick"):
+        base = dict(
+            optimizer="adamw", lr=5e-5 if vit else 5e-4, weight_decay=0.05, batch_size=64,
+            epochs=10, warmup_epochs=1.0, schedule="cosine", label_smoothing=0.1, augment=True, patience=3,
+        )
+        if name == "quick":
+            base.update(
+                split="random", stratified=True, train_size=1000 if vit else 2000, val_size=200,
+                test_size=500, input_size=112 if vit else 128, epochs=2 if vit else 3,
+                warmup_epochs=0.3, batch_size=32, lr=1e-4 if vit else 1e-3, patience=0,
+            )
+    else:
+        raise XtlError(f"option --preset must be one of paper, default, quick, not '{name}'")
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig(model=model, preset=name, **base)

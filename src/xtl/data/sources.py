@@ -1,0 +1,252 @@
+"""Image-classification sources behind one interface.
+
+A source lists its items (an id, a label and a key to fetch the pixels) for each of its
+partitions (`train`, `test`) in a canonical order, and decodes only the items asked for.
+Ids are positions in that canonical order, so a seeded split names the same images always.
+
+Specs understood by `open_source`:
+- a directory (optionally `folder:DIR`) in image-folder layout `DIR/{train,test}/<class>/*`;
+- `hf:NAME` for a Hugging Face dataset on the hub, or `hf:DIR` for one saved with `save_to_disk`;
+- `cifar10` / `cifar100`: the Hugging Face copies the paper used (`uoft-cs/cifar10`, `uoft-cs/cifar100`);
+- `torchvision:cifar10` / `torchvision:cifar100` (downloads into `~/.cache/xtl`; for online users).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from xtl.errors import XtlError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+PARTITIONS = ("train", "test")
+HF_ALIASES = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100"}
+# Images larger than this many pixels are refused (decompression bombs).
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+@dataclass
+class Partition:
+    """One partition of a source: labels in canonical order and a way to fetch pixels."""
+
+    labels: np.ndarray  # int64 [N]
+    keys: list[str]  # human-readable key of each item (a relative path, a row number)
+    fetch: Callable[[Sequence[int]], list[Image.Image]]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Source:
+    spec: str
+    class_names: list[str]
+    partitions: dict[str, Partition]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    def partition(self, name: str) -> Partition:
+        if name not in self.partitions:
+            raise XtlError(f"data source {self.spec} has no '{name}' partition")
+        return self.partitions[name]
+
+
+def open_source(spec: str) -> Source:
+    """Open a data source from its spec string (see the module docstring)."""
+    spec = str(spec)
+    if spec.startswith("folder:"):
+        return _folder_source(Path(spec[len("folder:"):]), spec)
+    if spec.startswith("torchvision:"):
+        return _torchvision_source(spec[len("torchvision:"):], spec)
+    if spec.startswith("hf:"):
+        return _hf_source(spec[len("hf:"):], spec)
+    if spec in HF_ALIASES:
+        return _hf_source(HF_ALIASES[spec], spec)
+    if os.path.isdir(spec):
+        return _folder_source(Path(spec), spec)
+    raise XtlError(
+        f"data source {spec}: no such folder, and not one of folder:DIR, hf:NAME, "
+        f"{', '.join(HF_ALIASES)}, torchvision:cifar10|cifar100"
+    )
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_image(path: str | os.PathLike) -> Image.Image:
+    """Open any common image file as 8-bit RGB, honouring EXIF rotation; one-line error otherwise."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise XtlError(f"image file {path} is empty")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except XtlError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise XtlError(f"image file {path} is too large to decode safely ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise XtlError(f"image file {path} cannot be read as an image: {err}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of clipping.
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def _folder_source(root: Path, spec: str) -> Source:
+    if not root.is_dir():
+        raise XtlError(f"data folder {root} does not exist")
+    missing = [p for p in PARTITIONS if not (root / p).is_dir()]
+    if "train" in missing:
+        raise XtlError(f"data folder {root} has no train/ subfolder (expected {root}/train/<class>/*)")
+    class_names = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_names:
+        raise XtlError(f"data folder {root / 'train'} has no class subfolders")
+    partitions = {}
+    for part in PARTITIONS:
+        if part in missing:
+            continue
+        partitions[part] = _folder_partition(root, part, class_names)
+    return Source(spec=spec, class_names=class_names, partitions=partitions)
+
+
+def _folder_partition(root: Path, part: str, class_names: list[str]) -> Partition:
+    part_dir = root / part
+    extra = sorted(d.name for d in part_dir.iterdir() if d.is_dir() and d.name not in class_names)
+    if extra:
+        raise XtlError(f"data folder {part_dir} has class folders not in train/: {', '.join(extra)}")
+    per_class: list[list[str]] = []
+    for name in class_names:
+        class_dir = part_dir / name
+        files = sorted(
+            f.name for f in os.scandir(class_dir) if f.is_file() and Path(f.name).suffix.lower() in IMAGE_SUFFIXES
+        ) if class_dir.is_dir() else []
+        if not files and part == "train":
+            raise XtlError(f"class folder {class_dir} has no images")
+        per_class.append([f"{part}/{name}/{f}" for f in files])
+    # Canonical order interleaves the classes (item i of every class, then item i+1, ...),
+    # so "the first N images" is a class-balanced prefix, as in CIFAR's own order.
+    order = sorted(
+        ((i, c) for c, files in enumerate(per_class) for i in range(len(files))),
+    )
+    keys = [per_class[c][i] for i, c in order]
+    labels = np.array([c for _, c in order], dtype=np.int64)
+
+    def fetch(ids: Sequence[int]) -> list[Image.Image]:
+        return [decode_image(root / keys[i]) for i in ids]
+
+    return Partition(labels=labels, keys=keys, fetch=fetch)
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def _hf_source(name: str, spec: str) -> Source:
+    import datasets
+
+    try:
+        if os.path.isdir(name):
+            loaded = datasets.load_from_disk(name)
+        else:
+            loaded = datasets.load_dataset(name)
+    except FileNotFoundError as err:
+        raise XtlError(f"data source {spec}: {err}") from None
+    except Exception as err:  # the hub raises many types; all mean "cannot load"
+        raise XtlError(f"data source {spec} cannot be loaded: {type(err).__name__}: {err}") from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise XtlError(f"data source {spec} must have train and test splits")
+    train = loaded["train"]
+    image_col = _first_column(train, ("img", "image"), datasets.Image, spec)
+    label_col = _first_column(train, ("label", "fine_label", "labels"), datasets.ClassLabel, spec)
+    class_names = list(train.features[label_col].names)
+    partitions = {}
+    for part in PARTITIONS:
+        if part not in loaded:
+            continue
+        ds = loaded[part]
+        labels = np.asarray(ds[label_col], dtype=np.int64)
+
+        def fetch(ids: Sequence[int], ds=ds) -> list[Image.Image]:
+            rows = ds.select(list(ids))[image_col]
+            return [_to_rgb(img) for img in rows]
+
+        partitions[part] = Partition(labels=labels, keys=[f"{part}/{i}" for i in range(len(labels))], fetch=fetch)
+    return Source(spec=spec, class_names=class_names, partitions=partitions)
+
+
+def _first_column(ds, candidates, feature_type, spec) -> str:
+    for col in candidates:
+        if col in ds.features and isinstance(ds.features[col], feature_type):
+            return col
+    for col, feature in ds.features.items():
+        if isinstance(feature, feature_type):
+            return col
+    raise XtlError(f"data source {spec} has no {feature_type.__name__} column")
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+
+def _torchvision_source(name: str, spec: str) -> Source:
+    import torchvision
+
+    datasets_by_name = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
+    if name not in datasets_by_name:
+        raise XtlError(f"data source {spec}: torchvision source must be one of {', '.join(datasets_by_name)}")
+    root = Path(os.environ.get("XTL_DATA_CACHE", Path.home() / ".cache" / "xtl"))
+    partitions = {}
+    class_names: list[str] = []
+    for part in PARTITIONS:
+        ds = datasets_by_name[name](root=str(root), train=part == "train", download=True)
+        class_names = list(ds.classes)
+        data = ds.data  # uint8 [N, H, W, 3]
+
+        def fetch(ids: Sequence[int], data=data) -> list[Image.Image]:
+            return [Image.fromarray(data[i]) for i in ids]
+
+        labels = np.asarray(ds.targets, dtype=np.int64)
+        partitions[part] = Partition(labels=labels, keys=[f"{part}/{i}" for i in range(len(labels))], fetch=fetch)
+    return Source(spec=spec, class_names=class_names, partitions=partitions)
+
+
+# ----------------------------------------------------------------------------- to tensors
+
+
+def images_to_uint8(images: list[Image.Image], store_size: int | None = None) -> torch.Tensor:
+    """Stack PIL images into a uint8 tensor [N, 3, H, W].
+
+    Images of one size stack as they are (CIFAR stays 32x32). Mixed sizes are resized
+    (shorter side to `store_size`, default 256) and centre-cropped to a square first.
+    """
+    if not images:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    sizes = {img.size for img in images}
+    if store_size is not None or len(sizes) > 1:
+        side = store_size or 256
+        images = [ImageOps.fit(img, (side, side), method=Image.Resampling.BICUBIC) for img in images]
+    array = np.stack([np.asarray(img, dtype=np.uint8) for img in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()

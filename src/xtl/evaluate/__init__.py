@@ -1,0 +1,60 @@
+"""Evaluation of a run's best model on its test split: metrics, predictions, figures."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import torch
+
+from xtl.data import Split
+from xtl.evaluate.figures import plot_confusion_matrix, plot_per_class_accuracy, plot_training_curves, read_csv
+from xtl.evaluate.metrics import Predictions, bootstrap_ci, compute_metrics, predict
+from xtl.io import write_json, write_text
+from xtl.runs import RunDir
+
+__all__ = ["Predictions", "bootstrap_ci", "compute_metrics", "evaluate", "predict"]
+
+
+def evaluate(run: RunDir, split: Split | None = None, device: str | None = None) -> dict:
+    """Evaluate the run's best model on its test split and write metrics, predictions and figures."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = run.config()
+    split = split or run.load_split()
+    model, _ = run.load_model(device)
+    pred = predict(model, split["test"], run.preprocess(), device, batch_size=config.eval_batch_size)
+    metrics = compute_metrics(pred, split.class_names)
+    epochs = read_csv(run.file("history_epochs.csv"))
+    metrics["model"] = config.model
+    metrics["best_epoch"] = min(epochs, key=lambda e: e["val_loss"])["epoch"] if epochs else None
+    metrics["epochs_trained"] = len(epochs)
+    metrics["images_per_s_train"] = _median_throughput(read_csv(run.file("history_batches.csv")))
+    write_json(run.file("metrics.json"), metrics)
+    write_predictions(run, pred, split.class_names)
+    write_figures(run, metrics, epochs)
+    return metrics
+
+
+def write_predictions(run: RunDir, pred: Predictions, class_names: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["id", "label", "predicted", *[f"p_{name}" for name in class_names]])
+    for i, label, guess, probs in zip(pred.ids.tolist(), pred.labels.tolist(), pred.predicted.tolist(), pred.probabilities.tolist()):
+        writer.writerow([i, label, guess, *[f"{p:.6f}" for p in probs]])
+    write_text(run.file("predictions.csv"), buf.getvalue())
+
+
+def write_figures(run: RunDir, metrics: dict, epochs: list[dict]) -> None:
+    name = metrics["model"]
+    batches = read_csv(run.file("history_batches.csv"))
+    if batches:
+        plot_training_curves(batches, epochs, run.figures / "training_curves.png", f"{name}: training")
+    plot_confusion_matrix(metrics["confusion_matrix"], metrics["class_names"], run.figures / "confusion_matrix.png",
+                          f"{name}: confusion matrix (test, n={metrics['n_images']})")
+    plot_per_class_accuracy(metrics["per_class_accuracy"], run.figures / "per_class_accuracy.png",
+                            f"{name}: per-class test accuracy")
+
+
+def _median_throughput(batches: list[dict]) -> float | None:
+    values = sorted(b["images_per_s"] for b in batches[1:]) or sorted(b["images_per_s"] for b in batches)
+    return values[len(values) // 2] if values else None

@@ -1,0 +1,77 @@
+"""Hugging Face image classifiers (`hf:REPO` or `hf:DIR`), wrapped to return plain logits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from xtl.errors import XtlError
+from xtl.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, new_head, register_prefix
+
+_VIT_TYPES = {"vit", "deit", "beit", "dinov2", "vit_msn", "vit_mae"}
+
+
+class HFClassifier(nn.Module):
+    """`model(x)` returns logits, like every other model in the registry."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.hf(pixel_values=pixel_values).logits
+
+
+def _build(spec: ModelSpec, n_classes: int | None, pretrained: bool, weights_path: Path | None) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    source = str(weights_path) if weights_path is not None else spec.hub_id
+    labels = {} if n_classes is None else {"num_labels": n_classes}
+    try:
+        if pretrained or weights_path is not None:
+            hf_model = AutoModelForImageClassification.from_pretrained(
+                source, ignore_mismatched_sizes=True, attn_implementation="eager", **labels
+            )
+        else:
+            config = AutoConfig.from_pretrained(source, **labels)
+            hf_model = AutoModelForImageClassification.from_config(config, attn_implementation="eager")
+    except OSError as err:
+        raise XtlError(f"model {spec.name} cannot be loaded from {source}: {str(err).splitlines()[0]}") from None
+    return new_head(HFClassifier(hf_model), spec.classifier, n_classes)
+
+
+def _resolve(repo: str) -> ModelSpec:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(repo)
+    except (OSError, ValueError) as err:
+        raise XtlError(f"unknown model 'hf:{repo}': {str(err).splitlines()[0]}") from None
+    is_vit = config.model_type in _VIT_TYPES
+    mean, std = _normalisation(repo, is_vit)
+    size = getattr(config, "image_size", 224)
+    backbone = config.model_type if is_vit else ""
+    return ModelSpec(
+        name=f"hf:{repo}", family="vit" if is_vit else "cnn", builder=_build, hub_id=repo,
+        input_size=size if isinstance(size, int) else size[0], mean=mean, std=std,
+        classifier="hf.classifier",
+        target_layer=f"hf.{backbone}.encoder.layer.-1.layernorm_before" if is_vit else "",
+        patch_size=getattr(config, "patch_size", None) if is_vit else None,
+        weights=f"Hugging Face {repo}" if not os.path.isdir(repo) else f"local {repo}",
+    )
+
+
+def _normalisation(repo: str, is_vit: bool) -> tuple[tuple, tuple]:
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(repo)
+        return tuple(processor.image_mean), tuple(processor.image_std)
+    except Exception:  # no processor config: the family's usual values
+        return ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if is_vit else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+register_prefix("hf", _resolve)

@@ -1,0 +1,198 @@
+"""One registry of model names, each with what it needs to be built, fed and explained."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from xtl.errors import XtlError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# builder(spec, n_classes, pretrained, weights_path) -> model with a fresh `n_classes` head
+Builder = Callable[["ModelSpec", int, bool, "Path | None"], nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What travels with a model: how to build it, its input size and normalisation, and the
+    layers that training and explanation methods touch."""
+
+    name: str
+    family: Literal["cnn", "vit"]
+    builder: Builder = field(repr=False, compare=False)
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    classifier: str = "fc"  # dotted path of the classification layer
+    target_layer: str = ""  # dotted path of the layer CAM methods hook ("-1" indexes from the end)
+    patch_size: int | None = None  # ViTs only
+    weights: str = ""  # where pretrained weights come from, in words
+    hub_id: str = ""  # the identifier passed to the hub library
+
+    def with_input_size(self, size: int | None) -> "ModelSpec":
+        return self if size is None else replace(self, input_size=int(size))
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "classifier": self.classifier,
+            "target_layer": self.target_layer,
+            "patch_size": self.patch_size,
+            "weights": self.weights,
+        }
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+# prefix ("timm", "torchvision", "hf") -> function(name after the colon) -> ModelSpec
+_PREFIXES: dict[str, Callable[[str], ModelSpec]] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def register_prefix(prefix: str, resolver: Callable[[str], ModelSpec]) -> None:
+    _PREFIXES[prefix] = resolver
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY) + [f"{p}:NAME" for p in sorted(_PREFIXES)]
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    prefix, _, rest = name.partition(":")
+    if rest and prefix in _PREFIXES:
+        return _PREFIXES[prefix](rest)
+    raise XtlError(f"unknown model '{name}'; known: {', '.join(list_models())}")
+
+
+def build_model(
+    name: str,
+    n_classes: int | None,
+    pretrained: bool = True,
+    weights: str | os.PathLike | None = None,
+    input_size: int | None = None,
+) -> tuple[nn.Module, ModelSpec]:
+    """Build a registered model with a new Xavier-initialised `n_classes` head
+    (`None`: keep the pretrained classifier).
+
+    `weights` is a local file (or, for `hf:` models, a directory) used instead of the hub.
+    """
+    spec = get_spec(name).with_input_size(input_size)
+    weights_path = Path(weights) if weights else None
+    if weights_path is not None and not weights_path.exists():
+        raise XtlError(f"weights file {weights_path} does not exist")
+    model = spec.builder(spec, n_classes, pretrained, weights_path)
+    return model, spec
+
+
+# ----------------------------------------------------------------------------- helpers for builders
+
+
+def submodule(model: nn.Module, path: str) -> nn.Module:
+    """`model.blocks[-1].norm1` for path "blocks.-1.norm1"."""
+    module = model
+    for part in path.split("."):
+        module = module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part)
+    return module
+
+
+def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, last = path.rpartition(".")
+    parent = submodule(model, parent_path) if parent_path else model
+    if last.lstrip("-").isdigit():
+        parent[int(last)] = new
+    else:
+        setattr(parent, last, new)
+
+
+def new_head(model: nn.Module, classifier: str, n_classes: int | None) -> nn.Module:
+    """Replace the classifier with an `n_classes` Linear layer, Xavier-initialised (as the paper).
+
+    `n_classes=None` keeps the pretrained classifier (e.g. to score ImageNet itself).
+    """
+    if n_classes is None:
+        return model
+    old = submodule(model, classifier)
+    if not isinstance(old, nn.Linear):
+        raise XtlError(f"classifier '{classifier}' of this model is a {type(old).__name__}, not a Linear layer")
+    head = nn.Linear(old.in_features, n_classes)
+    nn.init.xavier_uniform_(head.weight)
+    nn.init.zeros_(head.bias)
+    set_submodule(model, classifier, head)
+    return model
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors or torch state dict; one-line error if it is not one."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise XtlError(f"weights file {path} cannot be read: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise XtlError(f"weights file {path} does not hold a state dict of tensors")
+    return state
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, model_name: str, classifier: str) -> None:
+    """Load `state` into `model`; every backbone tensor must be present and fit.
+
+    The classifier is taken from the file only when its shape fits (a fine-tuned run's own
+    weights); otherwise the fresh head stays.
+    """
+    own = model.state_dict()
+    head_keys = {k for k in own if k == classifier or k.startswith(classifier + ".")}
+    missing = [k for k in own if k not in state and k not in head_keys and not _is_buffer_stat(k)]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape and k not in head_keys]
+    unexpected = [k for k in state if k not in own]
+    if missing or wrong or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
+        if wrong:
+            k = wrong[0]
+            problems.append(f"{len(wrong)} of the wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise XtlError(f"weights file {path} does not fit model {model_name}: {'; '.join(problems)}")
+    to_load = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(to_load, strict=False)
+
+
+def _is_buffer_stat(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def find_local_weights(filename: str) -> Path | None:
+    """Look for an offline weights file in $XTL_WEIGHTS_DIR and ../shared/weights."""
+    here = Path(__file__).resolve()
+    candidates = []
+    if os.environ.get("XTL_WEIGHTS_DIR"):
+        candidates.append(Path(os.environ["XTL_WEIGHTS_DIR"]))
+    candidates += [Path.cwd() / "../shared/weights", here.parents[3] / "../shared/weights"]
+    for folder in candidates:
+        if (folder / filename).is_file():
+            return (folder / filename).resolve()
+    return None

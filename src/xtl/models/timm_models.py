@@ -1,0 +1,87 @@
+"""timm models: the paper's ViT-B/16 (ImageNet-21k), DINOv2 ViT-S/14 and any `timm:NAME`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from xtl.errors import XtlError
+from xtl.models.registry import (
+    ModelSpec,
+    find_local_weights,
+    load_weights,
+    new_head,
+    read_state_dict,
+    register,
+    register_prefix,
+)
+
+DINOV2_FILE = "vit_small_patch14_dinov2.imgfocus.safetensors"
+
+
+def _build(spec: ModelSpec, n_classes: int, pretrained: bool, weights_path: Path | None) -> nn.Module:
+    import timm
+
+    kwargs = {} if n_classes is None else {"num_classes": n_classes}
+    if spec.family == "vit":
+        kwargs["img_size"] = spec.input_size
+    if weights_path is None and pretrained and spec.name == "vit_s14_dinov2":
+        weights_path = find_local_weights(DINOV2_FILE)  # offline copy when there is one
+    use_hub = pretrained and weights_path is None
+    try:
+        model = timm.create_model(spec.hub_id, pretrained=use_hub, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise XtlError(f"unknown model '{spec.name}'") from None
+        raise
+    if weights_path is not None:
+        state = _timm_filter(model, read_state_dict(weights_path))
+        load_weights(model, state, weights_path, spec.name, spec.classifier)
+    return new_head(model, spec.classifier, n_classes)
+
+
+def _timm_filter(model: nn.Module, state: dict) -> dict:
+    """Apply the family's own checkpoint filter (position-embedding resampling and the like)."""
+    family_module = sys.modules.get(type(model).__module__)
+    filter_fn = getattr(family_module, "checkpoint_filter_fn", None)
+    return filter_fn(state, model) if filter_fn is not None else state
+
+
+def _spec_from_timm(name: str, alias: str | None = None, input_size: int | None = None) -> ModelSpec:
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=10)
+    except RuntimeError as err:
+        raise XtlError(f"unknown model 'timm:{name}': {err}") from None
+    cfg = model.pretrained_cfg
+    is_vit = hasattr(model, "blocks") and hasattr(model, "patch_embed")
+    if is_vit:
+        target = "blocks.-1.norm1"
+        patch = model.patch_embed.patch_size[0]
+    else:
+        target = model.feature_info[-1]["module"] if getattr(model, "feature_info", None) else ""
+        patch = None
+    return ModelSpec(
+        name=alias or f"timm:{name}", family="vit" if is_vit else "cnn", builder=_build, hub_id=name,
+        input_size=input_size or cfg.get("input_size", (3, 224, 224))[-1],
+        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        classifier=cfg.get("classifier", "head"), target_layer=target, patch_size=patch,
+        weights=f"timm {cfg.get('hf_hub_id') or name}",
+    )
+
+
+register(ModelSpec(
+    name="vit_b16_in21k", family="vit", builder=_build, hub_id="vit_base_patch16_224.orig_in21k",
+    input_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), classifier="head",
+    target_layer="blocks.-1.norm1", patch_size=16,
+    weights="timm vit_base_patch16_224.orig_in21k (google/vit-base-patch16-224-in21k, ImageNet-21k)",
+))
+register(ModelSpec(
+    name="vit_s14_dinov2", family="vit", builder=_build, hub_id="vit_small_patch14_dinov2.lvd142m",
+    input_size=224, classifier="head", target_layer="blocks.-1.norm1", patch_size=14,
+    weights=f"DINOv2 ViT-S/14: ../shared/weights/{DINOV2_FILE} offline, else timm vit_small_patch14_dinov2.lvd142m",
+))
+register_prefix("timm", _spec_from_timm)

@@ -1,0 +1,148 @@
+"""One run directory: everything a fine-tuning run made, read back by later commands.
+
+    runs/<name>/
+      config.yaml             RunConfig + what was derived (classes, normalisation, versions)
+      split.csv               split, id, label, class, source key of every image
+      model.safetensors       the best model (lowest validation loss)
+      checkpoints/last.pt     model, optimiser and history after the last finished epoch (resume)
+      history_batches.csv     per-batch training loss, accuracy, lr, images/s
+      history_epochs.csv      per-epoch training and validation loss and accuracy
+      metrics.json            test metrics of the best model
+      predictions.csv         per test image: id, label, predicted, probabilities
+      figures/*.png
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import xtl
+from xtl.config import RunConfig
+from xtl.data import PAPER_MEAN, PAPER_STD, Preprocess, Split, SplitSpec, load_split
+from xtl.errors import XtlError
+from xtl.io import read_yaml, write_yaml
+from xtl.models import ModelSpec, build_model, get_spec
+
+FORMAT_VERSION = 1
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # paths
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / "model.safetensors"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    @property
+    def figures(self) -> Path:
+        return self.path / "figures"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # config
+    def write_config(self, config: RunConfig, split: Split, spec: ModelSpec) -> None:
+        mean, std = normalisation(config, spec)
+        write_yaml(self.config_path, {
+            "format_version": FORMAT_VERSION,
+            "run": config.to_dict(),
+            "derived": {
+                "class_names": split.class_names,
+                "n_classes": split.n_classes,
+                "input_size": spec.input_size,
+                "mean": list(mean),
+                "std": list(std),
+                "model": spec.describe(),
+                "split_sizes": {name: len(part) for name, part in split.parts.items()},
+            },
+            "versions": versions(),
+        })
+
+    def read(self) -> dict[str, Any]:
+        if not self.config_path.is_file():
+            raise XtlError(f"run directory {self.path} has no config.yaml (not an xtl run)")
+        data = read_yaml(self.config_path)
+        if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+            found = data.get("format_version") if isinstance(data, dict) else None
+            raise XtlError(
+                f"run directory {self.path} has format version {found}; this xtl {xtl.__version__} reads {FORMAT_VERSION}"
+            )
+        return data
+
+    def config(self) -> RunConfig:
+        return RunConfig.from_dict(self.read()["run"], where=str(self.config_path))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.read()["derived"]["class_names"])
+
+    # rebuilding what the run used
+    def load_split(self) -> Split:
+        return load_split(self.config().source, split_spec(self.config()))
+
+    def preprocess(self) -> Preprocess:
+        derived = self.read()["derived"]
+        return Preprocess(int(derived["input_size"]), tuple(derived["mean"]), tuple(derived["std"]))
+
+    def load_model(self, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
+        """The best model of the run, in eval mode."""
+        from safetensors.torch import load_file
+
+        config = self.config()
+        if not self.weights_path.is_file():
+            raise XtlError(f"run directory {self.path} has no model.safetensors (fine-tuning not finished)")
+        model, spec = build_model(
+            config.model, len(self.class_names), pretrained=False, input_size=config.input_size
+        )
+        try:
+            state = load_file(str(self.weights_path))
+        except Exception as err:
+            raise XtlError(f"weights file {self.weights_path} is corrupt: {err}") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise XtlError(f"weights file {self.weights_path} does not fit model {config.model}")
+        return model.to(device).eval(), spec
+
+
+def split_spec(config: RunConfig) -> SplitSpec:
+    return SplitSpec(
+        kind=config.split, train_size=config.train_size, val_size=config.val_size,
+        test_size=config.test_size, seed=config.seed, stratified=config.stratified,
+    )
+
+
+def normalisation(config: RunConfig, spec: ModelSpec) -> tuple[tuple, tuple]:
+    return (PAPER_MEAN, PAPER_STD) if config.normalization == "paper" else (spec.mean, spec.std)
+
+
+def model_preprocess(config: RunConfig) -> Preprocess:
+    spec = get_spec(config.model).with_input_size(config.input_size)
+    mean, std = normalisation(config, spec)
+    return Preprocess(spec.input_size, tuple(mean), tuple(std))
+
+
+def versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    return {
+        "xtl": xtl.__version__,
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "timm": str(timm.__version__),
+    }

@@ -1,0 +1,267 @@
+"""Fine-tuning with Lightning Fabric: one code path for CPU, one GPU, DDP and multi-node."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xtl.config import RunConfig
+from xtl.data import Preprocess, Split
+from xtl.errors import XtlError
+from xtl.io import atomic_path, write_text
+from xtl.models import build_model
+from xtl.runs import RunDir, model_preprocess
+from xtl.train.progress import TrainProgress
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the weights: enough to continue exactly."""
+
+    epoch: int = 0  # epochs finished
+    best_val_loss: float = math.inf
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def make_fabric(config: RunConfig):
+    from lightning.fabric import Fabric
+
+    accelerator = config.accelerator
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if accelerator == "cuda" else "32-true"
+    multi = config.devices > 1 or config.num_nodes > 1
+    return Fabric(
+        accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes,
+        strategy="ddp" if multi else "auto", precision=precision,
+    )
+
+
+def finetune(config: RunConfig, split: Split, run: RunDir, resume: bool = False, progress: bool = True) -> TrainState:
+    """Fine-tune `config.model` on `split`, keeping the best model (lowest val loss) in `run`."""
+    fabric = make_fabric(config)
+    fabric.launch()
+    fabric.seed_everything(config.seed, verbose=False)
+    model, spec = build_model(
+        config.model, split.n_classes, pretrained=config.pretrained, weights=config.weights, input_size=config.input_size
+    )
+    if config.bn_momentum is not None:
+        set_bn_momentum(model, config.bn_momentum)
+    if fabric.is_global_zero:
+        run.write_config(config, split, spec)
+        split.save_ids(run.file("split.csv"))
+    preprocess = model_preprocess(config)
+    optimizer = make_optimizer(model, config)
+    steps_per_epoch = math.ceil(len(split["train"]) / (config.batch_size * fabric.world_size))
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    state = TrainState()
+    if resume and run.last_checkpoint.is_file():
+        state = load_checkpoint(run.last_checkpoint, model, optimizer, scheduler)
+        fabric.print(f"resuming {run.path} after epoch {state.epoch}")
+    model, optimizer = fabric.setup(model, optimizer)
+
+    bar = TrainProgress(enabled=progress and fabric.is_global_zero)
+    with bar:
+        for epoch in range(state.epoch, config.epochs):
+            if state.stopped_early:
+                break
+            # Seeding per epoch makes a resumed run draw the same batches and augmentations.
+            torch.manual_seed(config.seed * 1000 + epoch)
+            started = time.perf_counter()
+            train_loss, train_acc = train_one_epoch(
+                fabric, model, optimizer, scheduler, split, preprocess, config, epoch, state, bar, run
+            )
+            val_loss, val_acc = validate(fabric, model, split["val"], preprocess, config)
+            state.epochs.append({
+                "epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
+                "val_loss": val_loss, "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"],
+                "seconds": round(time.perf_counter() - started, 2),
+            })
+            fabric.print(
+                f"epoch {epoch + 1}/{config.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
+                f"val loss {val_loss:.4f} acc {val_acc:.4f}"
+            )
+            improved = val_loss < state.best_val_loss - 1e-4
+            if improved:
+                state.best_val_loss, state.best_epoch, state.epochs_without_improvement = val_loss, epoch + 1, 0
+            else:
+                state.epochs_without_improvement += 1
+            if config.patience and state.epochs_without_improvement >= config.patience:
+                state.stopped_early = True
+                fabric.print(f"early stop: val loss has not improved for {config.patience} epochs")
+            state.epoch = epoch + 1
+            if fabric.is_global_zero:
+                raw = _unwrap(model)
+                if improved:
+                    save_weights(raw, run.weights_path)
+                save_checkpoint(run.last_checkpoint, raw, optimizer, scheduler, state)
+                write_history(run, state)
+            fabric.barrier()
+    return state
+
+
+def train_one_epoch(fabric, model, optimizer, scheduler, split, preprocess, config, epoch, state, bar, run):
+    model.train()
+    train = split["train"]
+    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    order = torch.randperm(len(train), generator=generator)
+    order = order[fabric.global_rank :: fabric.world_size]
+    n_batches = math.ceil(len(order) / config.batch_size)
+    bar.start_epoch(epoch + 1, config.epochs, n_batches)
+    total_loss = total_correct = total_seen = 0.0
+    for step in range(n_batches):
+        started = time.perf_counter()
+        idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+        images = train.images[idx].to(fabric.device, non_blocking=True)
+        labels = train.labels[idx].to(fabric.device, non_blocking=True)
+        x = preprocess(images, augment=config.augment, generator=generator)
+        with fabric.autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+        if not torch.isfinite(loss):
+            raise XtlError(
+                f"training loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; "
+                f"the last good checkpoint is kept in {run.path}; try a lower --lr"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        fabric.backward(loss)
+        if config.grad_clip:
+            fabric.clip_gradients(model, optimizer, max_norm=config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        correct = (logits.argmax(1) == labels).sum().item()
+        seconds = time.perf_counter() - started
+        images_per_s = len(idx) * fabric.world_size / max(seconds, 1e-9)
+        total_loss += loss.item() * len(idx)
+        total_correct += correct
+        total_seen += len(idx)
+        state.batches.append({
+            "epoch": epoch + 1, "step": len(state.batches) + 1, "loss": round(loss.item(), 6),
+            "accuracy": round(correct / len(idx), 6), "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": round(images_per_s, 2),
+        })
+        bar.advance(loss.item(), correct / len(idx), images_per_s)
+    sums = fabric.all_reduce(torch.tensor([total_loss, total_correct, total_seen], device=fabric.device), reduce_op="sum")
+    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+
+
+@torch.no_grad()
+def validate(fabric, model, part, preprocess: Preprocess, config: RunConfig) -> tuple[float, float]:
+    model.eval()
+    positions = torch.arange(len(part))[fabric.global_rank :: fabric.world_size]
+    total = torch.zeros(3, device=fabric.device)
+    for start in range(0, len(positions), config.eval_batch_size):
+        idx = positions[start : start + config.eval_batch_size]
+        labels = part.labels[idx].to(fabric.device)
+        with fabric.autocast():
+            logits = model(preprocess(part.images[idx].to(fabric.device)))
+        total += torch.stack([
+            F.cross_entropy(logits.float(), labels, reduction="sum"),
+            (logits.argmax(1) == labels).sum().float(),
+            torch.tensor(float(len(idx)), device=fabric.device),
+        ])
+    total = fabric.all_reduce(total, reduce_op="sum")
+    if total[2] == 0:
+        return float("nan"), float("nan")
+    return (total[0] / total[2]).item(), (total[1] / total[2]).item()
+
+
+# ----------------------------------------------------------------------------- optimiser and schedule
+
+
+def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":  # the paper's: L2 penalty through the gradient
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        # Norm scales, biases, tokens and position embeddings are not shrunk (standard for AdamW).
+        (no_decay if param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def make_scheduler(optimizer, config: RunConfig, steps_per_epoch: int):
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def set_bn_momentum(model: nn.Module, momentum: float) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: TrainState) -> None:
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": state.__dict__,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        return TrainState(**payload["state"])
+    except Exception as err:
+        raise XtlError(f"checkpoint {path} cannot be resumed: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def write_history(run: RunDir, state: TrainState) -> None:
+    write_csv(run.file("history_batches.csv"), state.batches)
+    write_csv(run.file("history_epochs.csv"), state.epochs)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_text(path, buf.getvalue())
