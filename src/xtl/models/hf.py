@@ -53,15 +53,25 @@ def _resolve(repo: str) -> ModelSpec:
     is_vit = config.model_type in _VIT_TYPES
     mean, std = _normalisation(repo, is_vit)
     size = getattr(config, "image_size", 224)
-    backbone = config.model_type if is_vit else ""
+    target = _last_block_norm(config) if is_vit else ""
     return ModelSpec(
         name=f"hf:{repo}", family="vit" if is_vit else "cnn", builder=_build, hub_id=repo,
         input_size=size if isinstance(size, int) else size[0], mean=mean, std=std,
         classifier="hf.classifier",
-        target_layer=f"hf.{backbone}.encoder.layer.-1.layernorm_before" if is_vit else "",
+        target_layer=target,
         patch_size=getattr(config, "patch_size", None) if is_vit else None,
         weights=f"Hugging Face {repo}" if not os.path.isdir(repo) else f"local {repo}",
     )
+
+
+def _last_block_norm(config) -> str:
+    """Dotted path of the last block's first LayerNorm (module names differ across versions)."""
+    from transformers import AutoModelForImageClassification
+
+    with torch.device("meta"):
+        model = AutoModelForImageClassification.from_config(config)
+    names = [n for n, _ in model.named_modules() if n.endswith("layernorm_before")]
+    return f"hf.{names[-1]}" if names else ""
 
 
 def _normalisation(repo: str, is_vit: bool) -> tuple[tuple, tuple]:

@@ -159,8 +159,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, model_name: str, classifier: str) -> None:
     """Load `state` into `model`; every backbone tensor must be present and fit.
 
-    The classifier is taken from the file only when its shape fits (a fine-tuned run's own
-    weights); otherwise the fresh head stays.
+    Call it after the new head is in place: the file's classifier is taken only when its shape
+    fits (a fine-tuned run's own weights); otherwise the fresh head stays.
     """
     own = model.state_dict()
     head_keys = {k for k in own if k == classifier or k.startswith(classifier + ".")}

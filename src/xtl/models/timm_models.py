@@ -36,10 +36,11 @@ def _build(spec: ModelSpec, n_classes: int, pretrained: bool, weights_path: Path
         if "Unknown model" in str(err):
             raise XtlError(f"unknown model '{spec.name}'") from None
         raise
+    new_head(model, spec.classifier, n_classes)
     if weights_path is not None:
         state = _timm_filter(model, read_state_dict(weights_path))
         load_weights(model, state, weights_path, spec.name, spec.classifier)
-    return new_head(model, spec.classifier, n_classes)
+    return model
 
 
 def _timm_filter(model: nn.Module, state: dict) -> dict:

@@ -19,9 +19,10 @@ def _build(spec: ModelSpec, n_classes: int, pretrained: bool, weights_path: Path
         model = torchvision.models.get_model(spec.hub_id, weights=hub_weights)
     except ValueError as err:
         raise XtlError(f"unknown model 'torchvision:{spec.hub_id}': {err}") from None
+    new_head(model, spec.classifier, n_classes)
     if weights_path is not None:
         load_weights(model, read_state_dict(weights_path), weights_path, spec.name, spec.classifier)
-    return new_head(model, spec.classifier, n_classes)
+    return model
 
 
 register(ModelSpec(
