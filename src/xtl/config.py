@@ -113,6 +113,9 @@ def preset(name: str, model: str, **overrides: Any) -> RunConfig:
         base = dict(
             optimizer="adamw", lr=5e-5 if vit else 5e-4, weight_decay=0.05, batch_size=64,
             epochs=10, warmup_epochs=1.0, schedule="cosine", label_smoothing=0.1, augment=True, patience=3,
+            # TF-ported CNNs (EfficientNet-Lite) carry momentum 0.01: running statistics then lag
+            # far behind the fine-tuned weights; PyTorch's usual 0.1 keeps them in step.
+            bn_momentum=None if vit else 0.1,
         )
         if name == "quick":
             base.update(
