@@ -125,6 +125,7 @@ def finetune_command(
         config = make_preset(preset, model, **overrides)
     metrics = _train_and_evaluate(config, run, split_spec(config), resume, evaluate, progress)
     if metrics:
+        _print_epochs(run)
         _print_comparison([run])
 
 
@@ -168,7 +169,19 @@ def evaluate_command(run: Path = typer.Argument(..., help="A run directory.")) -
     run_dir = RunDir(run)
     run_dir.read()
     evaluate(run_dir)
+    _print_epochs(run_dir)
     _print_comparison([run_dir])
+
+
+def _print_epochs(run) -> None:
+    """The per-epoch training and validation table (paper Table 1)."""
+    from xtl.evaluate.figures import read_csv
+
+    table = Table("epoch", "train loss", "train acc", "val loss", "val acc", "seconds", title=f"{run.path.name}: epochs")
+    for e in read_csv(run.file("history_epochs.csv")):
+        table.add_row(f"{e['epoch']:.0f}", f"{e['train_loss']:.4f}", f"{e['train_accuracy']:.4f}",
+                      f"{e['val_loss']:.4f}", f"{e['val_accuracy']:.4f}", f"{e['seconds']:.1f}")
+    console.print(table)
 
 
 @app.command("compare")
