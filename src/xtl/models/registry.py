@@ -97,6 +97,7 @@ def build_model(
     if weights_path is not None and not weights_path.exists():
         raise XtlError(f"weights file {weights_path} does not exist")
     model = spec.builder(spec, n_classes, pretrained, weights_path)
+    model.xtl_spec = spec  # explanation methods read the hook layer and patch size from here
     return model, spec
 
 
