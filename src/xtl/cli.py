@@ -184,6 +184,39 @@ def _print_epochs(run) -> None:
     console.print(table)
 
 
+@app.command("explain")
+def explain_command(
+    runs: list[Path] = typer.Argument(..., help="One or more run directories (two or more: also side by side)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: gradcam for CNNs, "
+                                          "transformer_attribution for ViTs); those that don't apply to a model are skipped."),
+    images: Optional[int] = typer.Option(None, help="Explain the first N images of the split (default: all)."),
+    split: str = typer.Option("test", help="train, val or test."),
+    target: str = typer.Option("predicted", help="Explain the predicted or the true class."),
+    batch_size: int = typer.Option(16, help="Images per explanation batch."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Explain runs' best models: maps of the split, galleries of correct and misclassified images."""
+    from xtl.explain.runner import compare_runs, explain_run
+    from xtl.runs import RunDir
+
+    if split not in ("train", "val", "test"):
+        raise XtlError(f"option --split must be train, val or test, not '{split}'")
+    if target not in ("predicted", "true"):
+        raise XtlError(f"option --target must be predicted or true, not '{target}'")
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    run_dirs = [RunDir(r) for r in runs]
+    for run in run_dirs:
+        run.read()
+    for run in run_dirs:
+        paths = explain_run(run, chosen, split, images, batch_size, target, progress=progress)
+        console.print(f"{run.path}: maps in {paths['maps']}, galleries {paths['correct'].name}, {paths['misclassified'].name}")
+    if len(run_dirs) > 1:
+        names = "_vs_".join(r.path.name for r in run_dirs)
+        for run in run_dirs:
+            out = compare_runs(run_dirs, chosen, run.figures / f"compare_{names}.png", split, target)
+        console.print(f"side by side: {out.name} in each run's figures/")
+
+
 @app.command("compare")
 def compare_command(runs: list[Path] = typer.Argument(..., help="Run directories.")) -> None:
     """Print the test results of several runs side by side."""

@@ -1,0 +1,150 @@
+"""Explain a run's evaluated model: stream maps of a whole split to disk, draw the galleries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from xtl.errors import XtlError
+from xtl.evaluate.metrics import predict
+from xtl.explain import METHODS, explain, methods_for
+from xtl.explain.gallery import GalleryRow, pick_correct_per_class, pick_misclassified, render_gallery
+from xtl.io import atomic_path
+from xtl.runs import RunDir
+
+DEFAULT_METHOD = {"cnn": "gradcam", "vit": "transformer_attribution"}
+console = Console(stderr=True)
+
+
+def applicable_methods(family: str, methods: list[str] | None) -> list[str]:
+    """The requested methods that apply to `family` (all requested must exist)."""
+    if not methods:
+        return [DEFAULT_METHOD[family]] if DEFAULT_METHOD[family] in METHODS else methods_for(family)[:1]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise XtlError(f"option --methods: unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(METHODS))}")
+    return [m for m in methods if family in METHODS[m].families]
+
+
+class RunExplainer:
+    """A run's best model, its data and predictions, ready to explain images of one split."""
+
+    def __init__(self, run: RunDir, split: str = "test", device: str | None = None) -> None:
+        self.run = run
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.spec = run.load_model(self.device)
+        self.preprocess = run.preprocess()
+        self.class_names = run.class_names
+        self.split_name = split
+        self.part = run.load_split()[split]
+        self.probabilities = predict(self.model, self.part, self.preprocess, self.device).probabilities
+
+    def explain_positions(self, positions: list[int], method: str, target: str = "predicted", **options):
+        images = self.preprocess(self.part.images[positions].to(self.device))
+        targets = None if target == "predicted" else self.part.labels[positions].to(self.device)
+        return explain(self.model, images, targets, method=method, **options)
+
+    def stream(self, methods: list[str], n_images: int | None, batch_size: int, target: str, progress: bool) -> Path:
+        """Raw maps of the first `n_images` of the split, one shard per batch; finished shards are kept."""
+        out = self.run.path / "explanations" / self.split_name
+        n = len(self.part) if n_images is None else min(n_images, len(self.part))
+        batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      disable=not progress, console=console) as bar:
+            for method in methods:
+                task = bar.add_task(f"{self.run.path.name}: {method}", total=len(batches))
+                for k, positions in enumerate(batches):
+                    shard = out / method / f"batch_{k:05d}_{positions[0]}-{positions[-1]}.safetensors"
+                    if not shard.is_file():
+                        self._write_shard(shard, positions, method, target)
+                    bar.advance(task)
+        return out
+
+    def _write_shard(self, shard: Path, positions: list[int], method: str, target: str) -> None:
+        from safetensors.torch import save_file
+
+        result = self.explain_positions(positions, method, target)
+        tensors = {
+            "raw": result.raw.cpu().contiguous(),
+            "targets": result.targets.cpu().contiguous(),
+            "ids": torch.as_tensor(self.part.ids[positions]).contiguous(),
+        }
+        with atomic_path(shard) as tmp:
+            save_file(tensors, str(tmp))
+
+    def gallery_rows(self, positions: list[int], methods: list[str], target: str = "predicted") -> list[GalleryRow]:
+        maps = {m: self.explain_positions(positions, m, target).maps.cpu() for m in methods} if positions else {}
+        rows = []
+        for k, pos in enumerate(positions):
+            label = int(self.part.labels[pos])
+            guess = int(self.probabilities[pos].argmax())
+            caption = f"true: {self.class_names[label]}\npred: {self.class_names[guess]}"
+            rows.append(GalleryRow(self.part.images[pos], label, self.probabilities[pos], {m: maps[m][k] for m in methods}, caption))
+        return rows
+
+
+def explain_run(
+    run: RunDir,
+    methods: list[str] | None = None,
+    split: str = "test",
+    n_images: int | None = None,
+    batch_size: int = 16,
+    target: str = "predicted",
+    device: str | None = None,
+    progress: bool = True,
+    gallery_size: int = 10,
+) -> dict[str, Path]:
+    """Maps of the split streamed to `explanations/`, and the two galleries in `figures/`."""
+    explainer = RunExplainer(run, split, device)
+    chosen = applicable_methods(explainer.spec.family, methods)
+    if not chosen:
+        raise XtlError(f"option --methods: none of {', '.join(methods or [])} applies to {explainer.spec.family.upper()} model {explainer.spec.name}")
+    maps_dir = explainer.stream(chosen, n_images, batch_size, target, progress)
+    labels, probs = explainer.part.labels, explainer.probabilities
+    name = f"{run.path.name} ({explainer.spec.name})"
+    correct = pick_correct_per_class(labels, probs.argmax(1), len(explainer.class_names), limit=gallery_size)
+    wrong = pick_misclassified(labels, probs, limit=gallery_size)
+    paths = {"maps": maps_dir, "correct": run.figures / "gallery_correct.png", "misclassified": run.figures / "gallery_misclassified.png"}
+    render_gallery(explainer.gallery_rows(correct, chosen, target), explainer.class_names, paths["correct"],
+                   f"{name}: correctly classified {split} images, one per class")
+    render_gallery(explainer.gallery_rows(wrong, chosen, target), explainer.class_names, paths["misclassified"],
+                   f"{name}: most confidently misclassified {split} images")
+    return paths
+
+
+def compare_runs(runs: list[RunDir], methods: list[str] | None, path: Path, split: str = "test",
+                 target: str = "predicted", device: str | None = None, per_class: int = 1) -> Path:
+    """The same images (shared by every run's split, one per class) explained by every run and method."""
+    explainers = [RunExplainer(run, split, device) for run in runs]
+    first = explainers[0]
+    common = set(first.part.ids.tolist())
+    for other in explainers[1:]:
+        common &= set(other.part.ids.tolist())
+    if not common:
+        raise XtlError(f"runs {', '.join(str(r.path) for r in runs)} share no {split} images")
+    position_of = [{int(i): k for k, i in enumerate(e.part.ids.tolist())} for e in explainers]
+    chosen_ids = []
+    for c in range(len(first.class_names)):
+        ids = sorted(i for i in common if int(first.part.labels[position_of[0][i]]) == c)
+        chosen_ids += ids[:per_class]
+    rows = []
+    columns_per_run = []
+    for e, positions in zip(explainers, position_of):
+        run_rows = e.gallery_rows([positions[i] for i in chosen_ids], applicable_methods(e.spec.family, methods), target)
+        columns_per_run.append(run_rows)
+    for k, image_id in enumerate(chosen_ids):
+        maps, captions = {}, []
+        for e, run_rows in zip(explainers, columns_per_run):
+            row = run_rows[k]
+            guess = e.class_names[int(row.probabilities.argmax())]
+            captions.append(f"{e.spec.name}: {guess}")
+            maps.update({f"{e.spec.name}\n{m}": v for m, v in row.maps.items()})
+        base = columns_per_run[0][k]
+        caption = f"true: {first.class_names[base.label]}\n" + "\n".join(captions)
+        rows.append(GalleryRow(base.image, base.label, base.probabilities, maps, caption))
+    title = "Same test images, " + " vs ".join(e.spec.name for e in explainers) + f" (bars: {first.spec.name})"
+    render_gallery(rows, first.class_names, path, title)
+    return path
