@@ -211,10 +211,16 @@ def explain_command(
         paths = explain_run(run, chosen, split, images, batch_size, target, progress=progress)
         console.print(f"{run.path}: maps in {paths['maps']}, galleries {paths['correct'].name}, {paths['misclassified'].name}")
     if len(run_dirs) > 1:
-        names = "_vs_".join(r.path.name for r in run_dirs)
-        for run in run_dirs:
-            out = compare_runs(run_dirs, chosen, run.figures / f"compare_{names}.png", split, target)
-        console.print(f"side by side: {out.name} in each run's figures/")
+        import shutil
+
+        from xtl.io import atomic_path
+
+        name = "compare_" + "_vs_".join(r.path.name for r in run_dirs) + ".png"
+        first = compare_runs(run_dirs, chosen, run_dirs[0].figures / name, split, target)
+        for run in run_dirs[1:]:
+            with atomic_path(run.figures / name) as tmp:
+                shutil.copyfile(first, tmp)
+        console.print(f"side by side: {name} in each run's figures/")
 
 
 @app.command("compare")
