@@ -251,6 +251,24 @@ def demo_command(
         console.rule(f"{model}: {config.train_size} train / {config.val_size} val / {config.test_size} test at {config.input_size} px")
         _train_and_evaluate(config, run, split_spec(config), resume=True, evaluate=True, progress=sys.stderr.isatty())
     _print_comparison(runs)
+    _demo_explanations(runs)
+
+
+DEMO_METHODS = ["gradcam", "transformer_attribution", "attention_rollout", "saliency"]
+
+
+def _demo_explanations(runs) -> None:
+    """Galleries for each run and the side-by-side figure; skipped when already drawn."""
+    from xtl.explain.runner import compare_runs, explain_run
+
+    name = "compare_" + "_vs_".join(r.path.name for r in runs) + ".png"
+    if all((r.figures / "gallery_correct.png").is_file() for r in runs) and (runs[0].figures / name).is_file():
+        console.print("galleries: done already")
+        return
+    for run in runs:
+        explain_run(run, DEMO_METHODS, n_images=100, progress=sys.stderr.isatty())
+    compare_runs(runs, DEMO_METHODS, runs[0].figures / name)
+    console.print(f"galleries: {', '.join(str(r.figures) for r in runs)}")
 
 
 def _print_comparison(runs) -> None:

@@ -56,3 +56,7 @@ def explain(
 
 def methods_for(family: str) -> list[str]:
     return sorted(name for name, m in METHODS.items() if family in m.families)
+
+
+from xtl.explain import transformer_attribution  # noqa: F401,E402
+from xtl.explain import cam, cnn_lrp, gradients  # noqa: F401,E402
