@@ -329,3 +329,19 @@ def test_hooks_are_removed_when_a_method_fails(alexnet, vit_tiny):
                 handle.remove()
             assert not (layer._forward_hooks or layer._backward_hooks or layer._forward_pre_hooks), method
             assert _no_hooks(model), method
+
+
+def test_cam_and_gradient_methods_run_on_a_hugging_face_vit(tmp_path):
+    """HF ViTForImageClassification: one prefix token (CLS), patch grid folded from the config."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "tiny-vit")
+    model, spec = build_model(f"hf:{tmp_path / 'tiny-vit'}", n_classes=3)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for method in ("gradcam", "layercam", "saliency", "transformer_attribution"):
+        result = explain(model, images, method=method)
+        expected = (2, 4, 4) if method in ("gradcam", "layercam", "transformer_attribution") else (2, 32, 32)
+        assert result.raw.shape == expected, method
+        assert torch.isfinite(result.maps).all() and result.maps.shape == (2, 32, 32)
