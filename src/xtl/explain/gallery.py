@@ -73,8 +73,10 @@ def render_gallery(rows: list[GalleryRow], class_names: list[str], path: str | P
         return
     columns = list(rows[0].maps)
     n_cols = 2 + len(columns)
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(2.3 * n_cols + 1.5, 2.3 * len(rows) + 0.6), squeeze=False,
+    width, height = 2.3 * n_cols + 1.5, 2.5 * len(rows) + 0.9
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(width, height), squeeze=False,
                              gridspec_kw={"width_ratios": [1] * (n_cols - 1) + [1.6]})
+    fig.subplots_adjust(left=0.02, right=0.9, top=1 - 0.75 / height, bottom=0.35 / height, hspace=0.5, wspace=0.25)
     for r, row in enumerate(rows):
         axes[r, 0].imshow(row.image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
         axes[r, 0].set_title(row.caption or f"true: {class_names[row.label]}", fontsize=8)
@@ -86,11 +88,11 @@ def render_gallery(rows: list[GalleryRow], class_names: list[str], path: str | P
             ax.set_xticks([])
             ax.set_yticks([])
         _top5_bars(axes[r, -1], row, class_names)
-    image_axes = axes[:, 1:-1].ravel().tolist() if len(columns) else []
-    if image_axes:
+    if columns:
+        colour_axis = fig.add_axes([0.93, 0.2, 0.012, 0.6])
         mappable = plt.cm.ScalarMappable(cmap=COLORMAP, norm=plt.Normalize(0, 1))
-        fig.colorbar(mappable, ax=image_axes, fraction=0.02, pad=0.01, label="relevance (normalised)")
-    fig.suptitle(title)
+        fig.colorbar(mappable, cax=colour_axis, label="relevance (normalised per image)")
+    fig.suptitle(title, y=1 - 0.2 / height)
     save_figure(fig, path)
 
 
