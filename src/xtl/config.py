@@ -119,8 +119,8 @@ def preset(name: str, model: str, **overrides: Any) -> RunConfig:
         )
         if name == "quick":
             base.update(
-                split="random", stratified=True, train_size=1000 if vit else 2000, val_size=200,
-                test_size=500, input_size=112 if vit else 128, epochs=2 if vit else 3,
+                split="random", stratified=True, train_size=2000, val_size=200,
+                test_size=500, input_size=112 if vit else 128, epochs=3,
                 warmup_epochs=0.3, batch_size=32, lr=1e-4 if vit else 1e-3, patience=0,
             )
     else:
