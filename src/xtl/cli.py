@@ -252,9 +252,13 @@ def demo_command(
         _train_and_evaluate(config, run, split_spec(config), resume=True, evaluate=True, progress=sys.stderr.isatty())
     _print_comparison(runs)
     _demo_explanations(runs)
+    from xtl.faithfulness import demo_faithfulness
+
+    demo_faithfulness(runs, DEMO_METHODS, n_images=DEMO_FAITHFULNESS_IMAGES, progress=sys.stderr.isatty())
 
 
 DEMO_METHODS = ["gradcam", "transformer_attribution", "attention_rollout", "saliency"]
+DEMO_FAITHFULNESS_IMAGES = 40  # every map costs 40 forward passes per image; the CPU budget is 15 minutes
 
 
 def _demo_explanations(runs) -> None:
@@ -269,6 +273,44 @@ def _demo_explanations(runs) -> None:
         explain_run(run, DEMO_METHODS, n_images=100, progress=sys.stderr.isatty())
     compare_runs(runs, DEMO_METHODS, runs[0].figures / name)
     console.print(f"galleries: {', '.join(str(r.figures) for r in runs)}")
+
+
+@app.command("faithfulness")
+def faithfulness_command(
+    runs: Optional[list[Path]] = typer.Argument(None, help="Run directories (two or more: also a combined table)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: six per family; those that "
+                                          "don't apply to a model are skipped). random and uniform are always scored."),
+    images: int = typer.Option(100, help="Score the first N images of the split (or of the ImageNet sample)."),
+    split: str = typer.Option("test", help="train, val or test."),
+    steps: int = typer.Option(10, help="Masked fractions 0, 1/steps, ..., 1 (10: Chefer's 10 % steps)."),
+    baseline: str = typer.Option("zero", help="What a masked pixel becomes: zero (after normalisation), mean or blur."),
+    batch_size: int = typer.Option(64, help="Perturbed images per forward pass."),
+    explain_batch_size: int = typer.Option(8, help="Images per explanation batch."),
+    seed: int = typer.Option(0, help="Seed of the random maps."),
+    imagenet_sample: Optional[Path] = typer.Option(None, help="Score a pretrained ImageNet classifier on this folder "
+                                                   "of JPEGs (file k is ImageNet class 4k) instead of runs."),
+    model: str = typer.Option("efficientnet_lite0", help="--imagenet-sample: the model (its ImageNet head is kept)."),
+    out: Optional[Path] = typer.Option(None, help="--imagenet-sample: output folder (default runs/faithfulness-<model>); "
+                                       "runs: folder of the combined table (default the first run)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Faithfulness of the explanation methods: deletion, insertion, positive and negative perturbation."""
+    from xtl.faithfulness import faithfulness_imagenet, faithfulness_run, faithfulness_table
+    from xtl.runs import RunDir
+
+    if bool(runs) == (imagenet_sample is not None):
+        raise XtlError("option --imagenet-sample: give either run directories or --imagenet-sample, not both or neither")
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    options = dict(methods=chosen, n_images=images, steps=steps, baseline=baseline, batch_size=batch_size,
+                   explain_batch_size=explain_batch_size, seed=seed, progress=progress)
+    if imagenet_sample is not None:
+        folder = out or Path("runs") / f"faithfulness-{model.replace(':', '_').replace('/', '_')}"
+        results = [faithfulness_imagenet(imagenet_sample, model, out=folder, **options)]
+        console.print(f"faithfulness: {folder}/faithfulness.csv, {folder}/figures/faithfulness_curves.png")
+    else:
+        results = faithfulness_run([RunDir(r) for r in runs], split=split, combined=out, **options)
+        console.print(f"faithfulness: faithfulness.csv and figures/faithfulness_curves.png in {', '.join(map(str, runs))}")
+    console.print(faithfulness_table([row for r in results for row in r.rows()]))
 
 
 def _print_comparison(runs) -> None:

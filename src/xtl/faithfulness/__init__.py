@@ -1,0 +1,39 @@
+"""Faithfulness of explanations: does the model's output follow the pixels a map calls relevant?
+
+    scores = score(model, images, labels, maps)      # maps: explain(...).maps, [B, H, W]
+    scores.curves["deletion"].auc                    # [B], and .values [B, F] per image
+
+Metrics (`METRICS`, registered as data): deletion and insertion (Petsiuk et al. 2018), positive
+and negative perturbation (Chefer et al. 2021); masked pixels take a baseline value
+(`BASELINES`: zero, mean, blur). Run level: `faithfulness_run`, `faithfulness_imagenet`.
+"""
+
+from xtl.faithfulness.metrics import METRICS, Curve, Metric, register_metric
+from xtl.faithfulness.perturbation import (
+    BASELINES,
+    Scores,
+    baseline_inputs,
+    random_maps,
+    relevance_ranks,
+    score,
+    score_maps,
+    uniform_maps,
+)
+from xtl.faithfulness.runner import (
+    DEFAULT_METHODS,
+    ModelScores,
+    demo_faithfulness,
+    faithfulness_imagenet,
+    faithfulness_run,
+    faithfulness_table,
+    markdown_table,
+    read_rows,
+    score_model,
+)
+
+__all__ = [
+    "BASELINES", "DEFAULT_METHODS", "METRICS", "Curve", "Metric", "ModelScores", "Scores", "baseline_inputs",
+    "demo_faithfulness", "faithfulness_imagenet", "faithfulness_run", "faithfulness_table", "markdown_table",
+    "random_maps", "read_rows", "register_metric", "relevance_ranks", "score", "score_maps", "score_model",
+    "uniform_maps",
+]

@@ -1,0 +1,48 @@
+"""The mean faithfulness curves: one row of panels per model, one panel per metric, one line per method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from xtl.faithfulness.metrics import METRICS
+from xtl.io import save_figure
+
+if TYPE_CHECKING:
+    from xtl.faithfulness.runner import ModelScores
+
+REFERENCE_STYLE = {"random": {"color": "0.45", "ls": "--"}, "uniform": {"color": "black", "ls": ":"}}
+Y_LABEL = {"probability": "probability of the explained class", "accuracy": "accuracy (true label)"}
+
+
+def plot_curves(results: list["ModelScores"], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(METRICS.values())
+    fig, axes = plt.subplots(len(results), len(metrics), figsize=(4.2 * len(metrics), 3.6 * len(results)),
+                             squeeze=False)
+    for row, result in zip(axes, results):
+        for ax, metric in zip(row, metrics):
+            for k, m in enumerate(result.methods):
+                curve = m.curves[metric.name]
+                style = REFERENCE_STYLE.get(m.method, {"color": f"C{k % 10}", "ls": "-"})
+                ax.plot(curve.x.numpy(), curve.values.mean(0).numpy(), lw=1.6, **style,
+                        label=f"{m.method} ({float(curve.auc.mean()):.3f})")
+            ax.set_xlabel(_x_label(metric))
+            ax.set_ylabel(Y_LABEL[metric.quantity])
+            ax.set_title(f"{result.model}: {metric.name} (AUC {metric.arrow})", fontsize=10)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Faithfulness ({results[0].steps} steps, baseline {results[0].baseline}, maps of the predicted class)")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _x_label(metric) -> str:
+    if metric.revealed_axis:  # revealing the most relevant first = masking the least relevant first
+        return "fraction of pixels revealed (most relevant first)"
+    return f"fraction of pixels masked ({metric.masked_first} relevant first)"

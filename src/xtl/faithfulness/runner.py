@@ -1,0 +1,379 @@
+"""Faithfulness of runs (or of a pretrained ImageNet classifier): explain the same images with every
+method, score the maps with the random and uniform maps beside them, write the table and the curves.
+
+    runs/<name>/faithfulness.csv            one row per method: each metric's mean AUC and std over images
+    runs/<name>/faithfulness_curves.csv     the mean curve of every method and metric
+    runs/<name>/figures/faithfulness_curves.png
+    <first run or --out>/faithfulness_combined.csv, figures/faithfulness_combined.png   (several runs)
+
+Deletion and insertion score the maps of the predicted class; positive and negative perturbation
+(Chefer et al.) are reported for the maps of the predicted and of the true class, the accuracy
+always against the true label. The two sets of maps differ only on misclassified images, so only
+those are explained and scored a second time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from torch import nn
+
+from xtl.errors import XtlError
+from xtl.explain import METHODS, explain
+from xtl.explain.runner import RunExplainer, applicable_methods
+from xtl.faithfulness.figures import plot_curves
+from xtl.faithfulness.metrics import METRICS, Curve
+from xtl.faithfulness.perturbation import (
+    check_scoring_options,
+    make_progress,
+    predict_classes,
+    random_maps,
+    score_maps,
+    uniform_maps,
+)
+from xtl.io import write_text
+from xtl.models import ModelSpec
+from xtl.runs import RunDir
+
+DEFAULT_METHODS = {
+    "cnn": ["gradcam", "gradcam++", "layercam", "saliency", "integrated_gradients", "lrp_epsilon"],
+    "vit": ["transformer_attribution", "attention_rollout", "raw_attention", "gradcam", "saliency",
+            "integrated_gradients"],
+}
+REFERENCES = ("random", "uniform")
+ACCURACY_METRICS = [m.name for m in METRICS.values() if m.quantity == "accuracy"]
+console = Console(stderr=True)
+
+
+@dataclass
+class MethodScores:
+    method: str
+    curves: dict[str, Curve]  # metric name -> curves of the predicted class's maps; "<metric>_true" for the true class's
+    explain_seconds: float
+    score_seconds: float  # model time of the predicted class's maps, shared end points excluded
+
+
+@dataclass
+class ModelScores:
+    name: str  # the run (or output) directory's name
+    model: str
+    n_images: int
+    steps: int
+    baseline: str
+    methods: list[MethodScores]
+
+    def rows(self) -> list[dict]:
+        return [self._row(m) for m in self.methods]
+
+    def _row(self, m: MethodScores) -> dict:
+        row = {"run": self.name, "model": self.model, "method": m.method, "n_images": self.n_images,
+               "steps": self.steps, "baseline": self.baseline}
+        for column, curve in m.curves.items():
+            row[column] = float(curve.auc.mean())
+            row[f"{column}_std"] = float(curve.auc.std()) if len(curve.auc) > 1 else 0.0
+        row["explain_s"] = round(m.explain_seconds, 3)
+        row["score_s"] = round(m.score_seconds, 3)
+        row["score_images_per_s"] = round(self.n_images / m.score_seconds, 3) if m.score_seconds > 0 else float("nan")
+        return row
+
+
+# ----------------------------------------------------------------------------- one model, one batch of images
+
+
+def score_model(model: nn.Module, spec: ModelSpec, images: torch.Tensor, labels: torch.Tensor, methods: list[str],
+                steps: int = 10, baseline: str = "zero", batch_size: int = 64, explain_batch_size: int = 8,
+                seed: int = 0, method_options: dict[str, dict] | None = None, progress: bool | Progress = False,
+                title: str = "") -> list[MethodScores]:
+    """Explain `images` with each method, score the maps and the random/uniform references."""
+    check_scoring_options(steps, batch_size, baseline)
+    labels = labels.cpu().long()
+    held = progress if isinstance(progress, Progress) else None
+    with make_progress() if progress is True else nullcontext(held) as bar:
+        predicted = predict_classes(model, images, batch_size)
+        wrong = torch.nonzero(predicted.cpu() != labels).flatten()
+        maps, seconds = {}, {}
+        for method in methods:
+            maps[method], seconds[method] = _explain_all(model, spec, images, predicted, method, explain_batch_size,
+                                                         (method_options or {}).get(method, {}), bar, title)
+        shape = tuple(maps[methods[0]].shape) if methods else (images.shape[0], *images.shape[-2:])
+        maps["random"], maps["uniform"] = random_maps(shape, seed, images.device), uniform_maps(shape, images.device)
+        scores = score_maps(model, images, labels, maps, predicted.cpu(), steps, baseline, batch_size,
+                            progress=bar if bar is not None else False, description=f"{title}: score")
+        true_scores = _true_class_scores(model, spec, images, labels, wrong, methods, steps, baseline, batch_size,
+                                         explain_batch_size, method_options or {}, bar, title, seconds)
+    results = []
+    for name, s in scores.items():
+        curves = dict(s.curves)
+        for metric in ACCURACY_METRICS:
+            curves[f"{metric}_true"] = _merge(s.curves[metric], true_scores.get(name, {}).get(metric), wrong)
+        results.append(MethodScores(name, curves, seconds.get(name, 0.0), s.seconds))
+    return results
+
+
+def _explain_all(model, spec, images, targets, method, batch_size, options, bar, title) -> tuple[torch.Tensor, float]:
+    """Maps [B, H, W] of `method` for `targets`, `batch_size` images at a time."""
+    task = bar.add_task(f"{title}: {method}", total=len(images)) if bar is not None else None
+    started = time.perf_counter()
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        part = slice(start, start + batch_size)
+        batch = images[part].contiguous(memory_format=torch.channels_last)  # as in scoring: faster on the CPU
+        chunks.append(explain(model, batch, targets[part].to(images.device), method, spec, **options).maps)
+        if bar is not None:
+            bar.advance(task, len(chunks[-1]))
+    maps = torch.cat(chunks) if chunks else torch.empty(0, *images.shape[-2:], device=images.device)
+    return maps, time.perf_counter() - started
+
+
+def _true_class_scores(model, spec, images, labels, wrong, methods, steps, baseline, batch_size, explain_batch_size,
+                       method_options, bar, title, seconds) -> dict[str, dict[str, Curve]]:
+    """Accuracy curves of the true class's maps on the misclassified images (class-discriminative methods)."""
+    chosen = [m for m in methods if METHODS[m].class_discriminative]
+    if not len(wrong) or not chosen:
+        return {}
+    index = wrong.to(images.device)
+    maps = {}
+    for method in chosen:
+        maps[method], extra = _explain_all(model, spec, images[index], labels[wrong].to(images.device), method,
+                                           explain_batch_size, method_options.get(method, {}), bar, f"{title} (true class)")
+        seconds[method] += extra
+    scores = score_maps(model, images[index], labels[wrong], maps, labels[wrong], steps, baseline, batch_size,
+                        ACCURACY_METRICS, bar if bar is not None else False, f"{title}: score (true class)")
+    return {name: s.curves for name, s in scores.items()}
+
+
+def _merge(predicted: Curve, true_on_wrong: Curve | None, wrong: torch.Tensor) -> Curve:
+    """The predicted class's curves with the misclassified images' rows from the true class's maps."""
+    if true_on_wrong is None:
+        return predicted
+    values, auc = predicted.values.clone(), predicted.auc.clone()
+    values[wrong], auc[wrong] = true_on_wrong.values, true_on_wrong.auc
+    return Curve(predicted.x, values, auc)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n_images: int = 100,
+                     split: str = "test", steps: int = 10, baseline: str = "zero", batch_size: int = 64,
+                     explain_batch_size: int = 8, seed: int = 0, device: str | None = None, progress: bool = True,
+                     combined: Path | None = None, method_options: dict[str, dict] | None = None) -> list[ModelScores]:
+    """Score each run's methods on the first `n_images` of its split; write each run's table and
+    figure, and the combined table and figure (into `combined`, default the first run) when
+    several runs are given."""
+    check_options(n_images, split, explain_batch_size)
+    check_scoring_options(steps, batch_size, baseline)
+    _check_methods(methods)
+    for run in run_dirs:
+        run.read()
+    results = []
+    for run in run_dirs:
+        explainer = RunExplainer(run, split, device)
+        chosen = _chosen_methods(explainer.spec.family, methods, explainer.spec.name)
+        n = min(n_images, len(explainer.part))
+        images = explainer.preprocess(explainer.part.images[:n].to(explainer.device))
+        scores = score_model(explainer.model, explainer.spec, images, explainer.part.labels[:n], chosen, steps, baseline,
+                             batch_size, explain_batch_size, seed, method_options, progress, run.path.name)
+        result = ModelScores(run.path.name, explainer.spec.name, n, steps, baseline, scores)
+        write_outputs(run.path, result)
+        results.append(result)
+    if len(results) > 1:
+        write_combined(combined or run_dirs[0].path, results)
+    return results
+
+
+def demo_faithfulness(runs: list[RunDir], methods: list[str] | None = None, n_images: int = 100,
+                      **options) -> list[ModelScores] | None:
+    """`xtl demo`: the faithfulness of each run and the combined table, printed; computed only when
+    not written yet."""
+    done = all(r.file("faithfulness.csv").is_file() for r in runs)
+    combined = runs[0].file("faithfulness_combined.csv") if len(runs) > 1 else runs[0].file("faithfulness.csv")
+    if done and combined.is_file():
+        Console().print(faithfulness_table(read_rows(combined)))
+        console.print("faithfulness: done already")
+        return None
+    results = faithfulness_run(runs, methods, n_images, **options)
+    Console().print(faithfulness_table([row for r in results for row in r.rows()]))
+    return results
+
+
+def check_options(n_images: int, split: str, explain_batch_size: int = 8) -> None:
+    if explain_batch_size < 1:
+        raise XtlError(f"option --explain-batch-size must be at least 1, not {explain_batch_size}")
+    if n_images < 1:
+        raise XtlError(f"option --images must be at least 1, not {n_images}")
+    if split not in ("train", "val", "test"):
+        raise XtlError(f"option --split must be train, val or test, not '{split}'")
+
+
+def _check_methods(methods: list[str] | None) -> None:
+    unknown = [m for m in methods or [] if m not in METHODS and m not in REFERENCES]
+    if unknown:
+        raise XtlError(f"option --methods: unknown method(s) {', '.join(unknown)}; "
+                       f"known: {', '.join(sorted(METHODS))} (random and uniform are always scored)")
+
+
+def _chosen_methods(family: str, methods: list[str] | None, model: str) -> list[str]:
+    """The requested explanation methods that apply to `family` (the references are added anyway)."""
+    requested = [m for m in methods or [] if m not in REFERENCES]
+    if methods and not requested:
+        return []
+    chosen = applicable_methods(family, requested or [m for m in DEFAULT_METHODS[family] if m in METHODS])
+    if requested and not chosen:
+        raise XtlError(f"option --methods: none of {', '.join(requested)} applies to {family.upper()} model {model}")
+    return chosen
+
+
+# ----------------------------------------------------------------------------- a pretrained ImageNet classifier
+
+
+def load_imagenet_sample(folder: Path, n_images: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `n_images` JPEGs in sorted order as uint8 [N, 3, size, size] and their ImageNet classes."""
+    from xtl.data.sources import decode_image, images_to_uint8
+
+    files = sorted(f for f in Path(folder).glob("*") if f.suffix.lower() in (".jpeg", ".jpg"))
+    if not files:
+        raise XtlError(f"option --imagenet-sample: no JPEG images in {folder}")
+    files = files[:n_images]
+    # the sample holds every fourth ImageNet class in wnid order, one image each: file k is class 4k
+    labels = torch.arange(len(files)) * 4
+    return images_to_uint8([decode_image(f) for f in files], store_size=size), labels
+
+
+def faithfulness_imagenet(folder: Path, model: str = "efficientnet_lite0", methods: list[str] | None = None,
+                          n_images: int = 200, out: Path = Path("runs/faithfulness-imagenet"), steps: int = 10,
+                          baseline: str = "zero", batch_size: int = 64, explain_batch_size: int = 8, seed: int = 0,
+                          device: str | None = None, progress: bool = True,
+                          method_options: dict[str, dict] | None = None) -> ModelScores:
+    """Score the methods on a pretrained ImageNet classifier (its own head) and the imagenet-sample images."""
+    from xtl.data import Preprocess
+    from xtl.models import build_model
+
+    check_options(n_images, "test", explain_batch_size)
+    check_scoring_options(steps, batch_size, baseline)
+    _check_methods(methods)
+    if not Path(folder).is_dir():
+        raise XtlError(f"option --imagenet-sample: {folder} is not a directory")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    net, spec = build_model(model, n_classes=None)
+    net = net.to(device).eval()
+    chosen = _chosen_methods(spec.family, methods, spec.name)
+    raw, labels = load_imagenet_sample(Path(folder), n_images, spec.input_size)
+    images = Preprocess(spec.input_size, spec.mean, spec.std)(raw.to(device))
+    scores = score_model(net, spec, images, labels, chosen, steps, baseline, batch_size, explain_batch_size, seed,
+                         method_options, progress, f"{spec.name} (ImageNet)")
+    result = ModelScores(Path(out).name, spec.name, len(labels), steps, baseline, scores)
+    write_outputs(Path(out), result)
+    return result
+
+
+# ----------------------------------------------------------------------------- files and tables
+
+
+def write_outputs(directory: Path, result: ModelScores) -> None:
+    write_csv(directory / "faithfulness.csv", result.rows())
+    write_csv(directory / "faithfulness_curves.csv", curve_rows(result))
+    plot_curves([result], directory / "figures" / "faithfulness_curves.png")
+
+
+def write_combined(directory: Path, results: list[ModelScores]) -> None:
+    write_csv(directory / "faithfulness_combined.csv", [row for r in results for row in r.rows()])
+    plot_curves(results, directory / "figures" / "faithfulness_combined.png")
+
+
+def curve_rows(result: ModelScores) -> list[dict]:
+    return [{"method": m.method, "metric": metric, "x": round(float(x), 6), "mean": float(y)}
+            for m in result.methods for metric, curve in m.curves.items()
+            for x, y in zip(curve.x.tolist(), curve.values.mean(0).tolist())]
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def table_columns() -> list[tuple[str, str]]:
+    """(CSV column, header) of the table: every metric of the predicted class, accuracy ones also of the true class."""
+    columns = [(m.name, f"{m.name} {m.arrow}") for m in METRICS.values()]
+    return columns + [(f"{name}_true", f"{name} (true) {METRICS[name].arrow}") for name in ACCURACY_METRICS]
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a faithfulness CSV with numbers as numbers."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    text = {"run", "model", "method", "baseline"}
+    return [{k: v if k in text else float(v) for k, v in row.items()} for row in rows]
+
+
+def faithfulness_table(rows: list[dict]) -> Table:
+    """Mean AUC ± 95 % CI half-width (normal approximation over images) per method; the best in bold."""
+    columns = table_columns()
+    table = Table("model", "method", *[header for _, header in columns], "explain s", "score img/s",
+                  title=f"Faithfulness: AUC on {_images(rows)} images, {rows[0]['steps']:.0f} steps, "
+                        f"baseline {rows[0]['baseline']}")
+    for group in _by_run(rows):
+        for row, cells in _formatted(group, "[bold]{}[/bold]"):
+            table.add_row(row["model"], row["method"], *cells, f"{row['explain_s']:.1f}", f"{row['score_images_per_s']:.1f}")
+        table.add_section()
+    return table
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The table as Markdown (for BENCHMARKS.md): mean AUC ± 95 % CI half-width, the best in bold."""
+    columns = table_columns()
+    lines = ["| model | images | method | " + " | ".join(h for _, h in columns) + " | explain s | score img/s |",
+             "|---|---|---|" + "---|" * len(columns) + "---|---|"]
+    for group in _by_run(rows):
+        for row, cells in _formatted(group, "**{}**"):
+            lines.append(f"| {row['model']} | {row['n_images']:.0f} | {row['method']} | " + " | ".join(cells)
+                         + f" | {row['explain_s']:.1f} | {row['score_images_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _by_run(rows: list[dict]) -> list[list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["run"], []).append(row)
+    return list(groups.values())
+
+
+def _images(rows: list[dict]) -> str:
+    return "/".join(sorted({f"{r['n_images']:.0f}" for r in rows}))
+
+
+def _formatted(rows: list[dict], emphasis: str) -> list[tuple[dict, list[str]]]:
+    """Each row with its metric cells; the best explanation method of each column emphasised."""
+    columns = [c for c, _ in table_columns()]
+    best = {c: _best(rows, c) for c in columns}
+    return [(row, [emphasis.format(_cell(row, c)) if best[c] == row["method"] else _cell(row, c) for c in columns])
+            for row in rows]
+
+
+def _best(rows: list[dict], column: str) -> str | None:
+    metric = METRICS[column.removesuffix("_true")]
+    candidates = [r for r in rows if r["method"] not in REFERENCES and column in r]
+    if not candidates:
+        return None
+    pick = max if metric.higher_is_better else min
+    return pick(candidates, key=lambda r: r[column])["method"]
+
+
+def _cell(row: dict, column: str) -> str:
+    if column not in row:
+        return "-"
+    half = 1.96 * row[f"{column}_std"] / math.sqrt(max(row["n_images"], 1))
+    return f"{row[column]:.3f} ± {half:.3f}"
