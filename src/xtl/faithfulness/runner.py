@@ -199,12 +199,19 @@ def demo_faithfulness(runs: list[RunDir], methods: list[str] | None = None, n_im
     done = all(r.file("faithfulness.csv").is_file() for r in runs)
     combined = runs[0].file("faithfulness_combined.csv") if len(runs) > 1 else runs[0].file("faithfulness.csv")
     if done and combined.is_file():
-        Console().print(faithfulness_table(read_rows(combined)))
+        _stdout().print(faithfulness_table(read_rows(combined)))
         console.print("faithfulness: done already")
         return None
     results = faithfulness_run(runs, methods, n_images, **options)
-    Console().print(faithfulness_table([row for r in results for row in r.rows()]))
+    _stdout().print(faithfulness_table([row for r in results for row in r.rows()]))
     return results
+
+
+def _stdout() -> Console:
+    """Tables are wide: give them room when stdout is not a terminal (a log, `make run | tee`)."""
+    import sys
+
+    return Console(width=None if sys.stdout.isatty() else 150)
 
 
 def check_options(n_images: int, split: str, explain_batch_size: int = 8) -> None:
