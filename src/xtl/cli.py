@@ -316,6 +316,8 @@ def faithfulness_command(
 def _print_comparison(runs) -> None:
     import json
 
+    from xtl.evaluate.figures import read_csv
+
     table = Table("run", "model", "input", "train/val/test", "epochs (best)", "val acc", "test acc [95 % CI]", "ROC-AUC", "train img/s",
                   title="Test results")
     for run in runs:
@@ -325,8 +327,6 @@ def _print_comparison(runs) -> None:
             raise XtlError(f"run directory {run.path} has no metrics.json; run `xtl evaluate {run.path}`")
         m = json.loads(metrics_path.read_text())
         sizes = data["derived"]["split_sizes"]
-        from xtl.evaluate.figures import read_csv
-
         epochs = read_csv(run.file("history_epochs.csv"))
         best = min(epochs, key=lambda e: e["val_loss"]) if epochs else None
         low, high = m["accuracy_ci95"]

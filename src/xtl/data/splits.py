@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -158,6 +158,3 @@ def load_split(source: str | Source, spec: SplitSpec | None = None) -> Split:
         )
     return Split(spec=spec, source=src.spec, class_names=src.class_names, parts=parts)
 
-
-def spec_to_dict(spec: SplitSpec) -> dict:
-    return asdict(spec)
