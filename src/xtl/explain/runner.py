@@ -40,7 +40,22 @@ class RunExplainer:
         self.class_names = run.class_names
         self.split_name = split
         self.part = run.load_split()[split]
-        self.probabilities = predict(self.model, self.part, self.preprocess, self.device).probabilities
+        self.probabilities = self._saved_probabilities() if split == "test" else None
+        if self.probabilities is None:
+            self.probabilities = predict(self.model, self.part, self.preprocess, self.device).probabilities
+
+    def _saved_probabilities(self) -> torch.Tensor | None:
+        """The evaluation's own test probabilities (`predictions.csv`), if they match this split."""
+        import csv
+
+        path = self.run.file("predictions.csv")
+        if not path.is_file():
+            return None
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        if [int(r[0]) for r in rows] != self.part.ids.tolist():
+            return None
+        return torch.tensor([[float(p) for p in r[3:]] for r in rows])
 
     def explain_positions(self, positions: list[int], method: str, target: str = "predicted", **options):
         images = self.preprocess(self.part.images[positions].to(self.device))
