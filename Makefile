@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test venv clean
+.PHONY: run test venv clean chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +19,12 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/xtl demo
 
-test: $(STAMP)
+# The browser tests (report, app) drive Debian's Chromium; install it when it is missing.
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get install -y -qq chromium >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }; }
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 clean:

@@ -3,42 +3,28 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from xtl.config import RunConfig
-from xtl.data import load_split
-from xtl.evaluate import evaluate
 from xtl.explain.gallery import pick_correct_per_class, pick_misclassified
 from xtl.explain.runner import compare_runs, explain_run
-from xtl.runs import RunDir, split_spec
-from xtl.train import finetune
+from xtl.runs import RunDir
 
-XTL = str(Path(sys.executable).with_name("xtl"))
+from helpers import XTL, tiny_run
 
-
-def _tiny_run(path: Path, cifar: Path, model: str, input_size: int) -> RunDir:
-    config = RunConfig(source=str(cifar), model=model, pretrained=False, input_size=input_size, split="random",
-                       train_size=40, val_size=10, test_size=24, stratified=True, batch_size=20, epochs=1, patience=0)
-    run = RunDir(path)
-    data = load_split(config.source, split_spec(config))
-    finetune(config, data, run, progress=False)
-    evaluate(run, data, device="cpu")
-    return run
 
 
 @pytest.fixture(scope="module")
 def cnn_run(tmp_path_factory, cifar):
-    return _tiny_run(tmp_path_factory.mktemp("runs") / "cnn", cifar, "timm:resnet10t", 32)
+    return tiny_run(tmp_path_factory.mktemp("runs") / "cnn", cifar, "timm:resnet10t", 32)
 
 
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory, cifar):
-    return _tiny_run(tmp_path_factory.mktemp("runs") / "vit", cifar, "timm:vit_tiny_patch16_224", 32)
+    return tiny_run(tmp_path_factory.mktemp("runs") / "vit", cifar, "timm:vit_tiny_patch16_224", 32)
 
 
 def test_maps_stream_in_shards_and_resume_without_recomputing(cnn_run):

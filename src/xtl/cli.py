@@ -313,6 +313,25 @@ def faithfulness_command(
     console.print(faithfulness_table([row for r in results for row in r.rows()]))
 
 
+@app.command("serve")
+def serve_command(
+    runs: list[Path] = typer.Argument(..., help="Run directories whose models the app serves (only these)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods offered (default: a few per family)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(7860, help="Port to listen on."),
+    max_upload_mb: float = typer.Option(10.0, help="Largest upload accepted, in MB."),
+) -> None:
+    """An interactive web app: upload an image, compare the models' predictions and heatmaps."""
+    from xtl.app import serve
+    from xtl.runs import RunDir
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    run_dirs = [RunDir(r) for r in runs]
+    for run in run_dirs:
+        run.read()
+    serve(run_dirs, methods=chosen, host=host, port=port, max_upload_mb=max_upload_mb)
+
+
 def _print_comparison(runs) -> None:
     import json
 

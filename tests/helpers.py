@@ -1,0 +1,50 @@
+"""Shared by the tests: tiny real runs and a headless Debian Chromium."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from xtl.config import RunConfig
+from xtl.data import load_split
+from xtl.evaluate import evaluate
+from xtl.runs import RunDir, split_spec
+from xtl.train import finetune
+
+XTL = str(Path(sys.executable).with_name("xtl"))
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Without the background-networking flags Chromium keeps trying to reach Google's hosts.
+CHROMIUM_ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def tiny_run(path: Path, cifar: Path, model: str, input_size: int, **overrides) -> RunDir:
+    """A real fine-tuning run on 40 CIFAR-10 images (random init, one epoch), evaluated on 24."""
+    options = dict(source=str(cifar), model=model, pretrained=False, input_size=input_size, split="random",
+                   train_size=40, val_size=10, test_size=24, stratified=True, batch_size=20, epochs=1, patience=0)
+    options.update(overrides)
+    config = RunConfig(**options)
+    run = RunDir(path)
+    data = load_split(config.source, split_spec(config))
+    finetune(config, data, run, progress=False)
+    evaluate(run, data, device="cpu")
+    return run
+
+
+@contextlib.contextmanager
+def chromium_page(viewport: tuple[int, int] = (1280, 900)) -> Iterator:
+    """A Playwright page in Debian's headless Chromium (never `playwright install`)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+            yield page
+        finally:
+            browser.close()
