@@ -1,4 +1,4 @@
-# Two entry points: `make run` (the offline demo) and `make test` (the suite).
+# Two entry points: `make run` (xtl run, the quick preset) and `make test` (the suite).
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/xtl demo
+	$(VENV)/bin/xtl run
 
 # The browser tests (report, app) drive Debian's Chromium; install it when it is missing.
 chromium:

@@ -15,7 +15,7 @@ XTL = str(Path(sys.executable).with_name("xtl"))
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", ["", "models", "data", "finetune", "evaluate", "compare", "demo"])
+@pytest.mark.parametrize("command", ["", "models", "data", "finetune", "evaluate", "explain", "compare", "faithfulness", "run", "serve"])
 def test_every_command_has_help(command):
     result = runner.invoke(app, [*command.split(), "--help"])
     assert result.exit_code == 0 and "Usage" in result.output

@@ -19,8 +19,6 @@ app = typer.Typer(
 )
 console = Console(width=None if sys.stdout.isatty() else 150)
 
-QUICK_MODELS = ("efficientnet_lite0", "vit_s14_dinov2")
-
 
 def _is_global_zero() -> bool:
     import torch.distributed as dist
@@ -223,56 +221,98 @@ def explain_command(
         console.print(f"side by side: {name} in each run's figures/")
 
 
+@app.command("run")
+def run_command(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML or TOML file of the keys below (the options win over it)."),
+    preset: Optional[str] = typer.Option(None, help="quick (default; 2-core CPU, offline), paper (AlexNet, ResNet-34, "
+                                         "ViT-B/16 in21k, hub weights, GPU) or offline-full (the paper split, offline weights)."),
+    name: Optional[str] = typer.Option(None, help="Folder under --runs-dir (default: the preset's name)."),
+    runs_dir: Optional[str] = typer.Option(None, help="Folder of run folders (default runs)."),
+    models: Optional[str] = typer.Option(None, help="Comma-separated models (xtl models)."),
+    source: Optional[str] = typer.Option(None, help="Data: image folder, hf:NAME, cifar10, cifar100, torchvision:NAME."),
+    train: Optional[list[str]] = typer.Option(None, help="KEY=VALUE fine-tuning setting for every model (xtl finetune's "
+                                              "options, e.g. lr=1e-4, epochs=5); repeatable."),
+    per_model: Optional[list[str]] = typer.Option(None, help="MODEL.KEY=VALUE fine-tuning setting for one model; repeatable."),
+    explain_methods: Optional[str] = typer.Option(None, help="Comma-separated explanation methods (those that don't apply to a model are skipped)."),
+    explain_images: Optional[str] = typer.Option(None, help="Maps of the first N test images, or all."),
+    explain_batch_size: Optional[int] = typer.Option(None, help="Images per explanation batch."),
+    explain_target: Optional[str] = typer.Option(None, help="Explain the predicted or the true class."),
+    gallery_size: Optional[int] = typer.Option(None, help="Images per misclassified gallery."),
+    faithfulness_methods: Optional[str] = typer.Option(None, help="Comma-separated methods scored (default: the explained ones)."),
+    faithfulness_images: Optional[int] = typer.Option(None, help="Score the first N test images."),
+    faithfulness_steps: Optional[int] = typer.Option(None, help="Masked fractions 0, 1/steps, ..., 1."),
+    faithfulness_baseline: Optional[str] = typer.Option(None, help="zero, mean or blur."),
+    faithfulness_batch_size: Optional[int] = typer.Option(None, help="Perturbed images per forward pass."),
+    title: Optional[str] = typer.Option(None, help="Title of the report."),
+    force: bool = typer.Option(False, help="Redo every step, deleting the folder's earlier results."),
+    show_config: bool = typer.Option(False, help="Print the effective configuration as YAML and stop."),
+    progress: bool = typer.Option(True, help="Show progress bars (only on a terminal)."),
+) -> None:
+    """Data to report in one command: split, fine-tune each model, evaluate, explain, faithfulness, HTML report.
+
+    Finished steps are skipped, so a re-run resumes where a killed one stopped."""
+    from xtl.pipeline import load_config, parse_assignments, run_pipeline
+    from xtl.pipeline.config import dump
+
+    images = _count_or_all(explain_images, "--explain-images")
+    options = {
+        "preset": preset, "name": name, "runs_dir": runs_dir, "source": source, "title": title,
+        "models": _list(models), "explain_methods": _list(explain_methods), "faithfulness_methods": _list(faithfulness_methods),
+        "explain_images": None if images == "all" else images, "explain_batch_size": explain_batch_size,
+        "explain_target": explain_target, "gallery_size": gallery_size, "faithfulness_images": faithfulness_images,
+        "faithfulness_steps": faithfulness_steps, "faithfulness_baseline": faithfulness_baseline,
+        "faithfulness_batch_size": faithfulness_batch_size,
+        "train": parse_assignments(train, "--train") if train else None,
+        "per_model": parse_assignments(per_model, "--per-model") if per_model else None,
+    }
+    settings = load_config(config, options)
+    if images == "all":
+        settings.explain_images = None
+    if show_config:
+        sys.stdout.write(dump(settings))
+        return
+    run_pipeline(settings, force=force, progress=progress and sys.stderr.isatty())
+
+
+def _list(text: Optional[str]) -> Optional[list[str]]:
+    return [part.strip() for part in text.split(",") if part.strip()] if text is not None else None
+
+
+def _count_or_all(text: Optional[str], option: str) -> int | str | None:
+    if text is None or text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise XtlError(f"option {option} must be a number of images or all, not '{text}'") from None
+
+
 @app.command("compare")
-def compare_command(runs: list[Path] = typer.Argument(..., help="Run directories.")) -> None:
-    """Print the test results of several runs side by side."""
+def compare_command(
+    runs: list[Path] = typer.Argument(..., help="Run directories (two or more: also side-by-side galleries)."),
+    out: Optional[Path] = typer.Option(None, help="Folder of the comparison report (default runs/compare-A-vs-B...)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods of the side-by-side galleries."),
+    gallery_size: int = typer.Option(10, help="Images in the misclassified side-by-side gallery."),
+) -> None:
+    """Compare existing runs as a report: results table, most-confused pairs, side-by-side galleries, faithfulness."""
+    from xtl.evaluate import read_predictions
+    from xtl.explain.runner import compare_runs, shared_picks
+    from xtl.report import build_report
     from xtl.runs import RunDir
 
-    _print_comparison([RunDir(r) for r in runs])
-
-
-@app.command("demo")
-def demo_command(
-    runs_dir: Path = typer.Option(Path("runs"), help="Folder of run directories."),
-    source: str = typer.Option("../shared/data/cifar10", help="The CIFAR-10 image folder."),
-) -> None:
-    """`make run`: the quick preset for EfficientNet-Lite0 and DINOv2 ViT-S/14, offline, on the CPU."""
-    from xtl.config import preset
-    from xtl.runs import RunDir, split_spec
-
-    runs = []
-    for model in QUICK_MODELS:
-        run = RunDir(runs_dir / f"quick-{model}")
-        runs.append(run)
-        if run.file("metrics.json").is_file():
-            console.print(f"{run.path}: done already (delete it to run again)")
-            continue
-        config = preset("quick", model, source=source)
-        console.rule(f"{model}: {config.train_size} train / {config.val_size} val / {config.test_size} test at {config.input_size} px")
-        _train_and_evaluate(config, run, split_spec(config), resume=True, evaluate=True, progress=sys.stderr.isatty())
-    _print_comparison(runs)
-    _demo_explanations(runs)
-    from xtl.faithfulness import demo_faithfulness
-
-    demo_faithfulness(runs, DEMO_METHODS, n_images=DEMO_FAITHFULNESS_IMAGES, progress=sys.stderr.isatty())
-
-
-DEMO_METHODS = ["gradcam", "transformer_attribution", "attention_rollout", "saliency"]
-DEMO_FAITHFULNESS_IMAGES = 40  # every map costs 40 forward passes per image; the CPU budget is 15 minutes
-
-
-def _demo_explanations(runs) -> None:
-    """Galleries for each run and the side-by-side figure; skipped when already drawn."""
-    from xtl.explain.runner import compare_runs, explain_run
-
-    name = "compare_" + "_vs_".join(r.path.name for r in runs) + ".png"
-    if all((r.figures / "gallery_correct.png").is_file() for r in runs) and (runs[0].figures / name).is_file():
-        console.print("galleries: done already")
-        return
-    for run in runs:
-        explain_run(run, DEMO_METHODS, n_images=100, progress=sys.stderr.isatty())
-    compare_runs(runs, DEMO_METHODS, runs[0].figures / name)
-    console.print(f"galleries: {', '.join(str(r.figures) for r in runs)}")
+    run_dirs = [RunDir(r) for r in runs]
+    _print_comparison(run_dirs)
+    folder = out or Path("runs") / ("compare-" + "-vs-".join(r.path.name for r in run_dirs))
+    chosen = _list(methods) or ["gradcam", "transformer_attribution"]
+    if len(run_dirs) > 1:
+        correct, wrong = shared_picks([read_predictions(r) for r in run_dirs], len(run_dirs[0].class_names), gallery_size)
+        for picked, name, title in ((correct, "compare_correct", "Classified correctly by every model, one per class"),
+                                    (wrong, "compare_misclassified", "Misclassified by at least one model")):
+            if picked:
+                compare_runs(run_dirs, chosen, folder / "figures" / f"{name}.png", image_ids=picked, title=title)
+    path = build_report(run_dirs, folder / "report", folder=folder,
+                        sections=("summary", "comparison", "confusions", "galleries", "faithfulness", "reproducibility"))
+    console.print(f"report: {path}")
 
 
 @app.command("faithfulness")
@@ -333,30 +373,12 @@ def serve_command(
 
 
 def _print_comparison(runs) -> None:
-    import json
+    from xtl.report import ModelResult
 
-    from xtl.evaluate.figures import read_csv
-
-    table = Table("run", "model", "input", "train/val/test", "epochs (best)", "val acc", "test acc [95 % CI]", "ROC-AUC", "train img/s",
-                  title="Test results")
-    for run in runs:
-        data = run.read()
-        metrics_path = run.file("metrics.json")
-        if not metrics_path.is_file():
-            raise XtlError(f"run directory {run.path} has no metrics.json; run `xtl evaluate {run.path}`")
-        m = json.loads(metrics_path.read_text())
-        sizes = data["derived"]["split_sizes"]
-        epochs = read_csv(run.file("history_epochs.csv"))
-        best = min(epochs, key=lambda e: e["val_loss"]) if epochs else None
-        low, high = m["accuracy_ci95"]
-        table.add_row(
-            run.path.name, m["model"], str(data["derived"]["input_size"]),
-            f"{sizes['train']}/{sizes['val']}/{sizes['test']}",
-            f"{len(epochs)} ({m['best_epoch']:.0f})" if best else "-",
-            f"{best['val_accuracy']:.3f}" if best else "-",
-            f"{m['accuracy']:.3f} [{low:.3f}, {high:.3f}]", f"{m['roc_auc_macro_ovr']:.3f}",
-            f"{m['images_per_s_train']:.1f}" if m.get("images_per_s_train") else "-",
-        )
+    rows = [ModelResult.read(run).row() for run in runs]
+    table = Table(*rows[0], title="Test results")
+    for row in rows:
+        table.add_row(*row.values())
     console.print(table)
 
 
@@ -366,9 +388,6 @@ def main() -> None:
     except XtlError as err:
         Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted: finished epochs are kept; continue with --resume")
-        sys.exit(130)
 
 
 if __name__ == "__main__":

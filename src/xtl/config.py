@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from xtl.errors import XtlError
 
@@ -52,7 +53,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self) -> None:
+    def validate(self, where: str = "option") -> None:
+        """Types, choices and ranges; `where` is "option" (CLI) or the config file the values came from."""
+        check_types(self, where)
+
+        def key(name: str) -> str:
+            return label(name, where)
+
         choices = {
             "normalization": ("model", "paper"),
             "split": ("paper", "random"),
@@ -61,18 +68,18 @@ class RunConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise XtlError(f"option --{name.replace('_', '-')} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
+                raise XtlError(f"{key(name)} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
         positive = ("lr", "batch_size", "epochs", "devices", "num_nodes", "eval_batch_size")
         for name in positive:
             if not getattr(self, name) > 0:
-                raise XtlError(f"option --{name.replace('_', '-')} must be > 0, not {getattr(self, name)}")
+                raise XtlError(f"{key(name)} must be > 0, not {getattr(self, name)}")
         for name in ("weight_decay", "warmup_epochs", "label_smoothing", "patience"):
             if getattr(self, name) < 0:
-                raise XtlError(f"option --{name.replace('_', '-')} must be >= 0, not {getattr(self, name)}")
+                raise XtlError(f"{key(name)} must be >= 0, not {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
-            raise XtlError(f"option --label-smoothing must be in [0, 1), not {self.label_smoothing}")
+            raise XtlError(f"{key('label_smoothing')} must be in [0, 1), not {self.label_smoothing}")
         if self.input_size is not None and self.input_size < 16:
-            raise XtlError(f"option --input-size must be >= 16, not {self.input_size}")
+            raise XtlError(f"{key('input_size')} must be >= 16, not {self.input_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,8 +89,57 @@ class RunConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise XtlError(f"{where}: unknown key(s) {', '.join(unknown)}")
-        return cls(**data)
+            raise XtlError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        config = cls.__new__(cls)
+        config.__dict__.update(cls().__dict__)
+        config.__dict__.update(data)
+        config.validate(where)
+        return config
+
+
+def check_types(obj: Any, where: str = "option") -> None:
+    """Every field of the dataclass `obj` holds a value of its annotated type (ints pass as floats)."""
+    hints = get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not _fits(value, hints[f.name]):
+            raise XtlError(f"{label(f.name, where)} must be {_type_name(hints[f.name])}, not {value!r}")
+
+
+def label(name: str, where: str) -> str:
+    """How an error names a setting: `option --batch-size` on the CLI, `FILE: key 'batch_size'` in a file."""
+    return f"option --{name.replace('_', '-')}" if where == "option" else f"{where}: key '{name}'"
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, UnionType):
+        named = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(named) + (" or null" if type(None) in args else "")
+    if origin is dict:
+        return "a mapping"
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(hint, str(hint))
 
 
 def _is_vit(model: str) -> bool:

@@ -1,5 +1,55 @@
-"""User-facing errors: the CLI prints them as one line, without a traceback."""
+"""User-facing errors: the CLI prints them as one line, without a traceback.
+
+Long jobs (fine-tuning, explaining, scoring) also treat SIGTERM like Ctrl-C while they run, so a
+scheduler's or `kill`'s stop unwinds normally: what is finished stays on disk, temporary files are
+removed, and running the command again (`--resume` for fine-tuning) continues.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 
 class XtlError(Exception):
     """A problem with the user's input (a file, an option, a run directory)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM turned into what Ctrl-C raises (the CLI reports both the same way)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(f"signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextmanager
+def sigterm_as_interrupt(on_interrupt: Callable[[], str | None] | None = None) -> Iterator[None]:
+    """Raise `Interrupted` on SIGTERM inside the block (main thread only); one-shot: a second
+    SIGTERM during the unwinding kills as usual. The previous handler is restored afterwards.
+
+    On Ctrl-C or SIGTERM, the line `on_interrupt()` returns (what is kept, how to continue) goes
+    to stderr before the interrupt propagates (the CLI then exits with status 130).
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, previous)
+        raise Interrupted(signum)
+
+    if main:
+        signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        message = on_interrupt() if on_interrupt is not None else None
+        if message:
+            print(f"interrupted: {message}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)

@@ -100,7 +100,7 @@ class RunDir:
 
     def load_model(self, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
         """The best model of the run, in eval mode."""
-        from safetensors.torch import load_file
+        from xtl.models import load_run_weights
 
         config = self.config()
         if not self.weights_path.is_file():
@@ -108,13 +108,7 @@ class RunDir:
         model, spec = build_model(
             config.model, len(self.class_names), pretrained=False, input_size=config.input_size
         )
-        try:
-            state = load_file(str(self.weights_path))
-        except Exception as err:
-            raise XtlError(f"weights file {self.weights_path} is corrupt: {err}") from None
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise XtlError(f"weights file {self.weights_path} does not fit model {config.model}")
+        load_run_weights(model, self.weights_path, config.model)
         return model.to(device).eval(), spec
 
 

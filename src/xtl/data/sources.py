@@ -136,18 +136,22 @@ def _folder_source(root: Path, spec: str) -> Source:
 
 def _folder_partition(root: Path, part: str, class_names: list[str]) -> Partition:
     part_dir = root / part
-    extra = sorted(d.name for d in part_dir.iterdir() if d.is_dir() and d.name not in class_names)
+    # hidden entries (.ipynb_checkpoints, macOS ._* resource forks) and files of other types are not data
+    extra = sorted(d.name for d in part_dir.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in class_names)
     if extra:
         raise XtlError(f"data folder {part_dir} has class folders not in train/: {', '.join(extra)}")
     per_class: list[list[str]] = []
     for name in class_names:
         class_dir = part_dir / name
         files = sorted(
-            f.name for f in os.scandir(class_dir) if f.is_file() and Path(f.name).suffix.lower() in IMAGE_SUFFIXES
+            f.name for f in os.scandir(class_dir)
+            if f.is_file() and not f.name.startswith(".") and Path(f.name).suffix.lower() in IMAGE_SUFFIXES
         ) if class_dir.is_dir() else []
         if not files and part == "train":
             raise XtlError(f"class folder {class_dir} has no images")
         per_class.append([f"{part}/{name}/{f}" for f in files])
+    if not any(per_class):
+        raise XtlError(f"data folder {part_dir} has no images (expected {part_dir}/<class>/*)")
     # Canonical order interleaves the classes (item i of every class, then item i+1, ...),
     # so "the first N images" is a class-balanced prefix, as in CIFAR's own order.
     order = sorted(

@@ -10,10 +10,11 @@ import torch
 from xtl.data import Split
 from xtl.evaluate.figures import plot_confusion_matrix, plot_per_class_accuracy, plot_training_curves, read_csv
 from xtl.evaluate.metrics import Predictions, bootstrap_ci, compute_metrics, predict
+from xtl.errors import XtlError
 from xtl.io import write_json, write_text
 from xtl.runs import RunDir
 
-__all__ = ["Predictions", "bootstrap_ci", "compute_metrics", "evaluate", "predict"]
+__all__ = ["Predictions", "bootstrap_ci", "compute_metrics", "evaluate", "predict", "read_predictions"]
 
 
 def evaluate(run: RunDir, split: Split | None = None, device: str | None = None) -> dict:
@@ -42,6 +43,18 @@ def write_predictions(run: RunDir, pred: Predictions, class_names: list[str]) ->
     for i, label, guess, probs in zip(pred.ids.tolist(), pred.labels.tolist(), pred.predicted.tolist(), pred.probabilities.tolist()):
         writer.writerow([i, label, guess, *[f"{p:.6f}" for p in probs]])
     write_text(run.file("predictions.csv"), buf.getvalue())
+
+
+def read_predictions(run: RunDir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, labels, probabilities) of the run's test images, as `evaluate` wrote them."""
+    path = run.file("predictions.csv")
+    if not path.is_file():
+        raise XtlError(f"run directory {run.path} has no predictions.csv; run `xtl evaluate {run.path}`")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    ids = torch.tensor([int(r[0]) for r in rows], dtype=torch.long)
+    labels = torch.tensor([int(r[1]) for r in rows], dtype=torch.long)
+    return ids, labels, torch.tensor([[float(p) for p in r[3:]] for r in rows])
 
 
 def write_figures(run: RunDir, metrics: dict, epochs: list[dict]) -> None:

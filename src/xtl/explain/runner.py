@@ -8,7 +8,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from xtl.errors import XtlError
+from xtl.errors import XtlError, sigterm_as_interrupt
 from xtl.evaluate.metrics import predict
 from xtl.explain import METHODS, explain, methods_for
 from xtl.explain.gallery import GalleryRow, pick_correct_per_class, pick_misclassified, render_gallery
@@ -68,13 +68,18 @@ class RunExplainer:
         n = len(self.part) if n_images is None else min(n_images, len(self.part))
         batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      disable=not progress, console=console) as bar:
+                      disable=not progress, console=console) as bar, \
+                sigterm_as_interrupt(lambda: f"finished shards are kept in {out}; the same command continues"):
             for method in methods:
                 task = bar.add_task(f"{self.run.path.name}: {method}", total=len(batches))
                 for k, positions in enumerate(batches):
                     shard = out / method / f"batch_{k:05d}_{positions[0]}-{positions[-1]}.safetensors"
                     if not shard.is_file():
-                        self._write_shard(shard, positions, method, target)
+                        try:
+                            self._write_shard(shard, positions, method, target)
+                        except torch.cuda.OutOfMemoryError:
+                            raise XtlError(f"out of GPU memory explaining {self.run.path} with {method} and --batch-size "
+                                           f"{batch_size}; try a smaller --batch-size (finished shards are kept)") from None
                     bar.advance(task)
         return out
 
@@ -131,8 +136,10 @@ def explain_run(
 
 
 def compare_runs(runs: list[RunDir], methods: list[str] | None, path: Path, split: str = "test",
-                 target: str = "predicted", device: str | None = None, per_class: int = 1) -> Path:
-    """The same images (shared by every run's split, one per class) explained by every run and method."""
+                 target: str = "predicted", device: str | None = None, per_class: int = 1,
+                 image_ids: list[int] | None = None, title: str | None = None) -> Path:
+    """The same images explained by every run and method: `image_ids`, or by default the first
+    `per_class` images of each class that every run's split holds."""
     explainers = [RunExplainer(run, split, device) for run in runs]
     first = explainers[0]
     common = set(first.part.ids.tolist())
@@ -141,10 +148,12 @@ def compare_runs(runs: list[RunDir], methods: list[str] | None, path: Path, spli
     if not common:
         raise XtlError(f"runs {', '.join(str(r.path) for r in runs)} share no {split} images")
     position_of = [{int(i): k for k, i in enumerate(e.part.ids.tolist())} for e in explainers]
-    chosen_ids = []
-    for c in range(len(first.class_names)):
+    chosen_ids = [i for i in image_ids if i in common] if image_ids is not None else []
+    for c in range(len(first.class_names) if image_ids is None else 0):
         ids = sorted(i for i in common if int(first.part.labels[position_of[0][i]]) == c)
         chosen_ids += ids[:per_class]
+    if not chosen_ids:
+        raise XtlError(f"runs {', '.join(str(r.path) for r in runs)} share none of the chosen {split} images")
     rows = []
     columns_per_run = []
     for e, positions in zip(explainers, position_of):
@@ -160,6 +169,31 @@ def compare_runs(runs: list[RunDir], methods: list[str] | None, path: Path, spli
         base = columns_per_run[0][k]
         caption = f"true: {first.class_names[base.label]}\n" + "\n".join(captions)
         rows.append(GalleryRow(base.image, base.label, base.probabilities, maps, caption))
-    title = "Same test images, " + " vs ".join(e.spec.name for e in explainers) + f" (bars: {first.spec.name})"
+    title = (title or "Same test images") + ", " + " vs ".join(e.spec.name for e in explainers) + f" (bars: {first.spec.name})"
     render_gallery(rows, first.class_names, path, title)
     return path
+
+
+def shared_picks(predictions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_classes: int,
+                 limit: int = 10) -> tuple[list[int], list[int]]:
+    """Image ids for side-by-side galleries from every run's (ids, labels, probabilities):
+    one image per class that every run classifies correctly, and up to `limit` images that some
+    run gets wrong (most runs wrong first, then the most confident mistake)."""
+    common = set(predictions[0][0].tolist())
+    for ids, _, _ in predictions[1:]:
+        common &= set(ids.tolist())
+    label_of, wrong_by, confidence = {}, {}, {}
+    for ids, labels, probs in predictions:
+        guesses = probs.argmax(1)
+        for i, label, guess, p in zip(ids.tolist(), labels.tolist(), guesses.tolist(), probs.max(1).values.tolist()):
+            if i in common:
+                label_of[i] = label
+                wrong_by[i] = wrong_by.get(i, 0) + int(guess != label)
+                if guess != label:
+                    confidence[i] = max(confidence.get(i, 0.0), p)
+    correct = []
+    for c in range(n_classes):
+        candidates = sorted(i for i in common if label_of[i] == c and wrong_by[i] == 0)
+        correct += candidates[:1]
+    wrong = sorted((i for i in common if wrong_by[i] > 0), key=lambda i: (-wrong_by[i], -confidence[i], i))[:limit]
+    return correct, wrong

@@ -5,6 +5,8 @@ method, score the maps with the random and uniform maps beside them, write the t
     runs/<name>/faithfulness_curves.csv     the mean curve of every method and metric
     runs/<name>/figures/faithfulness_curves.png
     <first run or --out>/faithfulness_combined.csv, figures/faithfulness_combined.png   (several runs)
+    runs/<name>/faithfulness_cache/<key>/<method>/batch_*.safetensors
+                                            each finished batch's scores: a killed job resumes from them
 
 Deletion and insertion score the maps of the predicted class; positive and negative perturbation
 (Chefer et al.) are reported for the maps of the predicted and of the true class, the accuracy
@@ -15,12 +17,15 @@ those are explained and scored a second time.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from rich.console import Console
@@ -28,7 +33,7 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import nn
 
-from xtl.errors import XtlError
+from xtl.errors import XtlError, sigterm_as_interrupt
 from xtl.explain import METHODS, explain
 from xtl.explain.runner import RunExplainer, applicable_methods
 from xtl.faithfulness.figures import plot_curves
@@ -41,7 +46,7 @@ from xtl.faithfulness.perturbation import (
     score_maps,
     uniform_maps,
 )
-from xtl.io import write_text
+from xtl.io import atomic_path, write_text
 from xtl.models import ModelSpec
 from xtl.runs import RunDir
 
@@ -51,6 +56,7 @@ DEFAULT_METHODS = {
             "integrated_gradients"],
 }
 REFERENCES = ("random", "uniform")
+CACHE = "faithfulness_cache"  # finished batches of a faithfulness job, so a killed one resumes
 ACCURACY_METRICS = [m.name for m in METRICS.values() if m.quantity == "accuracy"]
 console = Console(stderr=True)
 
@@ -93,31 +99,140 @@ class ModelScores:
 def score_model(model: nn.Module, spec: ModelSpec, images: torch.Tensor, labels: torch.Tensor, methods: list[str],
                 steps: int = 10, baseline: str = "zero", batch_size: int = 64, explain_batch_size: int = 8,
                 seed: int = 0, method_options: dict[str, dict] | None = None, progress: bool | Progress = False,
-                title: str = "") -> list[MethodScores]:
-    """Explain `images` with each method, score the maps and the random/uniform references."""
+                title: str = "", cache: Path | None = None) -> list[MethodScores]:
+    """Explain `images` with each method, score the maps and the random/uniform references.
+
+    The images go through in batches of `explain_batch_size`. With `cache` (a folder), each
+    batch's scores of each method are kept there as they finish, under a key of the model's
+    weights, the images and every setting: a killed job run again computes only what is missing.
+    """
     check_scoring_options(steps, batch_size, baseline)
     labels = labels.cpu().long()
+    n = images.shape[0]
+    names = list(methods) + list(REFERENCES)
+    shape = (n, *images.shape[-2:])
+    references = {"random": random_maps(shape, seed, images.device), "uniform": uniform_maps(shape, images.device)}
+    batches = [slice(s, min(s + explain_batch_size, n)) for s in range(0, n, explain_batch_size)]
+    if cache is not None:
+        cache = Path(cache) / _fingerprint(model, images, labels, dict(
+            steps=steps, baseline=baseline, batch_size=batch_size, explain_batch_size=explain_batch_size, seed=seed,
+            method_options=method_options or {}))
+    done: dict[str, list[MethodScores]] = {name: [] for name in names}
     held = progress if isinstance(progress, Progress) else None
-    with make_progress() if progress is True else nullcontext(held) as bar:
-        predicted = predict_classes(model, images, batch_size)
-        wrong = torch.nonzero(predicted.cpu() != labels).flatten()
-        maps, seconds = {}, {}
-        for method in methods:
-            maps[method], seconds[method] = _explain_all(model, spec, images, predicted, method, explain_batch_size,
-                                                         (method_options or {}).get(method, {}), bar, title)
-        shape = tuple(maps[methods[0]].shape) if methods else (images.shape[0], *images.shape[-2:])
-        maps["random"], maps["uniform"] = random_maps(shape, seed, images.device), uniform_maps(shape, images.device)
-        scores = score_maps(model, images, labels, maps, predicted.cpu(), steps, baseline, batch_size,
-                            progress=bar if bar is not None else False, description=f"{title}: score")
-        true_scores = _true_class_scores(model, spec, images, labels, wrong, methods, steps, baseline, batch_size,
-                                         explain_batch_size, method_options or {}, bar, title, seconds)
-    results = []
+    on_interrupt = lambda: f"finished batches are kept in {cache}; the same command continues" if cache else None  # noqa: E731
+    with make_progress() if progress is True else nullcontext(held) as bar, sigterm_as_interrupt(on_interrupt), \
+            _out_of_memory_message(title, batch_size, explain_batch_size):
+        task = bar.add_task(f"{title}: explain and score", total=len(batches)) if bar is not None else None
+        for k, part in enumerate(batches):
+            kept = {name: _read_batch(cache, name, k, part) for name in names} if cache is not None else {}
+            todo = [name for name in names if kept.get(name) is None]
+            if todo:
+                computed = _score_batch(model, spec, images[part], labels[part], [m for m in methods if m in todo],
+                                        {r: references[r][part] for r in REFERENCES if r in todo}, steps, baseline,
+                                        batch_size, explain_batch_size, method_options or {})
+                for name, scores in computed.items():
+                    if cache is not None:
+                        _write_batch(cache, name, k, part, scores)
+                    kept[name] = scores
+            for name in names:
+                done[name].append(kept[name])
+            if bar is not None:
+                bar.advance(task)
+    return [_concatenate(name, done[name]) for name in names]
+
+
+def _score_batch(model, spec, images, labels, methods, references, steps, baseline, batch_size, explain_batch_size,
+                 method_options) -> dict[str, MethodScores]:
+    """One batch of images: the methods' maps and the given reference maps, scored."""
+    predicted = predict_classes(model, images, batch_size)
+    wrong = torch.nonzero(predicted.cpu() != labels).flatten()
+    maps, seconds = {}, {}
+    for method in methods:
+        maps[method], seconds[method] = _explain_all(model, spec, images, predicted, method, explain_batch_size,
+                                                     method_options.get(method, {}), None, "")
+    maps.update(references)
+    scores = score_maps(model, images, labels, maps, predicted.cpu(), steps, baseline, batch_size)
+    true_scores = _true_class_scores(model, spec, images, labels, wrong, methods, steps, baseline, batch_size,
+                                     explain_batch_size, method_options, None, "", seconds)
+    results = {}
     for name, s in scores.items():
         curves = dict(s.curves)
         for metric in ACCURACY_METRICS:
             curves[f"{metric}_true"] = _merge(s.curves[metric], true_scores.get(name, {}).get(metric), wrong)
-        results.append(MethodScores(name, curves, seconds.get(name, 0.0), s.seconds))
+        results[name] = MethodScores(name, curves, seconds.get(name, 0.0), s.seconds)
     return results
+
+
+def _concatenate(name: str, parts: list[MethodScores]) -> MethodScores:
+    """The batches' scores of one method as one set over all images."""
+    if not parts:
+        return MethodScores(name, {}, 0.0, 0.0)
+    curves = {column: Curve(curve.x, torch.cat([p.curves[column].values for p in parts]),
+                            torch.cat([p.curves[column].auc for p in parts]))
+              for column, curve in parts[0].curves.items()}
+    return MethodScores(name, curves, sum(p.explain_seconds for p in parts), sum(p.score_seconds for p in parts))
+
+
+# ----------------------------------------------------------------------------- the cache of finished batches
+
+
+def _fingerprint(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: dict) -> str:
+    """A key of everything a batch's scores depend on: weights, images, labels, settings."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for tensor in (images, labels):
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().float().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _batch_path(cache: Path, name: str, k: int, part: slice) -> Path:
+    return cache / name / f"batch_{k:05d}_{part.start}-{part.stop - 1}.safetensors"
+
+
+def _write_batch(cache: Path, name: str, k: int, part: slice, scores: MethodScores) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for column, curve in scores.curves.items():
+        tensors.update({f"{column}.x": curve.x, f"{column}.values": curve.values, f"{column}.auc": curve.auc})
+    metadata = {"explain_s": repr(scores.explain_seconds), "score_s": repr(scores.score_seconds)}
+    with atomic_path(_batch_path(cache, name, k, part)) as tmp:
+        save_file({key: t.detach().cpu().clone() for key, t in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def _read_batch(cache: Path, name: str, k: int, part: slice) -> MethodScores | None:
+    """A finished batch's scores, or None (not there, or unreadable: then it is computed again)."""
+    from safetensors import safe_open
+
+    path = _batch_path(cache, name, k, part)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        columns = sorted({key.rsplit(".", 1)[0] for key in tensors})
+        curves = {c: Curve(tensors[f"{c}.x"], tensors[f"{c}.values"], tensors[f"{c}.auc"]) for c in columns}
+        return MethodScores(name, curves, float(metadata["explain_s"]), float(metadata["score_s"]))
+    except Exception:
+        return None
+
+
+@contextmanager
+def _out_of_memory_message(title: str, batch_size: int, explain_batch_size: int) -> Iterator[None]:
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise XtlError(
+            f"out of GPU memory scoring {title or 'the model'} with --batch-size {batch_size} and --explain-batch-size "
+            f"{explain_batch_size}; try smaller ones (finished batches are kept and reused by the next run "
+            f"with the same settings)"
+        ) from None
 
 
 def _explain_all(model, spec, images, targets, method, batch_size, options, bar, title) -> tuple[torch.Tensor, float]:
@@ -167,10 +282,12 @@ def _merge(predicted: Curve, true_on_wrong: Curve | None, wrong: torch.Tensor) -
 def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n_images: int = 100,
                      split: str = "test", steps: int = 10, baseline: str = "zero", batch_size: int = 64,
                      explain_batch_size: int = 8, seed: int = 0, device: str | None = None, progress: bool = True,
-                     combined: Path | None = None, method_options: dict[str, dict] | None = None) -> list[ModelScores]:
+                     combined: Path | None = None, method_options: dict[str, dict] | None = None,
+                     resume: bool = True) -> list[ModelScores]:
     """Score each run's methods on the first `n_images` of its split; write each run's table and
     figure, and the combined table and figure (into `combined`, default the first run) when
-    several runs are given."""
+    several runs are given. With `resume`, finished batches are kept in and read back from
+    `<run>/faithfulness_cache/` (False: compute everything, keep nothing, e.g. to time it)."""
     check_options(n_images, split, explain_batch_size)
     check_scoring_options(steps, batch_size, baseline)
     _check_methods(methods)
@@ -183,7 +300,8 @@ def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n
         n = min(n_images, len(explainer.part))
         images = explainer.preprocess(explainer.part.images[:n].to(explainer.device))
         scores = score_model(explainer.model, explainer.spec, images, explainer.part.labels[:n], chosen, steps, baseline,
-                             batch_size, explain_batch_size, seed, method_options, progress, run.path.name)
+                             batch_size, explain_batch_size, seed, method_options, progress, run.path.name,
+                             cache=run.file(CACHE) if resume else None)
         result = ModelScores(run.path.name, explainer.spec.name, n, steps, baseline, scores)
         write_outputs(run.path, result)
         results.append(result)
@@ -261,8 +379,9 @@ def faithfulness_imagenet(folder: Path, model: str = "efficientnet_lite0", metho
                           n_images: int = 200, out: Path = Path("runs/faithfulness-imagenet"), steps: int = 10,
                           baseline: str = "zero", batch_size: int = 64, explain_batch_size: int = 8, seed: int = 0,
                           device: str | None = None, progress: bool = True,
-                          method_options: dict[str, dict] | None = None) -> ModelScores:
-    """Score the methods on a pretrained ImageNet classifier (its own head) and the imagenet-sample images."""
+                          method_options: dict[str, dict] | None = None, resume: bool = True) -> ModelScores:
+    """Score the methods on a pretrained ImageNet classifier (its own head) and the imagenet-sample images
+    (`resume`: as in `faithfulness_run`, the cache in `<out>/faithfulness_cache/`)."""
     from xtl.data import Preprocess
     from xtl.models import build_model
 
@@ -278,7 +397,8 @@ def faithfulness_imagenet(folder: Path, model: str = "efficientnet_lite0", metho
     raw, labels = load_imagenet_sample(Path(folder), n_images, spec.input_size)
     images = Preprocess(spec.input_size, spec.mean, spec.std)(raw.to(device))
     scores = score_model(net, spec, images, labels, chosen, steps, baseline, batch_size, explain_batch_size, seed,
-                         method_options, progress, f"{spec.name} (ImageNet)")
+                         method_options, progress, f"{spec.name} (ImageNet)",
+                         cache=Path(out) / CACHE if resume else None)
     result = ModelScores(Path(out).name, spec.name, len(labels), steps, baseline, scores)
     write_outputs(Path(out), result)
     return result

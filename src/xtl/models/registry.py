@@ -182,6 +182,36 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, m
     model.load_state_dict(to_load, strict=False)
 
 
+def load_run_weights(model: nn.Module, path: Path, model_name: str) -> None:
+    """Load a run's own `model.safetensors`: every tensor, the classifier included, must be there and fit.
+
+    A file of another architecture, or of the same one trained for another number of classes,
+    is refused with one line naming the file (never a torch traceback).
+    """
+    state = read_state_dict(Path(path))
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not _is_buffer_stat(k)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if not (missing or unexpected or wrong):
+        model.load_state_dict(state, strict=False)
+        return
+    spec = getattr(model, "xtl_spec", None)
+    head = f"{spec.classifier}.weight" if spec is not None else None
+    if head in wrong and set(wrong) <= {head, f"{spec.classifier}.bias"} and not missing and not unexpected:
+        raise XtlError(f"weights file {path} is for {state[head].shape[0]} classes; model {model_name} of this run "
+                       f"has {own[head].shape[0]}")
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} of the wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    raise XtlError(f"weights file {path} does not fit model {model_name}: {'; '.join(problems)}")
+
+
 def _is_buffer_stat(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 

@@ -6,9 +6,10 @@ import csv
 import io
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from torch import nn
 
 from xtl.config import RunConfig
 from xtl.data import Preprocess, Split
-from xtl.errors import XtlError
+from xtl.errors import XtlError, sigterm_as_interrupt
 from xtl.io import atomic_path, write_text
 from xtl.models import build_model
 from xtl.runs import RunDir, model_preprocess
@@ -76,7 +77,12 @@ def finetune(config: RunConfig, split: Split, run: RunDir, resume: bool = False,
     model, optimizer = fabric.setup(model, optimizer)
 
     bar = TrainProgress(enabled=progress and fabric.is_global_zero)
-    with bar:
+    # SIGTERM unwinds like Ctrl-C: the epoch in progress is dropped, finished ones stay for --resume
+    def kept() -> str | None:
+        return (f"{state.epoch} finished epoch(s) kept in {run.path}; `xtl finetune --resume` (or the same "
+                "`xtl run`) continues" if fabric.is_global_zero else None)
+
+    with bar, sigterm_as_interrupt(kept), out_of_memory_message(config, run, state):
         for epoch in range(state.epoch, config.epochs):
             if state.stopped_early:
                 break
@@ -113,6 +119,21 @@ def finetune(config: RunConfig, split: Split, run: RunDir, resume: bool = False,
                 write_history(run, state)
             fabric.barrier()
     return state
+
+
+@contextmanager
+def out_of_memory_message(config: RunConfig, run: RunDir, state: TrainState) -> Iterator[None]:
+    """GPU out of memory -> one line suggesting a smaller batch (the finished epochs stay on disk)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        smaller = max(1, config.batch_size // 2)
+        raise XtlError(
+            f"out of GPU memory in epoch {state.epoch + 1} with --batch-size {config.batch_size} per device; "
+            f"try a smaller --batch-size, e.g. {smaller} (epochs finished so far are kept in {run.path})"
+        ) from None
 
 
 def train_one_epoch(fabric, model, optimizer, scheduler, split, preprocess, config, epoch, state, bar, run):
@@ -238,8 +259,9 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: T
         "scheduler": scheduler.state_dict(),
         "state": state.__dict__,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # through a Python file object, so a full disk surfaces as an OSError (not a bare RuntimeError)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:

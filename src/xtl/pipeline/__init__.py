@@ -1,0 +1,268 @@
+"""`xtl run`: split -> fine-tune each model -> evaluate -> explain -> faithfulness -> report.
+
+Everything lands in one folder, `<runs_dir>/<name>/`:
+
+    pipeline.yaml          the effective configuration
+    steps.json             finished steps with a fingerprint of what they depended on
+    figures/               class distribution, side-by-side galleries, combined faithfulness curves
+    faithfulness_combined.csv
+    <model>/               one run directory per model (see xtl.runs)
+    report/report.html     the self-contained report, its PNG figures beside it
+
+A step whose fingerprint is in `steps.json` is skipped, so a re-run after a finished run only
+reads files; a killed run continues where it stopped (fine-tuning from its last epoch,
+explanations from their last shard).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from xtl.config import RunConfig
+from xtl.errors import XtlError
+from xtl.io import read_yaml, write_json, write_text
+from xtl.pipeline.config import PipelineConfig, dump, load_config, parse_assignments, preset_config
+from xtl.runs import RunDir, split_spec
+
+__all__ = ["PipelineConfig", "load_config", "parse_assignments", "preset_config", "run_pipeline", "model_folder"]
+
+STEPS = ("data", "finetune", "evaluate", "explain", "compare", "faithfulness", "report")
+
+
+def model_folder(model: str) -> str:
+    """A model name as a folder name (`timm:vit_small` -> `timm_vit_small`)."""
+    return model.replace(":", "_").replace("/", "_")
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StepLog:
+    """`steps.json`: which steps finished, for which inputs, in how many seconds."""
+
+    path: Path
+    steps: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> "StepLog":
+        if not path.is_file():
+            return cls(path)
+        try:
+            return cls(path, json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            raise XtlError(f"step log {path} is corrupt; delete it (finished work is found again) or pass --force") from None
+
+    def done(self, key: str, print_: str) -> bool:
+        return self.steps.get(key, {}).get("fingerprint") == print_
+
+    def finish(self, key: str, print_: str, seconds: float) -> None:
+        self.steps[key] = {"fingerprint": print_, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(self.path, self.steps)
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig, progress: bool, console: Console) -> None:
+        self.config = config
+        self.folder = config.folder
+        self.progress = progress
+        self.console = console
+        self.log = StepLog.load(self.folder / "steps.json")
+        self.run_configs = {m: config.run_config(m) for m in config.models}
+        self.runs = {m: RunDir(self.folder / model_folder(m)) for m in config.models}
+        self.ran: list[str] = []
+        self._splits: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ plumbing
+
+    def step(self, key: str, inputs: Any, work: Callable[[], None], what: str, output: Path | None = None) -> None:
+        """Run `work` unless the log has it done for the same `inputs` (and its `output` still exists)."""
+        print_ = fingerprint(inputs)
+        if self.log.done(key, print_) and (output is None or output.exists()):
+            self.console.print(f"[dim]{what}: done already[/dim]")
+            return
+        self.console.rule(what)
+        start = time.perf_counter()
+        work()
+        self.log.finish(key, print_, time.perf_counter() - start)
+        self.ran.append(key)
+
+    def split(self, config: RunConfig):
+        from xtl.data import load_split
+
+        key = fingerprint(config.source, split_spec(config).__dict__)
+        if key not in self._splits:
+            self._splits[key] = load_split(config.source, split_spec(config))
+        return self._splits[key]
+
+    def device(self, config: RunConfig) -> str:
+        import torch
+
+        return "cuda" if config.accelerator in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+    # ------------------------------------------------------------------ steps
+
+    def run(self) -> Path:
+        first = self.run_configs[self.config.models[0]]
+        self.step("data", [first.source, split_spec(first).__dict__], lambda: self.data(first), "data: split and class distribution")
+        for model, run in self.runs.items():
+            config = self.run_configs[model]
+            trained = fingerprint(config.to_dict())
+            self.step(f"finetune:{model}", trained, lambda: self.finetune(model), f"{model}: fine-tune ({self.sizes(config)})")
+            self.step(f"evaluate:{model}", trained, lambda: self.evaluate(model), f"{model}: evaluate")
+            self.step(f"explain:{model}", [trained, self.explain_settings()], lambda: self.explain(model), f"{model}: explain")
+        trained_all = [fingerprint(c.to_dict()) for c in self.run_configs.values()]
+        if len(self.runs) > 1:
+            self.step("compare", [trained_all, self.explain_settings()], self.compare, "side by side: same images, every model")
+        self.step("faithfulness", [trained_all, self.faithfulness_settings()], self.faithfulness, "faithfulness")
+        report = self.folder / "report" / "report.html"
+        upstream = {k: v for k, v in self.log.steps.items() if k != "report"}
+        self.step("report", [upstream, self.config.to_dict()], self.report, "report", output=report)
+        return report
+
+    def sizes(self, config: RunConfig) -> str:
+        sizes = "paper split" if config.split == "paper" else f"{config.train_size}/{config.val_size}/{config.test_size}"
+        return f"{sizes} at {config.input_size or 'native'} px, {config.epochs} epoch{'s' if config.epochs > 1 else ''}, {config.preset} recipe"
+
+    def data(self, config: RunConfig) -> None:
+        from xtl.data.figures import plot_class_distribution
+
+        split = self.split(config)
+        plot_class_distribution(split, self.folder / "figures" / "class_distribution.png")
+        write_json(self.folder / "data.json", {
+            "source": config.source, "class_names": split.class_names, "counts": split.summary(),
+            "sizes": {name: len(part) for name, part in split.parts.items()},
+        })
+
+    def finetune(self, model: str) -> None:
+        from xtl.train import finetune
+
+        run, config = self.runs[model], self.run_configs[model]
+        if run.config_path.is_file():
+            before = run.config().to_dict()
+            changed = sorted(k for k, v in config.to_dict().items() if before.get(k) != v)
+            if changed:
+                details = ", ".join(f"{k}: {before.get(k)!r} -> {config.to_dict()[k]!r}" for k in changed[:4])
+                raise XtlError(f"run directory {run.path} was trained with other settings ({details}); "
+                               "pass --force to train again or --name for a new folder")
+            for stale in ("metrics.json", "predictions.csv"):
+                run.file(stale).unlink(missing_ok=True)
+        finetune(config, self.split(config), run, resume=True, progress=self.progress)
+
+    def evaluate(self, model: str) -> None:
+        from xtl.evaluate import evaluate
+
+        config = self.run_configs[model]
+        metrics = evaluate(self.runs[model], self.split(config), device=self.device(config))
+        low, high = metrics["accuracy_ci95"]
+        self.console.print(f"{model}: test accuracy {metrics['accuracy']:.3f} [{low:.3f}, {high:.3f}], "
+                           f"ROC-AUC {metrics['roc_auc_macro_ovr']:.3f}")
+
+    def explain_settings(self) -> list:
+        c = self.config
+        return [c.explain_methods, c.explain_images, c.explain_batch_size, c.explain_target, c.gallery_size]
+
+    def explain(self, model: str) -> None:
+        from xtl.explain.runner import explain_run
+
+        run, c = self.runs[model], self.config
+        shutil.rmtree(run.path / "explanations", ignore_errors=True)  # maps of other settings must not be resumed
+        explain_run(run, c.explain_methods, "test", c.explain_images, c.explain_batch_size, c.explain_target,
+                    device=self.device(self.run_configs[model]), progress=self.progress, gallery_size=c.gallery_size)
+
+    def compare(self) -> None:
+        from xtl.evaluate import read_predictions
+        from xtl.explain.runner import compare_runs, shared_picks
+
+        runs = list(self.runs.values())
+        n_classes = len(runs[0].class_names)
+        correct, wrong = shared_picks([read_predictions(r) for r in runs], n_classes, self.config.gallery_size)
+        c = self.config
+        figures = self.folder / "figures"
+        for picked, name, title in ((correct, "compare_correct", "Classified correctly by every model, one per class"),
+                                    (wrong, "compare_misclassified", "Misclassified by at least one model")):
+            if picked:
+                compare_runs(runs, c.explain_methods, figures / f"{name}.png", target=c.explain_target,
+                             image_ids=picked, title=title)
+            else:
+                (figures / f"{name}.png").unlink(missing_ok=True)
+
+    def faithfulness_settings(self) -> list:
+        c = self.config
+        return [c.faithfulness_methods or c.explain_methods, c.faithfulness_images, c.faithfulness_steps,
+                c.faithfulness_baseline, c.faithfulness_batch_size]
+
+    def faithfulness(self) -> None:
+        from xtl.faithfulness import faithfulness_run, faithfulness_table
+
+        c = self.config
+        results = faithfulness_run(
+            list(self.runs.values()), c.faithfulness_methods or c.explain_methods, c.faithfulness_images,
+            steps=c.faithfulness_steps, baseline=c.faithfulness_baseline, batch_size=c.faithfulness_batch_size,
+            progress=self.progress, combined=self.folder,
+        )
+        if len(results) == 1:  # the report reads the combined table in every case
+            shutil.copyfile(self.runs[c.models[0]].file("faithfulness.csv"), self.folder / "faithfulness_combined.csv")
+            shutil.copyfile(self.runs[c.models[0]].figures / "faithfulness_curves.png",
+                            self.folder / "figures" / "faithfulness_combined.png")
+        Console(width=None if sys.stdout.isatty() else 150).print(
+            faithfulness_table([row for r in results for row in r.rows()]))
+
+    def report(self) -> None:
+        from xtl.report import build_report
+
+        path = build_report(list(self.runs.values()), self.folder / "report", folder=self.folder,
+                            config=self.config.to_dict(), title=self.config.title)
+        self.console.print(f"report: {path}")
+
+
+def run_pipeline(config: PipelineConfig, force: bool = False, progress: bool = True,
+                 console: Console | None = None) -> Path:
+    """Run every step that is not done yet; returns the report's path."""
+    console = console or Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+    folder = config.folder
+    _claim_folder(folder, config, force, console)
+    pipeline = Pipeline(config, progress, console)
+    report = pipeline.run()
+    _print_results(pipeline, console)
+    return report
+
+
+def _claim_folder(folder: Path, config: PipelineConfig, force: bool, console: Console) -> None:
+    """Make `folder` this configuration's: new, the same configuration's, or (with --force) emptied."""
+    saved = folder / "pipeline.yaml"
+    if folder.exists() and any(folder.iterdir()) and not saved.is_file():
+        raise XtlError(f"folder {folder} exists and is not an xtl run folder (no pipeline.yaml); choose another --name")
+    if force and saved.is_file():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if saved.is_file():
+        before = read_yaml(saved) or {}
+        now = config.to_dict()
+        changed = sorted(k for k in now if before.get(k) != now[k])
+        if changed:
+            console.print(f"configuration changed since the last run ({', '.join(changed)}): "
+                                       "redoing only the steps that depend on it")
+    write_text(saved, dump(config))
+
+
+def _print_results(pipeline: Pipeline, console: Console) -> None:
+    import json as _json
+
+    out = Console(width=None if sys.stdout.isatty() else 150)
+    for model, run in pipeline.runs.items():
+        m = _json.loads(run.file("metrics.json").read_text())
+        low, high = m["accuracy_ci95"]
+        out.print(f"{model}: test accuracy {m['accuracy']:.3f} [{low:.3f}, {high:.3f}], ROC-AUC {m['roc_auc_macro_ovr']:.3f}")
+    if not pipeline.ran:
+        console.print("nothing to do: every step is done (pass --force to redo them)")

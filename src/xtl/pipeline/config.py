@@ -1,0 +1,207 @@
+"""The configuration of `xtl run`: presets, a YAML or TOML file, command-line overrides, validated by key."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xtl.config import RunConfig, check_types, label, preset as training_preset
+from xtl.errors import XtlError
+from xtl.io import read_yaml
+
+PRESETS = ("quick", "paper", "offline-full")
+# What each pipeline preset fine-tunes with (xtl.config.preset names).
+TRAINING_PRESET = {"quick": "quick", "paper": "paper", "offline-full": "default"}
+QUICK_METHODS = ["gradcam", "transformer_attribution", "attention_rollout", "saliency"]
+FULL_METHODS = QUICK_METHODS + ["integrated_gradients", "lrp_epsilon"]
+
+
+@dataclass
+class PipelineConfig:
+    """Everything `xtl run` does, from the data to the report. Each key is also a `xtl run` option."""
+
+    preset: str = "quick"
+    name: str | None = None  # folder under runs_dir (default: the preset's name)
+    runs_dir: str = "runs"
+    models: list[str] = field(default_factory=lambda: ["efficientnet_lite0", "vit_s14_dinov2"])
+    source: str = "../shared/data/cifar10"
+    train: dict[str, Any] = field(default_factory=dict)  # RunConfig keys for every model (xtl finetune's options)
+    per_model: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> RunConfig keys for that model only
+    explain_methods: list[str] = field(default_factory=lambda: list(QUICK_METHODS))
+    explain_images: int | None = 100  # maps of the first N test images (None: all)
+    explain_batch_size: int = 16
+    explain_target: str = "predicted"
+    gallery_size: int = 10
+    faithfulness_methods: list[str] | None = None  # None: the explained methods
+    faithfulness_images: int = 40
+    faithfulness_steps: int = 10
+    faithfulness_baseline: str = "zero"
+    faithfulness_batch_size: int = 64
+    title: str | None = None  # of the report
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.runs_dir) / (self.name or self.preset)
+
+    def validate(self, where: str = "option") -> None:
+        check_types(self, where)
+        if self.preset not in PRESETS:
+            raise XtlError(f"{label('preset', where)} must be one of {', '.join(PRESETS)}, not '{self.preset}'")
+        if not self.models:
+            raise XtlError(f"{label('models', where)} must name at least one model")
+        if len(set(self.models)) != len(self.models):
+            raise XtlError(f"{label('models', where)} names a model twice: {', '.join(self.models)}")
+        if self.explain_target not in ("predicted", "true"):
+            raise XtlError(f"{label('explain_target', where)} must be predicted or true, not '{self.explain_target}'")
+        if self.faithfulness_baseline not in ("zero", "mean", "blur"):
+            raise XtlError(f"{label('faithfulness_baseline', where)} must be zero, mean or blur, not '{self.faithfulness_baseline}'")
+        for key in ("explain_batch_size", "gallery_size", "faithfulness_images", "faithfulness_steps", "faithfulness_batch_size"):
+            if getattr(self, key) < 1:
+                raise XtlError(f"{label(key, where)} must be >= 1, not {getattr(self, key)}")
+        if self.explain_images is not None and self.explain_images < 1:
+            raise XtlError(f"{label('explain_images', where)} must be >= 1 or null (all), not {self.explain_images}")
+        for model, overrides in self.per_model.items():
+            if model not in self.models:
+                raise XtlError(f"{label('per_model', where)} names {model}, which is not in models ({', '.join(self.models)})")
+            if not isinstance(overrides, dict):
+                raise XtlError(f"{label('per_model', where)}: {model} must map keys to values, not {overrides!r}")
+        for model in self.models:
+            self.run_config(model, where)  # every model's training settings must be valid too
+        for methods_key in ("explain_methods", "faithfulness_methods"):
+            _check_methods(getattr(self, methods_key) or [], label(methods_key, where))
+
+    def run_config(self, model: str, where: str = "option") -> RunConfig:
+        """The fine-tuning configuration of one model: its training preset, then `train`, then `per_model`."""
+        overrides = {"source": self.source, **self.train, **self.per_model.get(model, {})}
+        banned = sorted({"model", "preset"} & set(overrides))
+        if banned:
+            raise XtlError(f"{label('train', where)}: set {', '.join(banned)} with the keys 'models' and 'preset'")
+        known = {f.name for f in fields(RunConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise XtlError(f"{label('train', where)}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'model', 'preset'}))}")
+        config = training_preset(TRAINING_PRESET[self.preset], model)
+        merged = {**config.to_dict(), **overrides}
+        return RunConfig.from_dict(merged, where=where if where != "option" else "option --train")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_methods(methods: list[str], where: str) -> None:
+    from xtl.explain import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise XtlError(f"{where}: unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(METHODS))}")
+
+
+def preset_config(name: str) -> PipelineConfig:
+    """The defaults of a pipeline preset.
+
+    - `quick`: `make run`. EfficientNet-Lite0 and DINOv2 ViT-S/14 (offline weights) on a stratified
+      2,000/200/500 subset at low resolution: a 2-core CPU in under 15 minutes.
+    - `paper`: the paper's experiment. AlexNet, ResNet-34 and ViT-B/16 (ImageNet-21k) from the hubs,
+      the paper's split and hyperparameters; needs a GPU and network access for the weights.
+    - `offline-full`: EfficientNet-Lite0 and DINOv2 ViT-S/14 with our recipe on the paper split.
+    """
+    if name == "quick":
+        return PipelineConfig(preset="quick")
+    if name == "paper":
+        return PipelineConfig(
+            preset="paper", models=["alexnet", "resnet34", "vit_b16_in21k"], explain_methods=list(FULL_METHODS),
+            explain_images=None, faithfulness_images=500, title="Explainable transfer learning: the paper's experiment",
+        )
+    if name == "offline-full":
+        return PipelineConfig(
+            preset="offline-full", train={"split": "paper"}, explain_methods=list(FULL_METHODS), explain_images=None,
+            faithfulness_images=500,
+        )
+    raise XtlError(f"option --preset must be one of {', '.join(PRESETS)}, not '{name}'")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML or TOML file, with a one-line error naming the file."""
+    if not path.is_file():
+        raise XtlError(f"config file {path} does not exist")
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(path.read_text())
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            data = read_yaml(path)
+        else:
+            raise XtlError(f"config file {path} must end in .yaml, .yml or .toml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise XtlError(f"config file {path} cannot be parsed: {first_line}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise XtlError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def load_config(path: Path | None = None, options: dict[str, Any] | None = None) -> PipelineConfig:
+    """Preset defaults, then the file's keys, then the command line's (`options`, None = not given)."""
+    file_values = read_config_file(path) if path is not None else {}
+    where = str(path) if path is not None else "option"
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    known = {f.name for f in fields(PipelineConfig)}
+    unknown = sorted(set(file_values) - known)
+    if unknown:
+        raise XtlError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    name = options.get("preset", file_values.get("preset", "quick"))
+    if not isinstance(name, str) or name not in PRESETS:
+        raise XtlError(f"{label('preset', where if 'preset' not in options else 'option')} must be one of {', '.join(PRESETS)}, not {name!r}")
+    config = preset_config(name)
+    config = _merged(config, file_values)
+    config.validate(where)
+    config = _merged(config, options)
+    config.validate("option")
+    return config
+
+
+def _merged(config: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
+    """`values` over `config`; the mappings `train` and `per_model` merge key by key."""
+    values = dict(values)
+    if isinstance(values.get("train"), dict):
+        values["train"] = {**config.train, **values["train"]}
+    if isinstance(values.get("per_model"), dict):
+        merged = {m: dict(v) for m, v in config.per_model.items()}
+        for model, overrides in values["per_model"].items():
+            merged[model] = {**merged.get(model, {}), **overrides} if isinstance(overrides, dict) else overrides
+        values["per_model"] = merged
+    return replace_unchecked(config, values)
+
+
+def replace_unchecked(config: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
+    """`dataclasses.replace` without running checks: wrong types are reported by `validate` with their source."""
+    result = replace(config)
+    result.__dict__.update(values)
+    return result
+
+
+def parse_assignments(items: list[str], option: str) -> dict[str, Any]:
+    """`KEY=VALUE` strings (values read as YAML) as a mapping; `MODEL.KEY=VALUE` nests under MODEL."""
+    from xtl.io import parse_yaml_scalar
+
+    result: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise XtlError(f"option {option} takes KEY=VALUE, not '{item}'")
+        value = parse_yaml_scalar(text)
+        head, dot, tail = key.strip().rpartition(".")
+        if dot:
+            result.setdefault(head, {})[tail] = value
+        else:
+            result[key.strip()] = value
+    return result
+
+
+def dump(config: PipelineConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

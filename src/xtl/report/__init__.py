@@ -1,0 +1,187 @@
+"""The HTML report: one self-contained file (figures embedded) with the PNG figures beside it."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import xtl
+from xtl.io import atomic_path, write_text
+from xtl.report.findings import ModelResult, confusion_sentences, summary_sentence, top_confusions
+from xtl.runs import RunDir
+
+__all__ = ["ModelResult", "build_report", "SECTIONS"]
+
+# Section ids, in page order; a report of existing runs (`xtl compare`) has only some of them.
+SECTIONS = ("summary", "data", "models", "comparison", "confusions", "galleries", "faithfulness", "reproducibility")
+RUN_FIGURES = {
+    "training_curves": "Training curves: loss and accuracy per batch, validation per epoch",
+    "confusion_matrix": "Confusion matrix on the test split",
+    "per_class_accuracy": "Per-class test accuracy",
+    "gallery_correct": "Correctly classified test images, one per class",
+    "gallery_misclassified": "Most confidently misclassified test images",
+    "faithfulness_curves": "Faithfulness curves",
+}
+FOLDER_FIGURES = {
+    "class_distribution": "Images per class in each part of the split",
+    "compare_correct": "The same test images through every model and method: classified correctly by every model",
+    "compare_misclassified": "The same test images through every model and method: misclassified by at least one model",
+    "faithfulness_combined": "Faithfulness curves of every model and method",
+}
+
+
+@dataclass
+class Figure:
+    file: str  # beside the report, in figures/
+    caption: str
+    data_uri: str
+
+
+def build_report(runs: list[RunDir], out: Path, folder: Path | None = None, config: dict[str, Any] | None = None,
+                 title: str | None = None, sections: tuple[str, ...] = SECTIONS) -> Path:
+    """Write `out/report.html` (and `out/figures/*.png`) from finished runs and, when given, the
+    `xtl run` folder that holds them (data figure, side-by-side galleries, combined faithfulness)."""
+    results = [ModelResult.read(run) for run in runs]
+    figures_dir = out / "figures"
+    figures = Figures(figures_dir)
+    context = {
+        "title": title or "Explainable transfer learning: " + " vs ".join(r.model for r in results),
+        "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "sections": [s for s in sections if s in SECTIONS],
+        "summary": summary_sentence(results),
+        "confusions": confusion_sentences(results),
+        "comparison": [r.row() for r in results],
+        "models": [_model_context(r, figures) for r in results],
+        "data": _data_context(folder, results, figures),
+        "galleries": [figures.add(folder / "figures" / f"{name}.png", f"{name}.png", caption)
+                      for name, caption in FOLDER_FIGURES.items() if name.startswith("compare") and folder],
+        "faithfulness": _faithfulness_context(folder, results, figures),
+        "reproducibility": _reproducibility_context(results, config),
+    }
+    context["galleries"] = [g for g in context["galleries"] if g]
+    html = _template().render(**context)
+    path = out / "report.html"
+    write_text(path, html)
+    return path
+
+
+class Figures:
+    """Copies figures beside the report and embeds them as data URIs."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def add(self, source: Path, name: str, caption: str) -> Figure | None:
+        if not source.is_file():
+            return None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.directory / name) as tmp:
+            shutil.copyfile(source, tmp)
+        data = base64.b64encode(source.read_bytes()).decode("ascii")
+        return Figure(f"figures/{name}", caption, f"data:image/png;base64,{data}")
+
+
+def _model_context(result: ModelResult, figures: Figures) -> dict[str, Any]:
+    m = result.metrics
+    low, high = m["accuracy_ci95"]
+    return {
+        "name": result.name,
+        "model": result.model,
+        "anchor": "model-" + result.name,
+        "headline": f"{100 * m['accuracy']:.1f} % [{100 * low:.1f}, {100 * high:.1f}]",
+        "auc": f"{m['roc_auc_macro_ovr']:.3f}",
+        "n_images": m["n_images"],
+        "epochs": result.epochs,
+        "best_epoch": m.get("best_epoch"),
+        "per_class": m["per_class_accuracy"],
+        "confusions": top_confusions(m, limit=5),
+        "figures": [f for f in (figures.add(result.run.figures / f"{key}.png", f"{result.name}_{key}.png", caption)
+                                for key, caption in RUN_FIGURES.items() if key != "faithfulness_curves") if f],
+    }
+
+
+def _data_context(folder: Path | None, results: list[ModelResult], figures: Figures) -> dict[str, Any]:
+    import json
+
+    first = results[0]
+    info = {}
+    if folder is not None and (folder / "data.json").is_file():
+        info = json.loads((folder / "data.json").read_text())
+    figure = figures.add(folder / "figures" / "class_distribution.png", "class_distribution.png",
+                         FOLDER_FIGURES["class_distribution"]) if folder else None
+    if figure is None:
+        figure = figures.add(first.run.figures / "class_distribution.png", "class_distribution.png",
+                             FOLDER_FIGURES["class_distribution"])
+    return {
+        "source": info.get("source", first.config["source"]),
+        "classes": first.derived["class_names"],
+        "sizes": info.get("sizes", first.derived["split_sizes"]),
+        "split": first.config["split"],
+        "stratified": first.config["stratified"],
+        "seed": first.config["seed"],
+        "figure": figure,
+    }
+
+
+def _faithfulness_context(folder: Path | None, results: list[ModelResult], figures: Figures) -> dict[str, Any] | None:
+    from xtl.faithfulness.runner import REFERENCES, read_rows, table_columns
+
+    combined = folder / "faithfulness_combined.csv" if folder else None
+    if combined is not None and combined.is_file():
+        rows = read_rows(combined)
+        figure = figures.add(folder / "figures" / "faithfulness_combined.png", "faithfulness_combined.png",
+                             FOLDER_FIGURES["faithfulness_combined"])
+    else:
+        per_run = [r.run.file("faithfulness.csv") for r in results]
+        if not all(p.is_file() for p in per_run):
+            return None
+        rows = [row for p in per_run for row in read_rows(p)]
+        figure = None
+    columns = table_columns()
+    table = []
+    for row in rows:
+        cells = []
+        for column, _ in columns:
+            if column not in row:
+                cells.append("-")
+                continue
+            half = 1.96 * row[f"{column}_std"] / max(row["n_images"], 1) ** 0.5
+            cells.append(f"{row[column]:.3f} ± {half:.3f}")
+        table.append({"model": row["model"], "method": row["method"], "reference": row["method"] in REFERENCES,
+                      "cells": cells})
+    return {
+        "headers": [header for _, header in columns],
+        "rows": table,
+        "n_images": sorted({int(r["n_images"]) for r in rows}),
+        "steps": int(rows[0]["steps"]) if rows else 0,
+        "baseline": rows[0]["baseline"] if rows else "",
+        "figure": figure,
+        "per_run": [f for f in (figures.add(r.run.figures / "faithfulness_curves.png", f"{r.name}_faithfulness_curves.png",
+                                            f"{r.model}: faithfulness curves") for r in results) if f] if figure is None else [],
+    }
+
+
+def _reproducibility_context(results: list[ModelResult], config: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "pipeline": yaml.safe_dump(config, sort_keys=False) if config else None,
+        "runs": [{"name": r.name, "config": yaml.safe_dump(r.config, sort_keys=False),
+                  "weights": r.config.get("weights") or r.derived.get("model", {}).get("weights", "?"),
+                  "pretrained": r.config.get("pretrained"), "versions": r.versions} for r in results],
+        "xtl": xtl.__version__,
+        "machine": f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})",
+    }
+
+
+def _template():
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    env = Environment(loader=PackageLoader("xtl.report", "templates"), autoescape=select_autoescape(["html", "j2"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("report.html.j2")

@@ -1,0 +1,245 @@
+"""`xtl run` end to end on real CIFAR-10 images, its configuration, `xtl compare`, and the HTML report in Chromium."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xtl.pipeline.config import PipelineConfig, load_config
+from helpers import XTL, chromium_page
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+SECTIONS = ("summary", "data", "models", "comparison", "confusions", "galleries", "faithfulness", "reproducibility")
+pytestmark = pytest.mark.xdist_group("pipeline")
+
+TINY = {
+    "name": "tiny",
+    "models": ["timm:resnet10t", "timm:vit_tiny_patch16_224"],
+    "train": {"pretrained": False, "input_size": 32, "train_size": 40, "val_size": 10, "test_size": 30,
+              "batch_size": 20, "epochs": 2, "lr": "1e-3"},
+    "per_model": {"timm:vit_tiny_patch16_224": {"lr": 3e-4}},
+    "explain_methods": ["gradcam", "transformer_attribution", "saliency"],
+    "explain_images": 16,
+    "explain_batch_size": 8,
+    "gallery_size": 4,
+    "faithfulness_images": 6,
+    "faithfulness_steps": 4,
+}
+
+
+def _xtl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([XTL, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def _config_file(tmp_path: Path, cifar: Path, **changes) -> Path:
+    data = {**TINY, "source": str(cifar), "runs_dir": str(tmp_path / "runs"), **changes}
+    text = yaml.safe_dump(data, sort_keys=False).replace("'1e-3'", "1e-3")  # the way people write it
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, cifar):
+    """A finished two-model run (CNN and ViT, random init, tiny split) and what the first `xtl run` printed."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    config = _config_file(tmp, cifar)
+    result = _xtl("run", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "runs" / "tiny", config, result
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_config_unknown_key(tmp_path, cifar):
+    path = _config_file(tmp_path, cifar, explain_imgaes=3)
+    _one_line_error(_xtl("run", "-c", str(path), "--show-config"), str(path), "unknown key(s) explain_imgaes")
+    path = _config_file(tmp_path, cifar, train={"learning_rate": 0.1})
+    _one_line_error(_xtl("run", "-c", str(path), "--show-config"), str(path), "learning_rate")
+
+
+def test_config_wrong_type(tmp_path, cifar):
+    path = _config_file(tmp_path, cifar, faithfulness_steps="ten")
+    _one_line_error(_xtl("run", "-c", str(path), "--show-config"), str(path), "key 'faithfulness_steps'", "integer", "'ten'")
+    path = _config_file(tmp_path, cifar, train={"epochs": 2.5})
+    _one_line_error(_xtl("run", "-c", str(path), "--show-config"), str(path), "key 'epochs'", "integer")
+    _one_line_error(_xtl("run", "-c", str(_config_file(tmp_path, cifar)), "--train", "augment=maybe", "--show-config"),
+                    "augment", "true or false")
+
+
+def test_config_out_of_range(tmp_path, cifar):
+    path = _config_file(tmp_path, cifar, gallery_size=0)
+    _one_line_error(_xtl("run", "-c", str(path), "--show-config"), str(path), "key 'gallery_size'", ">= 1")
+    path = _config_file(tmp_path, cifar, train={"lr": -1})
+    _one_line_error(_xtl("run", "-c", str(path), "--show-config"), str(path), "key 'lr'", "> 0")
+    _one_line_error(_xtl("run", "--preset", "fast", "--show-config"), "--preset", "quick, paper, offline-full")
+    _one_line_error(_xtl("run", "--explain-methods", "gradcam,nope", "--show-config"), "--explain-methods", "nope")
+
+
+def test_broken_or_missing_config_file_is_named(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("models: [a, b\n")
+    _one_line_error(_xtl("run", "-c", str(broken)), str(broken), "cannot be parsed")
+    _one_line_error(_xtl("run", "-c", str(tmp_path / "none.toml")), "none.toml", "does not exist")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    _one_line_error(_xtl("run", "-c", str(listing)), str(listing), "mapping")
+
+
+def test_every_config_key_is_an_option_and_back():
+    import typer.main
+
+    from xtl.cli import app
+
+    command = typer.main.get_command(app).commands["run"]
+    options = {name.lstrip("-").replace("-", "_") for p in command.params for name in p.opts}
+    keys = {f for f in PipelineConfig.__dataclass_fields__}
+    assert keys <= options, keys - options
+    assert options - keys == {"config", "c", "force", "show_config", "progress"}
+
+
+def test_yaml_toml_and_options_layer_in_that_order(tmp_path, cifar):
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'models = ["timm:resnet10t"]\nsource = "{cifar}"\nexplain_images = 5\n\n[train]\nepochs = 4\nlr = 1e-4\n')
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(f"models: [timm:resnet10t]\nsource: {cifar}\nexplain_images: 5\ntrain:\n  epochs: 4\n  lr: 1e-4\n")
+    from_toml, from_yaml = load_config(toml), load_config(yaml_file)
+    assert from_toml == from_yaml
+    assert from_toml.run_config("timm:resnet10t").lr == 1e-4 and from_toml.run_config("timm:resnet10t").epochs == 4
+    assert from_toml.run_config("timm:resnet10t").train_size == 2000  # the quick preset under the file
+    layered = load_config(yaml_file, {"explain_images": 7, "train": {"epochs": 1}, "preset": "offline-full"})
+    assert layered.explain_images == 7 and layered.run_config("timm:resnet10t").epochs == 1
+    assert layered.run_config("timm:resnet10t").lr == 1e-4 and layered.run_config("timm:resnet10t").split == "paper"
+    shown = _xtl("run", "-c", str(yaml_file), "--train", "epochs=1", "--explain-images", "all", "--show-config")
+    assert shown.returncode == 0, shown.stderr
+    again = tmp_path / "again.yaml"
+    again.write_text(shown.stdout)  # the printed configuration is a valid config file of the same run
+    expected = load_config(yaml_file, {"train": {"epochs": 1}})
+    expected.explain_images = None
+    assert load_config(again) == expected
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def test_run_writes_every_step(finished):
+    folder, _, result = finished
+    for model in ("timm_resnet10t", "timm_vit_tiny_patch16_224"):
+        run = folder / model
+        for name in ("model.safetensors", "metrics.json", "predictions.csv", "faithfulness.csv",
+                     "figures/gallery_correct.png", "figures/gallery_misclassified.png", "figures/training_curves.png"):
+            assert (run / name).is_file(), run / name
+    maps = folder / "timm_resnet10t" / "explanations" / "test"
+    assert len(list((maps / "gradcam").glob("*.safetensors"))) == 2  # 16 images in batches of 8
+    assert not (maps / "transformer_attribution").exists()  # a ViT method, skipped for the CNN
+    assert len(list((folder / "timm_vit_tiny_patch16_224" / "explanations" / "test" / "transformer_attribution").glob("*"))) == 2
+    vit = yaml.safe_load((folder / "timm_vit_tiny_patch16_224" / "config.yaml").read_text())["run"]
+    assert vit["lr"] == 3e-4 and vit["epochs"] == 2  # per-model over train over the preset
+    for name in ("pipeline.yaml", "steps.json", "data.json", "faithfulness_combined.csv", "report/report.html",
+                 "figures/class_distribution.png", "figures/faithfulness_combined.png"):
+        assert (folder / name).is_file(), name
+    assert "test accuracy" in result.stdout
+
+
+def test_rerun_after_finishing_recomputes_nothing(finished):
+    folder, config, _ = finished
+    watched = [p for p in folder.rglob("*") if p.is_file() and p.name != "pipeline.yaml"]
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    result = _xtl("run", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in watched} == before
+
+
+def test_changed_training_settings_are_refused_without_force(finished, tmp_path):
+    folder, config, _ = finished
+    changed = tmp_path / "changed.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["train"]["lr"] = 0.01
+    changed.write_text(yaml.safe_dump(data))
+    _one_line_error(_xtl("run", "-c", str(changed)), "timm_resnet10t", "lr: 0.001 -> 0.01", "--force")
+    assert yaml.safe_load((folder / "timm_resnet10t" / "config.yaml").read_text())["run"]["lr"] == 0.001
+
+
+def test_a_folder_that_is_not_a_run_folder_is_left_alone(tmp_path, cifar):
+    folder = tmp_path / "runs" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    _one_line_error(_xtl("run", "-c", str(_config_file(tmp_path, cifar)), "--force"), str(folder), "not an xtl run folder")
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_report_sections_and_numbers(finished):
+    folder, _, _ = finished
+    html = (folder / "report" / "report.html").read_text()
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in html
+    metrics = yaml.safe_load((folder / "timm_resnet10t" / "metrics.json").read_text())
+    assert f"{100 * metrics['accuracy']:.1f} %" in html
+    assert "most confused pair" in html or "made no mistakes" in html
+    assert "<script" not in html and "<link" not in html and not re.search(r"""(src|href)=["']https?:""", html)
+    beside = sorted(p.name for p in (folder / "report" / "figures").glob("*.png"))
+    assert len(beside) == html.count("data:image/png;base64,") and "class_distribution.png" in beside
+
+
+def test_report_in_headless_chromium(finished):
+    """Every section shows, every image decodes, nothing is fetched from the network."""
+    folder, _, _ = finished
+    requested = []
+    with chromium_page(viewport=(1280, 1600)) as page:
+        page.on("request", lambda request: requested.append(request.url))
+        page.goto((folder / "report" / "report.html").resolve().as_uri(), wait_until="load")
+        for section in SECTIONS:
+            assert page.locator(f"section#{section} h2").is_visible(), section
+        images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight])")
+        assert len(images) >= 12
+        for alt, complete, width, height in images:
+            assert complete and width > 0 and height > 0, alt
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+    assert [u for u in requested if not u.startswith(("file:", "data:"))] == []
+    assert (ARTIFACTS / "report.png").stat().st_size > 10_000
+
+
+def test_compare_builds_the_comparison_part_from_existing_runs(finished, tmp_path):
+    folder, _, _ = finished
+    out = tmp_path / "cmp"
+    result = _xtl("compare", str(folder / "timm_resnet10t"), str(folder / "timm_vit_tiny_patch16_224"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Test results" in result.stdout
+    html = (out / "report" / "report.html").read_text()
+    for section in ("summary", "comparison", "confusions", "galleries", "faithfulness"):
+        assert f'<section id="{section}">' in html
+    assert '<section id="models">' not in html
+    assert (out / "figures" / "compare_misclassified.png").is_file()
+
+
+def test_presets_follow_the_paper_and_the_offline_recipe():
+    paper = load_config(None, {"preset": "paper"})
+    assert paper.models == ["alexnet", "resnet34", "vit_b16_in21k"] and paper.folder == Path("runs/paper")
+    resnet, vit = paper.run_config("resnet34"), paper.run_config("vit_b16_in21k")
+    assert (resnet.optimizer, resnet.lr, resnet.weight_decay, resnet.epochs, resnet.split) == ("adam", 1e-5, 5e-4, 5, "paper")
+    assert (vit.lr, vit.weight_decay, vit.batch_size, vit.epochs, vit.augment) == (2e-5, 0.01, 32, 3, False)
+    assert resnet.pretrained and resnet.weights is None  # hub weights
+    full = load_config(None, {"preset": "offline-full"})
+    assert full.models == ["efficientnet_lite0", "vit_s14_dinov2"]
+    lite = full.run_config("efficientnet_lite0")
+    assert (lite.split, lite.optimizer, lite.input_size) == ("paper", "adamw", None) and full.explain_images is None
+    quick = load_config()
+    assert quick.run_config("vit_s14_dinov2").train_size == 2000 and quick.faithfulness_images == 40
