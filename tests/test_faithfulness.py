@@ -18,7 +18,7 @@ from xtl.config import RunConfig
 from xtl.data import Preprocess, SplitSpec, load_split
 from xtl.evaluate import evaluate
 from xtl.faithfulness import (
-    BASELINES, METRICS, baseline_inputs, demo_faithfulness, random_maps, read_rows, relevance_ranks, score, score_maps,
+    BASELINES, METRICS, baseline_inputs, random_maps, relevance_ranks, score, score_maps,
 )
 from xtl.models import build_model
 from xtl.runs import RunDir, split_spec
@@ -148,16 +148,6 @@ def test_cli_writes_each_runs_table_and_figure_and_the_combined_table(tiny_run, 
     assert [r["deletion"] for r in combined[:4]] == [r["deletion"] for r in combined[4:]]  # same model, same numbers
     assert (tiny_run.figures / "faithfulness_combined.png").is_file()
     assert "Faithfulness" in result.stdout
-
-
-def test_the_demo_scores_once_then_reads_the_table_back(tiny_run, tmp_path):
-    run = RunDir(shutil.copytree(tiny_run.path, tmp_path / "run", ignore=shutil.ignore_patterns("faithfulness*")))
-    results = demo_faithfulness([run], ["gradcam"], n_images=4, steps=2, progress=False)
-    assert [m.method for m in results[0].methods] == ["gradcam", "random", "uniform"]
-    written = run.file("faithfulness.csv").stat().st_mtime_ns
-    assert demo_faithfulness([run], ["gradcam"], n_images=4, steps=2, progress=False) is None
-    assert run.file("faithfulness.csv").stat().st_mtime_ns == written
-    assert read_rows(run.file("faithfulness.csv"))[0]["deletion"] == results[0].rows()[0]["deletion"]
 
 
 def test_a_bad_option_is_a_one_line_error_naming_it(tiny_run):

@@ -22,7 +22,6 @@ from xtl.faithfulness.perturbation import (
 from xtl.faithfulness.runner import (
     DEFAULT_METHODS,
     ModelScores,
-    demo_faithfulness,
     faithfulness_imagenet,
     faithfulness_run,
     faithfulness_table,
@@ -33,7 +32,7 @@ from xtl.faithfulness.runner import (
 
 __all__ = [
     "BASELINES", "DEFAULT_METHODS", "METRICS", "Curve", "Metric", "ModelScores", "Scores", "baseline_inputs",
-    "demo_faithfulness", "faithfulness_imagenet", "faithfulness_run", "faithfulness_table", "markdown_table",
+    "faithfulness_imagenet", "faithfulness_run", "faithfulness_table", "markdown_table",
     "random_maps", "read_rows", "register_metric", "relevance_ranks", "score", "score_maps", "score_model",
     "uniform_maps",
 ]

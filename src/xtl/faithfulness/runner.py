@@ -310,28 +310,6 @@ def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n
     return results
 
 
-def demo_faithfulness(runs: list[RunDir], methods: list[str] | None = None, n_images: int = 100,
-                      **options) -> list[ModelScores] | None:
-    """`xtl demo`: the faithfulness of each run and the combined table, printed; computed only when
-    not written yet."""
-    done = all(r.file("faithfulness.csv").is_file() for r in runs)
-    combined = runs[0].file("faithfulness_combined.csv") if len(runs) > 1 else runs[0].file("faithfulness.csv")
-    if done and combined.is_file():
-        _stdout().print(faithfulness_table(read_rows(combined)))
-        console.print("faithfulness: done already")
-        return None
-    results = faithfulness_run(runs, methods, n_images, **options)
-    _stdout().print(faithfulness_table([row for r in results for row in r.rows()]))
-    return results
-
-
-def _stdout() -> Console:
-    """Tables are wide: give them room when stdout is not a terminal (a log, `make run | tee`)."""
-    import sys
-
-    return Console(width=None if sys.stdout.isatty() else 150)
-
-
 def check_options(n_images: int, split: str, explain_batch_size: int = 8) -> None:
     if explain_batch_size < 1:
         raise XtlError(f"option --explain-batch-size must be at least 1, not {explain_batch_size}")
