@@ -102,6 +102,23 @@ def test_a_real_cnn_agrees_across_batch_sizes_up_to_its_own_rounding():
         torch.testing.assert_close(one.curves[metric].values, many.curves[metric].values, atol=1e-6, rtol=0)
 
 
+def test_bf16_scoring_reads_the_same_curves_as_float32_within_its_rounding():
+    """bf16 autocast (the GPU default) only rounds the forward passes: same targets, same ranking,
+    probabilities within bf16's few parts in a thousand; float32 is the CPU default."""
+    torch.manual_seed(0)
+    model, spec = build_model("timm:resnet10t", 10, pretrained=False, input_size=32)
+    test = load_split(str(CIFAR), SplitSpec("random", train_size=0, val_size=0, test_size=8, seed=0))["test"]
+    images = Preprocess(32, spec.mean, spec.std)(test.images)
+    maps = random_maps((8, 32, 32), seed=1)
+    default = score(model.eval(), images, test.labels, maps, steps=5)
+    float32 = score(model, images, test.labels, maps, steps=5, bf16=False)
+    bf16 = score(model, images, test.labels, maps, steps=5, bf16=True)
+    torch.testing.assert_close(default.curves["deletion"].values, float32.curves["deletion"].values, atol=0, rtol=0)
+    assert not torch.equal(bf16.curves["deletion"].values, float32.curves["deletion"].values)
+    for metric in ("deletion", "insertion"):
+        torch.testing.assert_close(bf16.curves[metric].values, float32.curves[metric].values, atol=0.02, rtol=0)
+
+
 def test_ties_keep_raster_order_and_random_maps_are_seeded():
     maps = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
     assert relevance_ranks(maps).tolist() == [[2, 0, 1, 3]]

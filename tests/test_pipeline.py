@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -165,6 +166,23 @@ def test_rerun_after_finishing_recomputes_nothing(finished):
     assert result.returncode == 0, result.stderr
     assert "nothing to do" in result.stderr
     assert {p: p.stat().st_mtime_ns for p in watched} == before
+
+
+def test_a_speed_only_setting_retrains_nothing(finished):
+    """`compile` changes how fast a model trains, not what it learns: only the report (which shows the
+    configuration) is rebuilt."""
+    folder, config, _ = finished
+    weights = folder / "timm_resnet10t" / "model.safetensors"
+    before, steps_before = weights.stat().st_mtime_ns, json.loads((folder / "steps.json").read_text())
+    result = _xtl("run", "--config", str(config), "--train", "compile=true")
+    assert result.returncode == 0, result.stderr
+    steps = json.loads((folder / "steps.json").read_text())
+    assert {k: v for k, v in steps.items() if k != "report"} == {k: v for k, v in steps_before.items() if k != "report"}
+    assert steps["report"]["fingerprint"] != steps_before["report"]["fingerprint"]
+    assert weights.stat().st_mtime_ns == before
+    assert "compile: true" in (folder / "pipeline.yaml").read_text()
+    restored = _xtl("run", "--config", str(config))  # back to the fixture's configuration
+    assert restored.returncode == 0, restored.stderr
 
 
 def test_changed_training_settings_are_refused_without_force(finished, tmp_path):

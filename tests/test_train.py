@@ -99,6 +99,33 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(cifar, tmp_
         assert x["val_accuracy"] == y["val_accuracy"]
 
 
+def test_compiled_fine_tune_saves_plain_weights_and_learns_like_eager(cifar, tmp_path, monkeypatch):
+    """`compile: true` trains through torch.compile (dynamo's eager backend here: inductor's C++ build
+    takes minutes on 2 cores) and still writes the plain model's keys, so the run reloads as usual."""
+    real_compile = torch.compile
+    compiled = []
+
+    def compile_eagerly(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    config = _tiny_config(cifar, epochs=1, augment=False)
+    data = load_split(config.source, split_spec(config))
+    eager = RunDir(tmp_path / "eager")
+    eager_state = finetune(config, data, eager, progress=False)
+    assert compiled == []
+    run = RunDir(tmp_path / "compiled")
+    state = finetune(RunConfig.from_dict({**config.to_dict(), "compile": True}), data, run, progress=False)
+    assert compiled  # Fabric unwraps the compiled model for its wrapper and compiles again around it
+    saved = load_file(str(run.weights_path))
+    assert set(saved) == set(load_file(str(eager.weights_path)))
+    assert not any("_orig_mod" in key for key in saved)
+    model, _ = run.load_model()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert state.epochs[0]["val_loss"] == pytest.approx(eager_state.epochs[0]["val_loss"], abs=1e-3)
+
+
 def test_early_stopping_stops_when_val_loss_stalls_and_keeps_the_best(cifar, tmp_path, monkeypatch):
     val_losses = iter([1.0, 0.8, 0.9, 0.85, 0.7, 0.6])
     monkeypatch.setattr(train_loop, "validate", lambda *a, **k: (next(val_losses), 0.5))

@@ -104,6 +104,7 @@ def finetune_command(
     devices: Optional[int] = typer.Option(None, help="Devices per node (DDP when > 1)."),
     num_nodes: Optional[int] = typer.Option(None, help="Nodes (launch with torchrun)."),
     precision: Optional[str] = typer.Option(None, help="auto, 32-true, bf16-mixed, ..."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (GPU runs)."),
     resume: bool = typer.Option(False, help="Continue the run from its last checkpoint."),
     evaluate: bool = typer.Option(True, help="Evaluate the best model on the test split afterwards."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -131,6 +132,7 @@ _CONFIG_OPTIONS = {
     "source", "pretrained", "input_size", "normalization", "split", "train_size", "val_size", "test_size",
     "stratified", "seed", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "schedule", "warmup_epochs",
     "label_smoothing", "augment", "patience", "bn_momentum", "accelerator", "devices", "num_nodes", "precision",
+    "compile",
 }
 
 

@@ -45,6 +45,7 @@ class RunConfig:
     devices: int = 1
     num_nodes: int = 1
     precision: str = "auto"  # auto = bf16-mixed on GPU, 32-true on CPU
+    compile: bool = False  # torch.compile the model (worth it on a GPU, for runs longer than the compilation)
     eval_batch_size: int = 128
     # provenance, filled in by the run
     preset: str = "default"

@@ -27,5 +27,8 @@ def plot_class_distribution(split: Split, path: str | Path) -> None:
     ax.set_ylabel("images")
     ax.set_xlabel("class")
     ax.set_title(f"Class distribution — {split.source}")
-    ax.legend()
+    # the bars of a balanced split reach the top everywhere: the legend goes above them, in one row
+    top = max((max(v) for v in counts.values() if len(v)), default=1)
+    ax.set_ylim(0, top * 1.18)
+    ax.legend(loc="upper center", ncol=len(counts), frameon=False)
     save_figure(fig, path)

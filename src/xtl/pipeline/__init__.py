@@ -43,6 +43,14 @@ def model_folder(model: str) -> str:
     return model.replace(":", "_").replace("/", "_")
 
 
+# Settings that change how fast a model trains, not what it learns: changing them redoes nothing.
+SPEED_ONLY = ("compile",)
+
+
+def training_settings(config: RunConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in SPEED_ONLY}
+
+
 def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -117,11 +125,11 @@ class Pipeline:
         self.step("data", [first.source, split_spec(first).__dict__], lambda: self.data(first), "data: split and class distribution")
         for model, run in self.runs.items():
             config = self.run_configs[model]
-            trained = fingerprint(config.to_dict())
+            trained = fingerprint(training_settings(config))
             self.step(f"finetune:{model}", trained, lambda: self.finetune(model), f"{model}: fine-tune ({self.sizes(config)})")
             self.step(f"evaluate:{model}", trained, lambda: self.evaluate(model), f"{model}: evaluate")
             self.step(f"explain:{model}", [trained, self.explain_settings()], lambda: self.explain(model), f"{model}: explain")
-        trained_all = [fingerprint(c.to_dict()) for c in self.run_configs.values()]
+        trained_all = [fingerprint(training_settings(c)) for c in self.run_configs.values()]
         if len(self.runs) > 1:
             self.step("compare", [trained_all, self.explain_settings()], self.compare, "side by side: same images, every model")
         self.step("faithfulness", [trained_all, self.faithfulness_settings()], self.faithfulness, "faithfulness")
@@ -149,10 +157,10 @@ class Pipeline:
 
         run, config = self.runs[model], self.run_configs[model]
         if run.config_path.is_file():
-            before = run.config().to_dict()
-            changed = sorted(k for k, v in config.to_dict().items() if before.get(k) != v)
+            before, now = training_settings(run.config()), training_settings(config)
+            changed = sorted(k for k, v in now.items() if before.get(k) != v)
             if changed:
-                details = ", ".join(f"{k}: {before.get(k)!r} -> {config.to_dict()[k]!r}" for k in changed[:4])
+                details = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed[:4])
                 raise XtlError(f"run directory {run.path} was trained with other settings ({details}); "
                                "pass --force to train again or --name for a new folder")
             for stale in ("metrics.json", "predictions.csv"):

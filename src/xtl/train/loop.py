@@ -74,6 +74,8 @@ def finetune(config: RunConfig, split: Split, run: RunDir, resume: bool = False,
     if resume and run.last_checkpoint.is_file():
         state = load_checkpoint(run.last_checkpoint, model, optimizer, scheduler)
         fabric.print(f"resuming {run.path} after epoch {state.epoch}")
+    if config.compile:
+        model = torch.compile(model)
     model, optimizer = fabric.setup(model, optimizer)
 
     bar = TrainProgress(enabled=progress and fabric.is_global_zero)
@@ -144,9 +146,8 @@ def train_one_epoch(fabric, model, optimizer, scheduler, split, preprocess, conf
     order = order[fabric.global_rank :: fabric.world_size]
     n_batches = math.ceil(len(order) / config.batch_size)
     bar.start_epoch(epoch + 1, config.epochs, n_batches)
-    total_loss = total_correct = total_seen = 0.0
+    readout = StepReadout(epoch, state, bar, fabric.world_size, run)
     for step in range(n_batches):
-        started = time.perf_counter()
         idx = order[step * config.batch_size : (step + 1) * config.batch_size]
         images = train.images[idx].to(fabric.device, non_blocking=True)
         labels = train.labels[idx].to(fabric.device, non_blocking=True)
@@ -154,31 +155,55 @@ def train_one_epoch(fabric, model, optimizer, scheduler, split, preprocess, conf
         with fabric.autocast():
             logits = model(x)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-        if not torch.isfinite(loss):
-            raise XtlError(
-                f"training loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; "
-                f"the last good checkpoint is kept in {run.path}; try a lower --lr"
-            )
         optimizer.zero_grad(set_to_none=True)
         fabric.backward(loss)
         if config.grad_clip:
-            fabric.clip_gradients(model, optimizer, max_norm=config.grad_clip)
+            # a non-finite loss is reported by StepReadout, one step later, with the run's message
+            fabric.clip_gradients(model, optimizer, max_norm=config.grad_clip, error_if_nonfinite=False)
         optimizer.step()
         scheduler.step()
-        correct = (logits.argmax(1) == labels).sum().item()
-        seconds = time.perf_counter() - started
-        images_per_s = len(idx) * fabric.world_size / max(seconds, 1e-9)
-        total_loss += loss.item() * len(idx)
-        total_correct += correct
-        total_seen += len(idx)
-        state.batches.append({
-            "epoch": epoch + 1, "step": len(state.batches) + 1, "loss": round(loss.item(), 6),
-            "accuracy": round(correct / len(idx), 6), "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": round(images_per_s, 2),
-        })
-        bar.advance(loss.item(), correct / len(idx), images_per_s)
-    sums = fabric.all_reduce(torch.tensor([total_loss, total_correct, total_seen], device=fabric.device), reduce_op="sum")
+        readout.push(step, loss, logits, labels, optimizer.param_groups[0]["lr"])
+    readout.flush()
+    sums = fabric.all_reduce(torch.tensor(readout.totals, device=fabric.device), reduce_op="sum")
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+
+
+class StepReadout:
+    """Per-step loss and accuracy for the history, the progress bar and the non-finite-loss check,
+    read back one step late: the host queues step k + 1 before it waits for step k's numbers, so a
+    GPU never idles on the read-back (an eager `.item()` per step stalls it once per step)."""
+
+    def __init__(self, epoch: int, state: TrainState, bar: TrainProgress, world_size: int, run: RunDir) -> None:
+        self.epoch, self.state, self.bar, self.world_size, self.run = epoch, state, bar, world_size, run
+        self.pending: tuple[int, torch.Tensor, int, float] | None = None
+        self.totals = [0.0, 0.0, 0.0]  # loss sum, correct, seen
+        self.last_read = time.perf_counter()
+
+    def push(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lr: float) -> None:
+        stats = torch.stack([loss.detach().float(), (logits.detach().argmax(1) == labels).sum().float()])
+        self.flush()
+        self.pending = (step, stats, len(labels), lr)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, stats, n, lr = self.pending
+        self.pending = None
+        loss, correct = stats.tolist()
+        if not math.isfinite(loss):
+            raise XtlError(
+                f"training loss became {loss} at epoch {self.epoch + 1}, batch {step + 1}; "
+                f"the last good checkpoint is kept in {self.run.path}; try a lower --lr"
+            )
+        now = time.perf_counter()
+        images_per_s = n * self.world_size / max(now - self.last_read, 1e-9)
+        self.last_read = now
+        self.totals = [self.totals[0] + loss * n, self.totals[1] + correct, self.totals[2] + n]
+        self.state.batches.append({
+            "epoch": self.epoch + 1, "step": len(self.state.batches) + 1, "loss": round(loss, 6),
+            "accuracy": round(correct / n, 6), "lr": lr, "images_per_s": round(images_per_s, 2),
+        })
+        self.bar.advance(loss, correct / n, images_per_s)
 
 
 @torch.no_grad()
@@ -241,7 +266,9 @@ def set_bn_momentum(model: nn.Module, momentum: float) -> None:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
+    """The plain model under Fabric's wrapper and torch.compile's, so that saved keys never change."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
