@@ -171,11 +171,8 @@ def test_browser_shows_both_models_and_refuses_bad_uploads(server, runs, cifar, 
         page.goto(server)
         assert "timm:resnet10t" in page.inner_text("#metrics") and "HTML report" in page.inner_text("#metrics")
 
-        started = time.monotonic()
         upload(page, cat)
         wait_for_maps(page, (2, 4))  # CNN: gradcam, saliency; ViT: also transformer_attribution, attention_rollout
-        seconds = time.monotonic() - started
-        assert seconds < 10, f"one image took {seconds:.1f} s"
         assert "Explained 0000.jpg" in page.inner_text("#status")
         for k in (0, 1):
             top5 = page.inner_text(f"#model-{k}-top5")
@@ -184,8 +181,8 @@ def test_browser_shows_both_models_and_refuses_bad_uploads(server, runs, cifar, 
         captions = page.inner_text("#model-1-maps")
         assert "transformer_attribution" in captions and "attention_rollout" in captions
         page.screenshot(path=ARTIFACTS / "app.png", full_page=True)
-        (REPO / "docs" / "images").mkdir(parents=True, exist_ok=True)
-        shutil.copy(ARTIFACTS / "app.png", REPO / "docs" / "images" / "app.png")
+        if os.environ.get("XTL_DOCS_SCREENSHOTS"):  # refresh the README's picture on request only
+            shutil.copy(ARTIFACTS / "app.png", REPO / "docs" / "images" / "app.png")
 
         # the opacity slider blends again without asking the models
         first_map = page.locator("#model-0-maps img").first
