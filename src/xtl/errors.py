@@ -53,3 +53,16 @@ def sigterm_as_interrupt(on_interrupt: Callable[[], str | None] | None = None) -
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def gpu_out_of_memory(message: Callable[[], str]) -> Iterator[None]:
+    """Turn CUDA's out-of-memory error into one line, `message()`, after freeing the cached memory."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise XtlError(message()) from None

@@ -22,10 +22,9 @@ import io
 import json
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from rich.console import Console
@@ -33,7 +32,7 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import nn
 
-from xtl.errors import XtlError, sigterm_as_interrupt
+from xtl.errors import XtlError, gpu_out_of_memory, sigterm_as_interrupt
 from xtl.explain import METHODS, explain
 from xtl.explain.runner import RunExplainer, applicable_methods
 from xtl.faithfulness.figures import plot_curves
@@ -221,18 +220,12 @@ def _read_batch(cache: Path, name: str, k: int, part: slice) -> MethodScores | N
         return None
 
 
-@contextmanager
-def _out_of_memory_message(title: str, batch_size: int, explain_batch_size: int) -> Iterator[None]:
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise XtlError(
-            f"out of GPU memory scoring {title or 'the model'} with --batch-size {batch_size} and --explain-batch-size "
-            f"{explain_batch_size}; try smaller ones (finished batches are kept and reused by the next run "
-            f"with the same settings)"
-        ) from None
+def _out_of_memory_message(title: str, batch_size: int, explain_batch_size: int):
+    return gpu_out_of_memory(lambda: (
+        f"out of GPU memory scoring {title or 'the model'} with --batch-size {batch_size} and --explain-batch-size "
+        f"{explain_batch_size}; try smaller ones (finished batches are kept and reused by the next run "
+        f"with the same settings)"
+    ))
 
 
 def _explain_all(model, spec, images, targets, method, batch_size, options, bar, title) -> tuple[torch.Tensor, float]:

@@ -169,15 +169,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, m
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape and k not in head_keys]
     unexpected = [k for k in state if k not in own]
     if missing or wrong or unexpected:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
-        if wrong:
-            k = wrong[0]
-            problems.append(f"{len(wrong)} of the wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise XtlError(f"weights file {path} does not fit model {model_name}: {'; '.join(problems)}")
+        raise _misfit(path, model_name, state, own, missing, wrong, unexpected)
     to_load = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(to_load, strict=False)
 
@@ -201,6 +193,11 @@ def load_run_weights(model: nn.Module, path: Path, model_name: str) -> None:
     if head in wrong and set(wrong) <= {head, f"{spec.classifier}.bias"} and not missing and not unexpected:
         raise XtlError(f"weights file {path} is for {state[head].shape[0]} classes; model {model_name} of this run "
                        f"has {own[head].shape[0]}")
+    raise _misfit(path, model_name, state, own, missing, wrong, unexpected)
+
+
+def _misfit(path, model_name: str, state: dict, own: dict, missing: list, wrong: list, unexpected: list) -> XtlError:
+    """One line saying how a weights file fails to fit the model, with an example of each problem."""
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
@@ -209,7 +206,7 @@ def load_run_weights(model: nn.Module, path: Path, model_name: str) -> None:
         problems.append(f"{len(wrong)} of the wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-    raise XtlError(f"weights file {path} does not fit model {model_name}: {'; '.join(problems)}")
+    return XtlError(f"weights file {path} does not fit model {model_name}: {'; '.join(problems)}")
 
 
 def _is_buffer_stat(key: str) -> bool:

@@ -6,10 +6,9 @@ import csv
 import io
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ from torch import nn
 
 from xtl.config import RunConfig
 from xtl.data import Preprocess, Split
-from xtl.errors import XtlError, sigterm_as_interrupt
+from xtl.errors import XtlError, gpu_out_of_memory, sigterm_as_interrupt
 from xtl.io import atomic_path, write_text
 from xtl.models import build_model
 from xtl.runs import RunDir, model_preprocess
@@ -123,19 +122,12 @@ def finetune(config: RunConfig, split: Split, run: RunDir, resume: bool = False,
     return state
 
 
-@contextmanager
-def out_of_memory_message(config: RunConfig, run: RunDir, state: TrainState) -> Iterator[None]:
+def out_of_memory_message(config: RunConfig, run: RunDir, state: TrainState):
     """GPU out of memory -> one line suggesting a smaller batch (the finished epochs stay on disk)."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        smaller = max(1, config.batch_size // 2)
-        raise XtlError(
-            f"out of GPU memory in epoch {state.epoch + 1} with --batch-size {config.batch_size} per device; "
-            f"try a smaller --batch-size, e.g. {smaller} (epochs finished so far are kept in {run.path})"
-        ) from None
+    return gpu_out_of_memory(lambda: (
+        f"out of GPU memory in epoch {state.epoch + 1} with --batch-size {config.batch_size} per device; "
+        f"try a smaller --batch-size, e.g. {max(1, config.batch_size // 2)} (epochs finished so far are kept in {run.path})"
+    ))
 
 
 def train_one_epoch(fabric, model, optimizer, scheduler, split, preprocess, config, epoch, state, bar, run):
