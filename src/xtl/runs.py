@@ -112,6 +112,11 @@ class RunDir:
         return model.to(device).eval(), spec
 
 
+def run_title(run_name: str, model: str) -> str:
+    """`folder (model)`, or just the model where the run's folder is named after it."""
+    return model if run_name == model else f"{run_name} ({model})"
+
+
 def split_spec(config: RunConfig) -> SplitSpec:
     return SplitSpec(
         kind=config.split, train_size=config.train_size, val_size=config.val_size,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from xtl.explain import explain
 from xtl.explain.gallery import overlay, pick_misclassified
 from xtl.explain.runner import RunExplainer, applicable_methods
-from xtl.runs import RunDir
+from xtl.runs import RunDir, run_title
 
 DEFAULT_METHODS = ("gradcam", "saliency", "transformer_attribution", "attention_rollout")
 DISPLAY_SIZE = 224  # overlays are drawn at this size whatever the model's input size
@@ -43,7 +43,7 @@ class ServedRun:
         self.run = run
         self.explainer = RunExplainer(run, "test", device)
         self.name = run.path.name
-        self.title = f"{self.name} ({self.explainer.spec.name})"
+        self.title = run_title(self.name, self.explainer.spec.name)
         self.methods = applicable_methods(self.explainer.spec.family, list(methods or DEFAULT_METHODS))
         self.report = run.path.parent / "report" / "report.html"
         self._lock = threading.Lock()

@@ -13,7 +13,7 @@ from xtl.evaluate.metrics import predict
 from xtl.explain import METHODS, explain, methods_for
 from xtl.explain.gallery import GalleryRow, pick_correct_per_class, pick_misclassified, render_gallery
 from xtl.io import atomic_path
-from xtl.runs import RunDir
+from xtl.runs import RunDir, run_title
 
 DEFAULT_METHOD = {"cnn": "gradcam", "vit": "transformer_attribution"}
 console = Console(stderr=True)
@@ -124,7 +124,7 @@ def explain_run(
         raise XtlError(f"option --methods: none of {', '.join(methods or [])} applies to {explainer.spec.family.upper()} model {explainer.spec.name}")
     maps_dir = explainer.stream(chosen, n_images, batch_size, target, progress)
     labels, probs = explainer.part.labels, explainer.probabilities
-    name = f"{run.path.name} ({explainer.spec.name})"
+    name = run_title(run.path.name, explainer.spec.name)
     correct = pick_correct_per_class(labels, probs.argmax(1), len(explainer.class_names), limit=gallery_size)
     wrong = pick_misclassified(labels, probs, limit=gallery_size)
     paths = {"maps": maps_dir, "correct": run.figures / "gallery_correct.png", "misclassified": run.figures / "gallery_misclassified.png"}
