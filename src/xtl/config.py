@@ -9,6 +9,10 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from xtl.errors import XtlError
 
 
+# Settings that change how fast a model trains, not what it learns.
+SPEED_ONLY = ("compile",)
+
+
 @dataclass
 class RunConfig:
     """Everything needed to rebuild the split and the model and to train it again."""
@@ -84,6 +88,10 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def learning_settings(self) -> dict[str, Any]:
+        """The settings that decide what the model learns: all but those that only change the speed."""
+        return {k: v for k, v in self.to_dict().items() if k not in SPEED_ONLY}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> "RunConfig":

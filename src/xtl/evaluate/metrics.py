@@ -13,6 +13,7 @@ from torchmetrics.functional.classification import (
 )
 
 from xtl.data import Preprocess, SplitPart
+from xtl.models import inference_autocast
 
 
 @dataclass
@@ -36,11 +37,10 @@ def predict(
 ) -> Predictions:
     """Class probabilities for every image of `part`, in batches, on `device`."""
     model.eval().to(device)
-    use_bf16 = torch.device(device).type == "cuda"
     chunks = []
     for start in range(0, len(part), batch_size):
         images = part.images[start : start + batch_size].to(device, non_blocking=True)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16):
+        with inference_autocast(device):
             logits = model(preprocess(images))
         chunks.append(logits.float().softmax(1).cpu())
     n_classes = chunks[0].shape[1] if chunks else 0

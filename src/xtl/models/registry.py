@@ -174,6 +174,14 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, m
     model.load_state_dict(to_load, strict=False)
 
 
+def inference_autocast(device: str | torch.device, bf16: bool | None = None):
+    """Autocast for forward passes without gradients: bf16 on a GPU (2-3x float32's rate), float32 on
+    the CPU; `bf16` forces either."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16,
+                          enabled=device_type == "cuda" if bf16 is None else bf16)
+
+
 def load_run_weights(model: nn.Module, path: Path, model_name: str) -> None:
     """Load a run's own `model.safetensors`: every tensor, the classifier included, must be there and fit.
 

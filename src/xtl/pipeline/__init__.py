@@ -43,14 +43,6 @@ def model_folder(model: str) -> str:
     return model.replace(":", "_").replace("/", "_")
 
 
-# Settings that change how fast a model trains, not what it learns: changing them redoes nothing.
-SPEED_ONLY = ("compile",)
-
-
-def training_settings(config: RunConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.to_dict().items() if k not in SPEED_ONLY}
-
-
 def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -125,11 +117,11 @@ class Pipeline:
         self.step("data", [first.source, split_spec(first).__dict__], lambda: self.data(first), "data: split and class distribution")
         for model, run in self.runs.items():
             config = self.run_configs[model]
-            trained = fingerprint(training_settings(config))
+            trained = fingerprint(config.learning_settings())
             self.step(f"finetune:{model}", trained, lambda: self.finetune(model), f"{model}: fine-tune ({self.sizes(config)})")
             self.step(f"evaluate:{model}", trained, lambda: self.evaluate(model), f"{model}: evaluate")
             self.step(f"explain:{model}", [trained, self.explain_settings()], lambda: self.explain(model), f"{model}: explain")
-        trained_all = [fingerprint(training_settings(c)) for c in self.run_configs.values()]
+        trained_all = [fingerprint(c.learning_settings()) for c in self.run_configs.values()]
         if len(self.runs) > 1:
             self.step("compare", [trained_all, self.explain_settings()], self.compare, "side by side: same images, every model")
         self.step("faithfulness", [trained_all, self.faithfulness_settings()], self.faithfulness, "faithfulness")
@@ -157,7 +149,7 @@ class Pipeline:
 
         run, config = self.runs[model], self.run_configs[model]
         if run.config_path.is_file():
-            before, now = training_settings(run.config()), training_settings(config)
+            before, now = run.config().learning_settings(), config.learning_settings()
             changed = sorted(k for k, v in now.items() if before.get(k) != v)
             if changed:
                 details = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed[:4])
