@@ -1,14 +1,17 @@
 """Faithfulness metrics: known answers on a model where one region alone decides, exact end points,
-independence of the batch size, and `xtl faithfulness` on a real (tiny) run."""
+independence of the batch size, perturbation on a coarse grid, ROAD's imputation against a direct
+float64 solve, and `xtl faithfulness` on a real (tiny) run."""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,8 +20,10 @@ from conftest import CIFAR
 from xtl.config import RunConfig
 from xtl.data import Preprocess, SplitSpec, load_split
 from xtl.evaluate import evaluate
+from xtl.errors import XtlError
 from xtl.faithfulness import (
-    BASELINES, METRICS, baseline_inputs, random_maps, relevance_ranks, score, score_maps,
+    BASELINES, METRICS, baseline_inputs, faithfulness_run, perturbation_masks, random_maps, relevance_ranks,
+    road_fill, road_noise, score, score_maps, uniform_maps,
 )
 from xtl.models import build_model
 from xtl.runs import RunDir, split_spec
@@ -46,10 +51,11 @@ def _region_images(n: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return images, torch.zeros(n, dtype=torch.long), region
 
 
-def test_the_region_map_beats_random_and_the_reversed_map_loses_on_every_metric():
+@pytest.mark.parametrize("baseline", ["zero", "road"])
+def test_the_region_map_beats_random_and_the_reversed_map_loses_on_every_metric(baseline):
     images, labels, region = _region_images()
     maps = {"region": region, "random": random_maps(tuple(region.shape), seed=0), "reversed": 1 - region}
-    scores = score_maps(RegionModel(), images, labels, maps, steps=10)
+    scores = score_maps(RegionModel(), images, labels, maps, steps=10, baseline=baseline)
     assert set(scores["region"].curves) == set(METRICS)
     for name, metric in METRICS.items():
         auc = {k: s.curves[name].auc.mean().item() for k, s in scores.items()}
@@ -127,6 +133,153 @@ def test_ties_keep_raster_order_and_random_maps_are_seeded():
     assert not torch.equal(random_maps((2, 4, 4), seed=5), random_maps((2, 4, 4), seed=6))
 
 
+# ----------------------------------------------------------------------------- a coarse grid
+
+
+def _cifar(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n test images of a seeded CIFAR-10 split, normalised, resized to `size`."""
+    test = load_split(str(CIFAR), SplitSpec("random", train_size=0, val_size=0, test_size=n, seed=0))["test"]
+    return Preprocess(size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(test.images), test.labels
+
+
+@pytest.mark.parametrize("size, grid", [((10, 10), 3), ((37, 29), 8), ((12, 12), 12)])
+def test_grid_masks_cover_whole_blocks_and_count_cells(size, grid):
+    """Each cell masks its whole block (rows y with y * G // H == i; blocks of H // G or H // G + 1 rows
+    where H is not a multiple of G), never part of one, and the counts are of cells."""
+    h, w = size
+    maps = random_maps((4, h, w), seed=2, grid=grid)
+    row_cell, col_cell = [y * grid // h for y in range(h)], [x * grid // w for x in range(w)]
+    first_row, first_col = [row_cell.index(i) for i in range(grid)], [col_cell.index(i) for i in range(grid)]
+    cells = maps[:, first_row][:, :, first_col]  # [4, G, G]: each cell's value, read at its first pixel
+    assert torch.equal(cells[:, row_cell][:, :, col_cell], maps)  # the random reference is constant per block
+    assert cells.flatten(1).unique(dim=1).shape[1] == grid * grid  # and random per cell
+    assert set(np.bincount(row_cell)) <= {h // grid, -(-h // grid)}
+    counts = torch.tensor([0, 1, 5, grid * grid - 1])
+    ranks = relevance_ranks(cells)
+    for most_first in (True, False):
+        mask = perturbation_masks(ranks, counts, torch.full((4,), most_first), size, grid)
+        for j, count in enumerate(counts.tolist()):
+            values = maps[j][mask[j]]
+            masked_cells = set(values.tolist())
+            assert len(masked_cells) == count
+            # whole blocks: every pixel holding a masked cell's value is masked
+            assert int(mask[j].sum()) == sum(int((maps[j] == v).sum()) for v in masked_cells)
+            if count:  # the most (least) relevant cells
+                unmasked = maps[j][~mask[j]]
+                assert (values.min() >= unmasked.max()) if most_first else (values.max() <= unmasked.min())
+
+
+def test_a_grid_of_the_input_size_is_per_pixel_scoring():
+    images, labels, region = _region_images()
+    maps = {"region": region, "random": random_maps(tuple(region.shape), seed=1),
+            "uniform": uniform_maps(tuple(region.shape))}
+    pixels = score_maps(RegionModel(), images, labels, maps, steps=10)
+    cells = score_maps(RegionModel(), images, labels, maps, steps=10, grid=16)
+    assert torch.equal(random_maps((8, 16, 16), seed=1, grid=16), maps["random"])
+    for name, metric in itertools.product(maps, METRICS):
+        assert torch.equal(pixels[name].curves[metric].values, cells[name].curves[metric].values)
+
+
+@pytest.mark.parametrize("baseline", ["zero", "road"])
+def test_grid_scoring_equals_per_pixel_scoring_of_images_upsampled_from_the_grid(baseline):
+    """An independent check: CIFAR images nearest-upsampled 32 -> 64 px, maps constant on each 2 x 2
+    block. Per pixel, a block's 4 pixels are ranked together (distinct values per block) and with 8
+    steps every masked count is a whole number of blocks, so grid=32 must give the same curves."""
+    torch.manual_seed(0)
+    model, _ = build_model("timm:resnet10t", 10, pretrained=False, input_size=64)
+    small, labels = _cifar(4, 32)
+    images = small.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    g = torch.Generator().manual_seed(4)
+    blocks = {"random": torch.rand(4, 32, 32, generator=g),
+              "saliency-like": small.abs().mean(1) + 1e-3 * torch.rand(4, 32, 32, generator=g)}
+    maps = {name: m.repeat_interleave(2, 1).repeat_interleave(2, 2) for name, m in blocks.items()}
+    pixels = score_maps(model.eval(), images, labels, maps, steps=8, baseline=baseline, batch_size=32)
+    cells = score_maps(model, images, labels, maps, steps=8, baseline=baseline, batch_size=32, grid=32)
+    for name, metric in itertools.product(maps, METRICS):
+        assert torch.equal(pixels[name].curves[metric].values, cells[name].curves[metric].values), (name, metric)
+
+
+# ----------------------------------------------------------------------------- ROAD
+
+
+def _dense_road(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """ROAD's linear system written out pixel by pixel and solved densely in float64: each masked pixel
+    equals the weighted mean of its neighbours inside the image (1/6 direct, 1/12 diagonal)."""
+    h, w = mask.shape
+    unknown = {p: k for k, p in enumerate(zip(*np.nonzero(mask)))}
+    a, b = np.zeros((len(unknown), len(unknown))), np.zeros((len(unknown), image.shape[0]))
+    for (y, x), k in unknown.items():
+        for dy, dx in itertools.product((-1, 0, 1), repeat=2):
+            yy, xx, weight = y + dy, x + dx, 1 / 12 if dy and dx else 1 / 6
+            if (dy or dx) and 0 <= yy < h and 0 <= xx < w:
+                a[k, k] += weight
+                if mask[yy, xx]:
+                    a[k, unknown[yy, xx]] -= weight
+                else:
+                    b[k] += weight * image[:, yy, xx]
+    solved = np.linalg.solve(a, b)
+    out = image.copy()
+    for (y, x), k in unknown.items():
+        out[:, y, x] = solved[k]
+    return out
+
+
+@pytest.mark.parametrize("size", [12, 32])
+def test_road_fill_solves_the_papers_linear_system(size):
+    """Against a dense float64 solve on real CIFAR images: scattered pixels, whole blocks, one pixel
+    short of everything; in float64 to a tight tolerance the same solution to 1e-8; float32 at the
+    default tolerance to 1e-4 (normalised units; ROAD's noise is ~0.04)."""
+    images, _ = _cifar(3, size)
+    g = torch.Generator().manual_seed(size)
+    masks = torch.stack([torch.rand(size, size, generator=g) < 0.5,
+                         (torch.rand(size // 4, size // 4, generator=g) < 0.7).repeat_interleave(4, 0)
+                         .repeat_interleave(4, 1),
+                         torch.ones(size, size, dtype=torch.bool)])
+    masks[2, size // 2, 0] = False  # one known pixel at the border
+    expected = np.stack([_dense_road(images[i].double().numpy(), masks[i].numpy()) for i in range(3)])
+    exact = road_fill(images.double(), masks, tolerance=1e-12)
+    np.testing.assert_allclose(exact.numpy(), expected, atol=1e-8, rtol=0)
+    filled = road_fill(images, masks)
+    np.testing.assert_allclose(filled.double().numpy(), expected, atol=1e-4, rtol=0)
+    known = ~masks[:, None].expand_as(images)
+    assert torch.equal(filled[known], images[known])  # unmasked pixels untouched, bit for bit
+    assert torch.equal(road_fill(images, torch.ones(3, size, size, dtype=torch.bool)), torch.zeros_like(images))
+
+
+def test_road_noise_is_seeded_scaled_and_only_on_masked_pixels():
+    images, labels = _cifar(4, 16)
+    mask = torch.rand(4, 16, 16, generator=torch.Generator().manual_seed(0)) < 0.5
+    noise = road_noise(tuple(images.shape), seed=3, pixel_std=(0.25, 0.5, 0.25))
+    assert torch.equal(noise, road_noise(tuple(images.shape), seed=3, pixel_std=(0.25, 0.5, 0.25)))
+    assert not torch.equal(noise, road_noise(tuple(images.shape), seed=4, pixel_std=(0.25, 0.5, 0.25)))
+    # 0.01 of the [0, 1] range, in normalised units: 0.04 for std 0.25, 0.02 for std 0.5
+    assert [round(float(noise[:, c].std()), 3) for c in range(3)] == pytest.approx([0.04, 0.02, 0.04], abs=0.002)
+    added = road_fill(images, mask, noise) - road_fill(images, mask)
+    on = mask[:, None].expand_as(images)
+    torch.testing.assert_close(added[on], noise[on], atol=1e-6, rtol=0)
+    assert torch.equal(added[~on], torch.zeros_like(added[~on]))
+    # scoring: the same seed gives the same curves, another seed other probabilities
+    _, _, region = _region_images(4)
+    model = RegionModel()
+    one, again, other = (score(model, images, labels, region, steps=4, baseline="road", seed=s) for s in (0, 0, 1))
+    assert torch.equal(one.curves["deletion"].values, again.curves["deletion"].values)
+    assert not torch.equal(one.curves["deletion"].values, other.curves["deletion"].values)
+
+
+@pytest.mark.parametrize("call, option", [
+    (lambda x, y, m: score(RegionModel(), x, y, m, grid=0), "--grid"),
+    (lambda x, y, m: score(RegionModel(), x, y, m, grid=2.5), "--grid"),
+    (lambda x, y, m: score(RegionModel(), x, y, m, grid="native"), "--grid"),
+    (lambda x, y, m: score(RegionModel(), x, y, m, grid=17), "--grid"),
+    (lambda x, y, m: score(RegionModel(), x, y, m, baseline="roads"), "--baseline"),
+], ids=["zero", "fraction", "native_without_a_run", "finer_than_the_input", "unknown_baseline"])
+def test_bad_grid_or_baseline_in_the_api_names_the_option(call, option):
+    images, labels, region = _region_images(2)
+    with pytest.raises(XtlError) as error:
+        call(images, labels, region)
+    assert option in str(error.value) and "\n" not in str(error.value)
+
+
 # ----------------------------------------------------------------------------- a real run, through the CLI
 
 
@@ -173,3 +326,51 @@ def test_a_bad_option_is_a_one_line_error_naming_it(tiny_run):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--baseline" in lines[0] and "zero, mean, blur" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--grid", "0"], "option --grid must be a number of cells per side >= 1, native or none (pixels), not 0"),
+    (["--grid", "fine"], "option --grid must be a number of cells per side, native or none, not 'fine'"),
+    (["--grid", "33"], "option --grid must be at most the input's 32 px per side, not 33"),
+    (["--baseline", "roads"], "option --baseline must be one of zero, mean, blur, road, not 'roads'"),
+], ids=["zero", "not_a_number", "finer_than_the_input", "unknown_baseline"])
+def test_a_bad_grid_or_baseline_is_a_one_line_error_naming_it(tiny_run, args, fragment):
+    result = subprocess.run([XTL, "faithfulness", str(tiny_run.path), "--images", "2", "--no-progress", *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--faithfulness-grid", "0"], "option --faithfulness-grid must be >= 1 or null (pixels), not 0"),
+    (["--faithfulness-baseline", "roads"], "option --faithfulness-baseline must be one of zero, mean, blur, road"),
+], ids=["grid", "baseline"])
+def test_a_bad_pipeline_grid_or_baseline_is_a_one_line_error_naming_it(args, fragment):
+    result = subprocess.run([XTL, "run", *args, "--show-config"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+def test_native_grid_and_plain_progress_lines_on_a_non_terminal(tiny_run, tmp_path, capsys):
+    """grid="native" is the source's 32 px: on this 32 px model, per pixel; off a terminal (pytest's
+    captured stderr) progress is one plain line per batch and one per method."""
+    copies = [tmp_path / name for name in ("pixel", "native")]
+    for copy in copies:
+        shutil.copytree(tiny_run.path, copy, ignore=shutil.ignore_patterns("faithfulness*"))
+    options = dict(methods=["saliency"], n_images=4, steps=3, explain_batch_size=2, resume=False)
+    capsys.readouterr()
+    pixel = faithfulness_run([RunDir(copies[0])], progress=False, **options)[0]
+    assert capsys.readouterr().err == ""
+    native = faithfulness_run([RunDir(copies[1])], progress=True, grid="native", **options)[0]
+    lines = capsys.readouterr().err.splitlines()
+    assert native.grid == 32 and [r["grid"] for r in native.rows()] == ["32"] * 3
+    assert [r["grid"] for r in _read(copies[0] / "faithfulness.csv")] == ["pixel"] * 3
+    for a, b in zip(pixel.methods, native.methods):
+        assert all(torch.equal(a.curves[c].auc, b.curves[c].auc) for c in a.curves), a.method
+    assert len(lines) == 2 + 3, lines
+    assert lines[0].startswith("faithfulness native: batch 1/2 (2 of 4 images) saliency ")
+    assert lines[0].endswith(" s elapsed)") and "random" in lines[0] and "uniform" in lines[0]
+    assert [line.split(": ")[1].split(" (")[0] for line in lines[2:]] == [
+        f"{m} scored on 4 images" for m in ("saliency", "random", "uniform")]

@@ -156,6 +156,9 @@ def test_run_writes_every_step(finished):
                  "figures/class_distribution.png", "figures/faithfulness_combined.png"):
         assert (folder / name).is_file(), name
     assert "test accuracy" in result.stdout
+    # stderr is a pipe: no live bars, but plain progress lines while explaining (the last one always)
+    assert "explain timm_resnet10t: 16/16 images, gradcam+saliency (" in result.stderr
+    assert "explain timm_vit_tiny_patch16_224: 16/16 images, gradcam+transformer_attribution+saliency (" in result.stderr
 
 
 def test_rerun_after_finishing_recomputes_nothing(finished):

@@ -243,8 +243,10 @@ def run_command(
     faithfulness_methods: Optional[str] = typer.Option(None, help="Comma-separated methods scored (default: the explained ones)."),
     faithfulness_images: Optional[int] = typer.Option(None, help="Score the first N test images."),
     faithfulness_steps: Optional[int] = typer.Option(None, help="Masked fractions 0, 1/steps, ..., 1."),
-    faithfulness_baseline: Optional[str] = typer.Option(None, help="zero, mean or blur."),
+    faithfulness_baseline: Optional[str] = typer.Option(None, help="zero, mean, blur or road (ROAD's noisy linear imputation)."),
     faithfulness_batch_size: Optional[int] = typer.Option(None, help="Perturbed images per forward pass."),
+    faithfulness_grid: Optional[int] = typer.Option(None, help="Perturb the cells of a G x G grid instead of pixels "
+                                                    "(e.g. 32: CIFAR's own pixels); default: pixels."),
     title: Optional[str] = typer.Option(None, help="Title of the report."),
     force: bool = typer.Option(False, help="Redo every step, deleting the folder's earlier results."),
     show_config: bool = typer.Option(False, help="Print the effective configuration as YAML and stop."),
@@ -263,7 +265,7 @@ def run_command(
         "explain_images": None if images == "all" else images, "explain_batch_size": explain_batch_size,
         "explain_target": explain_target, "gallery_size": gallery_size, "faithfulness_images": faithfulness_images,
         "faithfulness_steps": faithfulness_steps, "faithfulness_baseline": faithfulness_baseline,
-        "faithfulness_batch_size": faithfulness_batch_size,
+        "faithfulness_batch_size": faithfulness_batch_size, "faithfulness_grid": faithfulness_grid,
         "train": parse_assignments(train, "--train") if train else None,
         "per_model": parse_assignments(per_model, "--per-model") if per_model else None,
     }
@@ -278,6 +280,16 @@ def run_command(
 
 def _list(text: Optional[str]) -> Optional[list[str]]:
     return [part.strip() for part in text.split(",") if part.strip()] if text is not None else None
+
+
+def _grid(text: str) -> int | str | None:
+    """--grid: a number of cells per side, native or none."""
+    if text in ("none", "native"):
+        return None if text == "none" else text
+    try:
+        return int(text)
+    except ValueError:
+        raise XtlError(f"option --grid must be a number of cells per side, native or none, not '{text}'") from None
 
 
 def _count_or_all(text: Optional[str], option: str) -> int | str | None:
@@ -325,7 +337,10 @@ def faithfulness_command(
     images: int = typer.Option(100, help="Score the first N images of the split (or of the ImageNet sample)."),
     split: str = typer.Option("test", help="train, val or test."),
     steps: int = typer.Option(10, help="Masked fractions 0, 1/steps, ..., 1 (10: Chefer's 10 % steps)."),
-    baseline: str = typer.Option("zero", help="What a masked pixel becomes: zero (after normalisation), mean or blur."),
+    baseline: str = typer.Option("zero", help="What a masked pixel becomes: zero (after normalisation), mean, blur "
+                                 "or road (Rong et al. 2022: the weighted mean of its neighbours plus noise)."),
+    grid: str = typer.Option("none", help="Perturb the cells of a G x G grid instead of pixels: a number, native (the "
+                             "source images' resolution, e.g. 32 for CIFAR-10) or none (pixels)."),
     batch_size: int = typer.Option(64, help="Perturbed images per forward pass."),
     explain_batch_size: int = typer.Option(8, help="Images per explanation batch."),
     seed: int = typer.Option(0, help="Seed of the random maps."),
@@ -344,7 +359,7 @@ def faithfulness_command(
         raise XtlError("option --imagenet-sample: give either run directories or --imagenet-sample, not both or neither")
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     options = dict(methods=chosen, n_images=images, steps=steps, baseline=baseline, batch_size=batch_size,
-                   explain_batch_size=explain_batch_size, seed=seed, progress=progress)
+                   explain_batch_size=explain_batch_size, seed=seed, progress=progress, grid=_grid(grid))
     if imagenet_sample is not None:
         folder = out or Path("runs") / f"faithfulness-{model.replace(':', '_').replace('/', '_')}"
         results = [faithfulness_imagenet(imagenet_sample, model, out=folder, **options)]

@@ -44,11 +44,16 @@ class RunConfig:
     augment: bool = True
     grad_clip: float | None = 1.0
     patience: int = 3  # early stopping on val loss; 0 = off
+    # transfer: what trains, and on what
+    freeze_blocks: int = 0  # the first N blocks (and the stem) keep their pretrained weights; 0 = all train
+    cache_frozen: bool = True  # with freeze_blocks: compute the frozen blocks once per image (augmentation: flips only)
+    head_epochs: int = 0  # LP-FT: epochs of head-only training on pooled features before fine-tuning (Kumar et al. 2022)
+    head_lr: float = 1e-3  # learning rate of that head-only phase
     # hardware
     accelerator: str = "auto"
     devices: int = 1
     num_nodes: int = 1
-    precision: str = "auto"  # auto = bf16-mixed on GPU, 32-true on CPU
+    precision: str = "auto"  # auto = bf16-mixed on a GPU and on CPUs with native bf16 (AMX, AVX512-BF16), else 32-true
     compile: bool = False  # torch.compile the model (worth it on a GPU, for runs longer than the compilation)
     eval_batch_size: int = 128
     # provenance, filled in by the run
@@ -74,11 +79,11 @@ class RunConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise XtlError(f"{key(name)} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
-        positive = ("lr", "batch_size", "epochs", "devices", "num_nodes", "eval_batch_size")
+        positive = ("lr", "head_lr", "batch_size", "epochs", "devices", "num_nodes", "eval_batch_size")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise XtlError(f"{key(name)} must be > 0, not {getattr(self, name)}")
-        for name in ("weight_decay", "warmup_epochs", "label_smoothing", "patience"):
+        for name in ("weight_decay", "warmup_epochs", "label_smoothing", "patience", "freeze_blocks", "head_epochs"):
             if getattr(self, name) < 0:
                 raise XtlError(f"{key(name)} must be >= 0, not {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:

@@ -55,12 +55,15 @@ class RunDir:
         return self.path / name
 
     # config
-    def write_config(self, config: RunConfig, split: Split, spec: ModelSpec) -> None:
+    def write_config(self, config: RunConfig, split: Split, spec: ModelSpec, precision: str | None = None) -> None:
+        """`precision`: what the run's `precision` setting resolved to on this machine (auto -> bf16-mixed
+        or 32-true), recorded because the same configuration trains differently on another CPU."""
         mean, std = normalisation(config, spec)
         write_yaml(self.config_path, {
             "format_version": FORMAT_VERSION,
             "run": config.to_dict(),
             "derived": {
+                "precision": precision or config.precision,
                 "class_names": split.class_names,
                 "n_classes": split.n_classes,
                 "input_size": spec.input_size,

@@ -9,6 +9,9 @@ Specs understood by `open_source`:
 - `hf:NAME` for a Hugging Face dataset on the hub, or `hf:DIR` for one saved with `save_to_disk`;
 - `cifar10` / `cifar100`: the Hugging Face copies the paper used (`uoft-cs/cifar10`, `uoft-cs/cifar100`);
 - `torchvision:cifar10` / `torchvision:cifar100` (downloads into `~/.cache/xtl`; for online users).
+
+The default source, `../shared/data/cifar10`, exists only on the machines that have `../shared`;
+where it is absent, CIFAR-10 comes from torchvision instead (`xtl.data.fallback`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ def open_source(spec: str) -> Source:
         return _hf_source(spec[len("hf:"):], spec)
     if spec in HF_ALIASES:
         return _hf_source(HF_ALIASES[spec], spec)
+    from xtl.data.fallback import DEFAULT_SOURCE, fallback_source
+
+    if spec == DEFAULT_SOURCE and not os.path.isdir(spec):
+        return fallback_source(spec)  # only the default falls back; a folder the user names must exist
     if os.path.isdir(spec):
         return _folder_source(Path(spec), spec)
     raise XtlError(
@@ -215,26 +222,52 @@ def _first_column(ds, candidates, feature_type, spec) -> str:
 # ----------------------------------------------------------------------------- torchvision
 
 
-def _torchvision_source(name: str, spec: str) -> Source:
+def data_cache_dir() -> Path:
+    """Where downloaded data sets go: $XTL_DATA_CACHE, else ~/.cache/xtl."""
+    return Path(os.environ.get("XTL_DATA_CACHE") or Path.home() / ".cache" / "xtl")
+
+
+def _torchvision_source(name: str, spec: str, folder_order: bool = False) -> Source:
+    """CIFAR from torchvision, downloaded once into `data_cache_dir()`.
+
+    Canonical order: torchvision's (the original pickles' order), keys `train/<index>`. With
+    `folder_order`, the order an image folder of the same data set has (see `_folder_partition`):
+    classes in sorted name order, item i of every class, then item i+1, ..., keys
+    `train/<class>/<NNNN>` (the rank within the class). An image folder exported in the original
+    within-class order (as `../shared/data/cifar10`) then has the same labels at the same ids,
+    so a seeded split of either names the same images.
+    """
     import torchvision
 
     datasets_by_name = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
     if name not in datasets_by_name:
         raise XtlError(f"data source {spec}: torchvision source must be one of {', '.join(datasets_by_name)}")
-    root = Path(os.environ.get("XTL_DATA_CACHE", Path.home() / ".cache" / "xtl"))
+    root = data_cache_dir()
     partitions = {}
     class_names: list[str] = []
     for part in PARTITIONS:
         ds = datasets_by_name[name](root=str(root), train=part == "train", download=True)
         class_names = list(ds.classes)
         data = ds.data  # uint8 [N, H, W, 3]
-
-        def fetch(ids: Sequence[int], data=data) -> list[Image.Image]:
-            return [Image.fromarray(data[i]) for i in ids]
-
         labels = np.asarray(ds.targets, dtype=np.int64)
-        partitions[part] = Partition(labels=labels, keys=[f"{part}/{i}" for i in range(len(labels))], fetch=fetch)
-    return Source(spec=spec, class_names=class_names, partitions=partitions)
+        keys = [f"{part}/{i}" for i in range(len(labels))]
+        order = np.arange(len(labels))
+        if folder_order:
+            sorted_names = sorted(class_names)
+            labels = np.array([sorted_names.index(n) for n in class_names], dtype=np.int64)[labels]
+            rank = np.zeros(len(labels), dtype=np.int64)
+            for c in np.unique(labels):
+                members = np.flatnonzero(labels == c)
+                rank[members] = np.arange(len(members))
+            order = np.lexsort((labels, rank))  # by rank within the class, then by class
+            labels, rank = labels[order], rank[order]
+            keys = [f"{part}/{sorted_names[c]}/{r:04d}" for c, r in zip(labels.tolist(), rank.tolist())]
+
+        def fetch(ids: Sequence[int], data=data, order=order) -> list[Image.Image]:
+            return [Image.fromarray(data[order[i]]) for i in ids]
+
+        partitions[part] = Partition(labels=labels, keys=keys, fetch=fetch)
+    return Source(spec=spec, class_names=sorted(class_names) if folder_order else class_names, partitions=partitions)
 
 
 # ----------------------------------------------------------------------------- to tensors

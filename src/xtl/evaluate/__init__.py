@@ -9,12 +9,21 @@ import torch
 
 from xtl.data import Split
 from xtl.evaluate.figures import plot_confusion_matrix, plot_per_class_accuracy, plot_training_curves, read_csv
-from xtl.evaluate.metrics import Predictions, bootstrap_ci, compute_metrics, predict
+from xtl.evaluate.metrics import (
+    McNemar,
+    Predictions,
+    bootstrap_ci,
+    compute_metrics,
+    mcnemar,
+    paired_correctness,
+    predict,
+)
 from xtl.errors import XtlError
 from xtl.io import write_json, write_text
 from xtl.runs import RunDir
 
-__all__ = ["Predictions", "bootstrap_ci", "compute_metrics", "evaluate", "predict", "read_predictions"]
+__all__ = ["McNemar", "Predictions", "bootstrap_ci", "compute_metrics", "evaluate", "mcnemar", "paired_correctness",
+           "predict", "read_predicted", "read_predictions"]
 
 
 def evaluate(run: RunDir, split: Split | None = None, device: str | None = None) -> dict:
@@ -55,6 +64,17 @@ def read_predictions(run: RunDir) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     ids = torch.tensor([int(r[0]) for r in rows], dtype=torch.long)
     labels = torch.tensor([int(r[1]) for r in rows], dtype=torch.long)
     return ids, labels, torch.tensor([[float(p) for p in r[3:]] for r in rows])
+
+
+def read_predicted(run: RunDir) -> tuple[list[int], list[int], list[int]]:
+    """(ids, labels, predicted classes) of the run's test images, the predicted class as `evaluate`
+    wrote it (not re-derived from the rounded probabilities, which can tie)."""
+    path = run.file("predictions.csv")
+    if not path.is_file():
+        raise XtlError(f"run directory {run.path} has no predictions.csv; run `xtl evaluate {run.path}`")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    return [int(r[0]) for r in rows], [int(r[1]) for r in rows], [int(r[2]) for r in rows]
 
 
 def write_figures(run: RunDir, metrics: dict, epochs: list[dict]) -> None:

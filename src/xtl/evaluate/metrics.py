@@ -80,3 +80,74 @@ def compute_metrics(pred: Predictions, class_names: list[str]) -> dict:
         "confusion_matrix": confusion.tolist(),
         "class_names": class_names,
     }
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """McNemar's exact test of two classifiers on the same images (Edwards' continuity-free exact form).
+
+    `b`: images the first classifier gets right and the second wrong; `c`: the other way round.
+    Under the null hypothesis of equal accuracy each discordant image is a fair coin, so
+    `b ~ Binomial(b + c, 1/2)`; `p_value` is the two-sided exact binomial p-value
+    `min(1, 2 P(X <= min(b, c)))` and `mid_p` its mid-p version `min(1, 2 P(X < min(b, c)) + P(X = min(b, c)))`.
+    """
+
+    n: int  # paired images
+    b: int
+    c: int
+    p_value: float
+    mid_p: float
+
+    @property
+    def discordant(self) -> int:
+        return self.b + self.c
+
+
+def mcnemar(correct_a, correct_b) -> McNemar:
+    """McNemar's exact test from two 0/1 (or bool) vectors of per-image correctness, image k in both
+    vectors being the same image. Exact in integer arithmetic (no normal approximation)."""
+    a = np.asarray(correct_a).astype(bool).ravel()
+    b_ = np.asarray(correct_b).astype(bool).ravel()
+    if a.shape != b_.shape:
+        raise ValueError(f"mcnemar: {a.size} and {b_.size} images are not paired")
+    b = int(np.sum(a & ~b_))
+    c = int(np.sum(~a & b_))
+    p_value, mid_p = _exact_two_sided(min(b, c), b + c)
+    return McNemar(n=int(a.size), b=b, c=c, p_value=p_value, mid_p=mid_p)
+
+
+def _exact_two_sided(k: int, n: int) -> tuple[float, float]:
+    """Two-sided exact and mid-p values of observing `k` (the smaller count) of `n` fair coin flips."""
+    import math
+
+    if n == 0:
+        return 1.0, 1.0
+    total = 1 << n
+    tail = sum(math.comb(n, i) for i in range(k + 1))  # P(X <= k) * 2^n, exact
+    point = math.comb(n, k)
+    # int / int is correctly rounded in Python, however large the integers
+    return min(1.0, 2 * tail / total), min(1.0, (2 * tail - point) / total)
+
+
+def paired_correctness(first: tuple, second: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image correctness of two classifiers matched by image id, from each one's
+    (ids, labels, predicted classes). Raises XtlError saying why they cannot be paired: the runs
+    were tested on other images, an id is repeated, or the same image carries two labels."""
+    from xtl.errors import XtlError
+
+    rows = []
+    for ids, labels, predicted in (first, second):
+        ids, labels, predicted = (np.asarray(v).astype(np.int64).ravel() for v in (ids, labels, predicted))
+        if len(set(ids.tolist())) != len(ids):
+            raise XtlError("a test image id occurs twice in one run's predictions")
+        rows.append({int(i): (int(label), int(guess)) for i, label, guess in zip(ids, labels, predicted)})
+    one, two = rows
+    if set(one) != set(two):
+        shared = len(set(one) & set(two))
+        raise XtlError(f"the runs were tested on different images ({len(one)} and {len(two)} test images, "
+                       f"{shared} shared)")
+    order = sorted(one)
+    if any(one[i][0] != two[i][0] for i in order):
+        raise XtlError("the same test images carry different labels in the two runs")
+    return (np.array([one[i][0] == one[i][1] for i in order], dtype=bool),
+            np.array([two[i][0] == two[i][1] for i in order], dtype=bool))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +29,27 @@ def applicable_methods(family: str, methods: list[str] | None) -> list[str]:
     if unknown:
         raise XtlError(f"option --methods: unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(METHODS))}")
     return [m for m in methods if family in METHODS[m].families]
+
+
+class PlainProgress:
+    """Progress as plain lines where stderr is not a terminal (a piped or logged run, no live bar):
+    `<what>: 48/100 images, <detail> (12.4 s elapsed)`, at most one line per `every` seconds,
+    and always one for the last image."""
+
+    every = 5.0  # seconds
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self, what: str, detail: str, total: int, enabled: bool) -> None:
+        self.what, self.detail, self.total, self.enabled = what, detail, total, enabled
+        self.start = self.last = self.clock()
+
+    def update(self, done: int) -> None:
+        now = self.clock()
+        if not self.enabled or (done < self.total and now - self.last < self.every):
+            return
+        self.last = now
+        print(f"{self.what}: {done}/{self.total} images, {self.detail} ({now - self.start:.1f} s elapsed)",
+              file=sys.stderr, flush=True)
 
 
 class RunExplainer:
@@ -67,12 +90,14 @@ class RunExplainer:
         out = self.run.path / "explanations" / self.split_name
         n = len(self.part) if n_images is None else min(n_images, len(self.part))
         batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+        lines = PlainProgress(f"explain {self.run.path.name}", "+".join(methods), n, enabled=not sys.stderr.isatty())
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       disable=not progress, console=console) as bar, \
                 sigterm_as_interrupt(lambda: f"finished shards are kept in {out}; the same command continues"):
-            for method in methods:
-                task = bar.add_task(f"{self.run.path.name}: {method}", total=len(batches))
-                for k, positions in enumerate(batches):
+            tasks = {m: bar.add_task(f"{self.run.path.name}: {m}", total=len(batches)) for m in methods}
+            # batch by batch, every method on each: "images done" means done by every method
+            for k, positions in enumerate(batches):
+                for method in methods:
                     shard = out / method / f"batch_{k:05d}_{positions[0]}-{positions[-1]}.safetensors"
                     if not shard.is_file():
                         try:
@@ -80,7 +105,8 @@ class RunExplainer:
                         except torch.cuda.OutOfMemoryError:
                             raise XtlError(f"out of GPU memory explaining {self.run.path} with {method} and --batch-size "
                                            f"{batch_size}; try a smaller --batch-size (finished shards are kept)") from None
-                    bar.advance(task)
+                    bar.advance(tasks[method])
+                lines.update(positions[-1] + 1)
         return out
 
     def _write_shard(self, shard: Path, positions: list[int], method: str, target: str) -> None:

@@ -5,7 +5,8 @@
 
 Metrics (`METRICS`, registered as data): deletion and insertion (Petsiuk et al. 2018), positive
 and negative perturbation (Chefer et al. 2021); masked pixels take a baseline value
-(`BASELINES`: zero, mean, blur). Run level: `faithfulness_run`, `faithfulness_imagenet`.
+(`BASELINES`: zero, mean, blur, or road: ROAD's noisy linear imputation, `road_fill`), pixel by pixel
+or, with `grid=G`, cell by cell of a G x G grid. Run level: `faithfulness_run`, `faithfulness_imagenet`.
 """
 
 from xtl.faithfulness.metrics import METRICS, Curve, Metric, register_metric
@@ -13,8 +14,12 @@ from xtl.faithfulness.perturbation import (
     BASELINES,
     Scores,
     baseline_inputs,
+    cell_maps,
+    perturbation_masks,
     random_maps,
     relevance_ranks,
+    road_fill,
+    road_noise,
     score,
     score_maps,
     uniform_maps,
@@ -32,7 +37,8 @@ from xtl.faithfulness.runner import (
 
 __all__ = [
     "BASELINES", "DEFAULT_METHODS", "METRICS", "Curve", "Metric", "ModelScores", "Scores", "baseline_inputs",
-    "faithfulness_imagenet", "faithfulness_run", "faithfulness_table", "markdown_table",
-    "random_maps", "read_rows", "register_metric", "relevance_ranks", "score", "score_maps", "score_model",
+    "cell_maps", "faithfulness_imagenet", "faithfulness_run", "faithfulness_table", "markdown_table",
+    "perturbation_masks", "random_maps", "read_rows", "register_metric", "relevance_ranks", "road_fill", "road_noise",
+    "score", "score_maps", "score_model",
     "uniform_maps",
 ]

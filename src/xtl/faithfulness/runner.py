@@ -12,6 +12,11 @@ Deletion and insertion score the maps of the predicted class; positive and negat
 (Chefer et al.) are reported for the maps of the predicted and of the true class, the accuracy
 always against the true label. The two sets of maps differ only on misclassified images, so only
 those are explained and scored a second time.
+
+`grid` perturbs cells of a G x G grid instead of pixels (`xtl.faithfulness.perturbation`); the
+runs take `grid="native"`: the source images' own resolution (32 for CIFAR-10, whatever the
+model's input size), which needs square source images. Progress: a bar on a terminal; elsewhere
+(a log file) one plain line per batch of images and one per method at the end.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import hashlib
 import io
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from rich.console import Console
@@ -38,6 +45,7 @@ from xtl.explain.runner import RunExplainer, applicable_methods
 from xtl.faithfulness.figures import plot_curves
 from xtl.faithfulness.metrics import METRICS, Curve
 from xtl.faithfulness.perturbation import (
+    check_grid_size,
     check_scoring_options,
     make_progress,
     predict_classes,
@@ -76,13 +84,14 @@ class ModelScores:
     steps: int
     baseline: str
     methods: list[MethodScores]
+    grid: int | None = None  # cells per side of the perturbed grid; None: pixels
 
     def rows(self) -> list[dict]:
         return [self._row(m) for m in self.methods]
 
     def _row(self, m: MethodScores) -> dict:
         row = {"run": self.name, "model": self.model, "method": m.method, "n_images": self.n_images,
-               "steps": self.steps, "baseline": self.baseline}
+               "steps": self.steps, "baseline": self.baseline, "grid": grid_label(self.grid)}
         for column, curve in m.curves.items():
             row[column] = float(curve.auc.mean())
             row[f"{column}_std"] = float(curve.auc.std()) if len(curve.auc) > 1 else 0.0
@@ -98,29 +107,42 @@ class ModelScores:
 def score_model(model: nn.Module, spec: ModelSpec, images: torch.Tensor, labels: torch.Tensor, methods: list[str],
                 steps: int = 10, baseline: str = "zero", batch_size: int = 64, explain_batch_size: int = 8,
                 seed: int = 0, method_options: dict[str, dict] | None = None, progress: bool | Progress = False,
-                title: str = "", cache: Path | None = None) -> list[MethodScores]:
+                title: str = "", cache: Path | None = None, grid: int | None = None,
+                pixel_std: Sequence[float] | None = None) -> list[MethodScores]:
     """Explain `images` with each method, score the maps and the random/uniform references.
 
     The images go through in batches of `explain_batch_size`. With `cache` (a folder), each
     batch's scores of each method are kept there as they finish, under a key of the model's
     weights, the images and every setting: a killed job run again computes only what is missing.
+    `grid`: perturb a G x G grid of cells (None: pixels); the random reference is then random per
+    cell. `seed`: of the random maps and of ROAD's noise (batch k's noise from seed + k).
+    `pixel_std`: the std the images were normalised with (ROAD's noise; None: `spec.std`).
+    `progress`: True = a bar on a terminal, plain lines on stderr otherwise; or a bar to add to.
     """
-    check_scoring_options(steps, batch_size, baseline)
+    check_scoring_options(steps, batch_size, baseline, grid)
+    check_grid_size(grid, tuple(images.shape[-2:]))
+    pixel_std = tuple(spec.std if pixel_std is None else pixel_std)
     labels = labels.cpu().long()
     n = images.shape[0]
     names = list(methods) + list(REFERENCES)
     shape = (n, *images.shape[-2:])
-    references = {"random": random_maps(shape, seed, images.device), "uniform": uniform_maps(shape, images.device)}
+    references = {"random": random_maps(shape, seed, images.device, grid), "uniform": uniform_maps(shape, images.device)}
     batches = [slice(s, min(s + explain_batch_size, n)) for s in range(0, n, explain_batch_size)]
     if cache is not None:
-        cache = Path(cache) / _fingerprint(model, images, labels, dict(
-            steps=steps, baseline=baseline, batch_size=batch_size, explain_batch_size=explain_batch_size, seed=seed,
-            method_options=method_options or {}))
+        settings = dict(steps=steps, baseline=baseline, batch_size=batch_size, explain_batch_size=explain_batch_size,
+                        seed=seed, method_options=method_options or {})
+        if grid is not None:  # only where not the default: the caches of per-pixel scoring stay valid
+            settings["grid"] = grid
+        if baseline == "road":
+            settings["pixel_std"] = list(pixel_std)
+        cache = Path(cache) / _fingerprint(model, images, labels, settings)
     done: dict[str, list[MethodScores]] = {name: [] for name in names}
     held = progress if isinstance(progress, Progress) else None
+    lines = progress is True and not sys.stderr.isatty()
     on_interrupt = lambda: f"finished batches are kept in {cache}; the same command continues" if cache else None  # noqa: E731
-    with make_progress() if progress is True else nullcontext(held) as bar, sigterm_as_interrupt(on_interrupt), \
-            _out_of_memory_message(title, batch_size, explain_batch_size):
+    started = time.perf_counter()
+    with make_progress() if progress is True and not lines else nullcontext(held) as bar, \
+            sigterm_as_interrupt(on_interrupt), _out_of_memory_message(title, batch_size, explain_batch_size):
         task = bar.add_task(f"{title}: explain and score", total=len(batches)) if bar is not None else None
         for k, part in enumerate(batches):
             kept = {name: _read_batch(cache, name, k, part) for name in names} if cache is not None else {}
@@ -128,7 +150,8 @@ def score_model(model: nn.Module, spec: ModelSpec, images: torch.Tensor, labels:
             if todo:
                 computed = _score_batch(model, spec, images[part], labels[part], [m for m in methods if m in todo],
                                         {r: references[r][part] for r in REFERENCES if r in todo}, steps, baseline,
-                                        batch_size, explain_batch_size, method_options or {})
+                                        batch_size, explain_batch_size, method_options or {}, grid=grid,
+                                        seed=seed + k, pixel_std=pixel_std)
                 for name, scores in computed.items():
                     if cache is not None:
                         _write_batch(cache, name, k, part, scores)
@@ -137,11 +160,33 @@ def score_model(model: nn.Module, spec: ModelSpec, images: torch.Tensor, labels:
                 done[name].append(kept[name])
             if bar is not None:
                 bar.advance(task)
-    return [_concatenate(name, done[name]) for name in names]
+            if lines:
+                _print_line(f"faithfulness {title}: batch {k + 1}/{len(batches)} ({part.stop} of {n} images) " + (
+                    "; ".join(f"{name} {kept[name].explain_seconds + kept[name].score_seconds:.1f} s" for name in todo)
+                    + (f"; {len(names) - len(todo)} read from the cache" if len(todo) < len(names) else "")
+                    if todo else "read from the cache") + f" ({time.perf_counter() - started:.1f} s elapsed)")
+    results = [_concatenate(name, done[name]) for name in names]
+    if lines:
+        for result in results:
+            _print_line(f"faithfulness {title}: {result.method} scored on {n} images "
+                        f"({result.explain_seconds + result.score_seconds:.1f} s, "
+                        f"{time.perf_counter() - started:.1f} s elapsed)")
+    return results
+
+
+def _print_line(text: str) -> None:
+    """A progress line for a log: plain text, at once."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def grid_label(grid: int | None) -> str:
+    """How a grid is written in tables: "pixel" (None) or the cells per side."""
+    return "pixel" if grid is None else str(grid)
 
 
 def _score_batch(model, spec, images, labels, methods, references, steps, baseline, batch_size, explain_batch_size,
-                 method_options) -> dict[str, MethodScores]:
+                 method_options, grid: int | None = None, seed: int = 0,
+                 pixel_std: Sequence[float] | None = None) -> dict[str, MethodScores]:
     """One batch of images: the methods' maps and the given reference maps, scored."""
     predicted = predict_classes(model, images, batch_size)
     wrong = torch.nonzero(predicted.cpu() != labels).flatten()
@@ -150,9 +195,10 @@ def _score_batch(model, spec, images, labels, methods, references, steps, baseli
         maps[method], seconds[method] = _explain_all(model, spec, images, predicted, method, explain_batch_size,
                                                      method_options.get(method, {}), None, "")
     maps.update(references)
-    scores = score_maps(model, images, labels, maps, predicted.cpu(), steps, baseline, batch_size)
+    perturbation = dict(grid=grid, seed=seed, pixel_std=pixel_std)
+    scores = score_maps(model, images, labels, maps, predicted.cpu(), steps, baseline, batch_size, **perturbation)
     true_scores = _true_class_scores(model, spec, images, labels, wrong, methods, steps, baseline, batch_size,
-                                     explain_batch_size, method_options, None, "", seconds)
+                                     explain_batch_size, method_options, None, "", seconds, perturbation)
     results = {}
     for name, s in scores.items():
         curves = dict(s.curves)
@@ -244,7 +290,7 @@ def _explain_all(model, spec, images, targets, method, batch_size, options, bar,
 
 
 def _true_class_scores(model, spec, images, labels, wrong, methods, steps, baseline, batch_size, explain_batch_size,
-                       method_options, bar, title, seconds) -> dict[str, dict[str, Curve]]:
+                       method_options, bar, title, seconds, perturbation: dict) -> dict[str, dict[str, Curve]]:
     """Accuracy curves of the true class's maps on the misclassified images (class-discriminative methods)."""
     chosen = [m for m in methods if METHODS[m].class_discriminative]
     if not len(wrong) or not chosen:
@@ -256,7 +302,8 @@ def _true_class_scores(model, spec, images, labels, wrong, methods, steps, basel
                                            explain_batch_size, method_options.get(method, {}), bar, f"{title} (true class)")
         seconds[method] += extra
     scores = score_maps(model, images[index], labels[wrong], maps, labels[wrong], steps, baseline, batch_size,
-                        ACCURACY_METRICS, bar if bar is not None else False, f"{title}: score (true class)")
+                        ACCURACY_METRICS, bar if bar is not None else False, f"{title}: score (true class)",
+                        **perturbation)
     return {name: s.curves for name, s in scores.items()}
 
 
@@ -276,13 +323,15 @@ def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n
                      split: str = "test", steps: int = 10, baseline: str = "zero", batch_size: int = 64,
                      explain_batch_size: int = 8, seed: int = 0, device: str | None = None, progress: bool = True,
                      combined: Path | None = None, method_options: dict[str, dict] | None = None,
-                     resume: bool = True) -> list[ModelScores]:
+                     resume: bool = True, grid: int | str | None = None) -> list[ModelScores]:
     """Score each run's methods on the first `n_images` of its split; write each run's table and
     figure, and the combined table and figure (into `combined`, default the first run) when
     several runs are given. With `resume`, finished batches are kept in and read back from
-    `<run>/faithfulness_cache/` (False: compute everything, keep nothing, e.g. to time it)."""
+    `<run>/faithfulness_cache/` (False: compute everything, keep nothing, e.g. to time it).
+    `grid`: cells per side of the perturbed grid, "native" (the source images' own resolution,
+    e.g. 32 for CIFAR-10) or None (pixels of the model's input)."""
     check_options(n_images, split, explain_batch_size)
-    check_scoring_options(steps, batch_size, baseline)
+    check_scoring_options(steps, batch_size, baseline, grid, native=True)
     _check_methods(methods)
     for run in run_dirs:
         run.read()
@@ -292,15 +341,25 @@ def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n
         chosen = _chosen_methods(explainer.spec.family, methods, explainer.spec.name)
         n = min(n_images, len(explainer.part))
         images = explainer.preprocess(explainer.part.images[:n].to(explainer.device))
+        cells = native_grid(explainer.part.images, f"run {run.path}") if grid == "native" else grid
         scores = score_model(explainer.model, explainer.spec, images, explainer.part.labels[:n], chosen, steps, baseline,
                              batch_size, explain_batch_size, seed, method_options, progress, run.path.name,
-                             cache=run.file(CACHE) if resume else None)
-        result = ModelScores(run.path.name, explainer.spec.name, n, steps, baseline, scores)
+                             cache=run.file(CACHE) if resume else None, grid=cells,
+                             pixel_std=explainer.preprocess.std)
+        result = ModelScores(run.path.name, explainer.spec.name, n, steps, baseline, scores, cells)
         write_outputs(run.path, result)
         results.append(result)
     if len(results) > 1:
         write_combined(combined or run_dirs[0].path, results)
     return results
+
+
+def native_grid(source_images: torch.Tensor, what: str) -> int:
+    """The grid of `grid="native"`: the side of the (uint8, unresized) source images."""
+    height, width = source_images.shape[-2:]
+    if height != width:
+        raise XtlError(f"option --grid native needs square source images; {what} has {height}x{width}: give a number")
+    return int(height)
 
 
 def check_options(n_images: int, split: str, explain_batch_size: int = 8) -> None:
@@ -350,14 +409,16 @@ def faithfulness_imagenet(folder: Path, model: str = "efficientnet_lite0", metho
                           n_images: int = 200, out: Path = Path("runs/faithfulness-imagenet"), steps: int = 10,
                           baseline: str = "zero", batch_size: int = 64, explain_batch_size: int = 8, seed: int = 0,
                           device: str | None = None, progress: bool = True,
-                          method_options: dict[str, dict] | None = None, resume: bool = True) -> ModelScores:
+                          method_options: dict[str, dict] | None = None, resume: bool = True,
+                          grid: int | str | None = None) -> ModelScores:
     """Score the methods on a pretrained ImageNet classifier (its own head) and the imagenet-sample images
-    (`resume`: as in `faithfulness_run`, the cache in `<out>/faithfulness_cache/`)."""
+    (`resume`: as in `faithfulness_run`, the cache in `<out>/faithfulness_cache/`; `grid`: as there,
+    "native" being the model's input size, as the sample is decoded at it: per pixel)."""
     from xtl.data import Preprocess
     from xtl.models import build_model
 
     check_options(n_images, "test", explain_batch_size)
-    check_scoring_options(steps, batch_size, baseline)
+    check_scoring_options(steps, batch_size, baseline, grid, native=True)
     _check_methods(methods)
     if not Path(folder).is_dir():
         raise XtlError(f"option --imagenet-sample: {folder} is not a directory")
@@ -367,10 +428,11 @@ def faithfulness_imagenet(folder: Path, model: str = "efficientnet_lite0", metho
     chosen = _chosen_methods(spec.family, methods, spec.name)
     raw, labels = load_imagenet_sample(Path(folder), n_images, spec.input_size)
     images = Preprocess(spec.input_size, spec.mean, spec.std)(raw.to(device))
+    cells = native_grid(raw, str(folder)) if grid == "native" else grid
     scores = score_model(net, spec, images, labels, chosen, steps, baseline, batch_size, explain_batch_size, seed,
                          method_options, progress, f"{spec.name} (ImageNet)",
-                         cache=Path(out) / CACHE if resume else None)
-    result = ModelScores(Path(out).name, spec.name, len(labels), steps, baseline, scores)
+                         cache=Path(out) / CACHE if resume else None, grid=cells, pixel_std=spec.std)
+    result = ModelScores(Path(out).name, spec.name, len(labels), steps, baseline, scores, cells)
     write_outputs(Path(out), result)
     return result
 
@@ -413,7 +475,7 @@ def read_rows(path: Path) -> list[dict]:
     """Rows of a faithfulness CSV with numbers as numbers."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    text = {"run", "model", "method", "baseline"}
+    text = {"run", "model", "method", "baseline", "grid"}
     return [{k: v if k in text else float(v) for k, v in row.items()} for row in rows]
 
 
@@ -422,7 +484,7 @@ def faithfulness_table(rows: list[dict]) -> Table:
     columns = table_columns()
     table = Table("model", "method", *[header for _, header in columns], "explain s", "score img/s",
                   title=f"Faithfulness: AUC on {_images(rows)} images, {rows[0]['steps']:.0f} steps, "
-                        f"baseline {rows[0]['baseline']}")
+                        f"baseline {rows[0]['baseline']}{_grid_words(rows)}")
     for group in _by_run(rows):
         for row, cells in _formatted(group, "[bold]{}[/bold]"):
             table.add_row(row["model"], row["method"], *cells, f"{row['explain_s']:.1f}", f"{row['score_images_per_s']:.1f}")
@@ -447,6 +509,11 @@ def _by_run(rows: list[dict]) -> list[list[dict]]:
     for row in rows:
         groups.setdefault(row["run"], []).append(row)
     return list(groups.values())
+
+
+def _grid_words(rows: list[dict]) -> str:
+    grids = sorted({str(r.get("grid", "pixel")) for r in rows})
+    return "" if grids == ["pixel"] else f", perturbed on a {'/'.join(grids)} grid"
 
 
 def _images(rows: list[dict]) -> str:

@@ -174,12 +174,36 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, m
     model.load_state_dict(to_load, strict=False)
 
 
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: a GPU that supports it, or a CPU with AMX-BF16 or
+    AVX512-BF16 (Intel Sapphire Rapids and later, AMD Zen 4 and later). CPUs without them emulate
+    bf16 in software, slower than float32, so they keep float32."""
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    return bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def inference_autocast(device: str | torch.device, bf16: bool | None = None):
-    """Autocast for forward passes without gradients: bf16 on a GPU (2-3x float32's rate), float32 on
-    the CPU; `bf16` forces either."""
+    """Autocast for forward passes without gradients: bf16 where the device has it natively
+    (`native_bf16`: 2-3x float32's rate on a GPU, 2-6x on an AMX or AVX512-BF16 CPU), float32
+    elsewhere; `bf16` forces either."""
     device_type = torch.device(device).type
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16,
-                          enabled=device_type == "cuda" if bf16 is None else bf16)
+                          enabled=native_bf16(device) if bf16 is None else bf16)
 
 
 def load_run_weights(model: nn.Module, path: Path, model_name: str) -> None:

@@ -29,6 +29,8 @@ def _build(spec: ModelSpec, n_classes: int, pretrained: bool, weights_path: Path
         kwargs["img_size"] = spec.input_size
     if weights_path is None and pretrained and spec.name == "vit_s14_dinov2":
         weights_path = find_local_weights(DINOV2_FILE)  # offline copy when there is one
+        if weights_path is not None:
+            _say_weights_source(spec, weights_path)
     use_hub = pretrained and weights_path is None
     try:
         model = timm.create_model(spec.hub_id, pretrained=use_hub, **kwargs)
@@ -36,11 +38,57 @@ def _build(spec: ModelSpec, n_classes: int, pretrained: bool, weights_path: Path
         if "Unknown model" in str(err):
             raise XtlError(f"unknown model '{spec.name}'") from None
         raise
+    except _hub_errors() as err:  # offline: huggingface_hub's errors are OSErrors (LocalEntryNotFoundError, ...)
+        if not use_hub:
+            raise
+        _hub_failed(spec, err)
+    if use_hub:
+        _say_weights_source(spec, None)
     new_head(model, spec.classifier, n_classes)
     if weights_path is not None:
         state = _timm_filter(model, read_state_dict(weights_path))
         load_weights(model, state, weights_path, spec.name, spec.classifier)
     return model
+
+
+_said: set[str] = set()  # one line per model and process
+
+
+def _say_weights_source(spec: ModelSpec, local: Path | None) -> None:
+    """One line on stderr: where the pretrained weights come from (a local file or the timm hub)."""
+    if spec.name in _said:
+        return
+    _said.add(spec.name)
+    if local is not None:
+        line = f"weights: {spec.name} from {local}"
+    elif spec.name == "vit_s14_dinov2":
+        line = (f"weights: {spec.name}: {DINOV2_FILE} not in $XTL_WEIGHTS_DIR or ../shared/weights; "
+                f"using the timm hub's {spec.hub_id} (original DINOv2; downloaded once to the Hugging Face cache)")
+    else:
+        line = f"weights: {spec.name} from the timm hub's {spec.hub_id} (downloaded once to the Hugging Face cache)"
+    print(line, file=sys.stderr, flush=True)
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import httpx  # huggingface_hub's transport; its errors are not OSErrors
+    except ImportError:
+        return (OSError,)
+    return (OSError, httpx.HTTPError)
+
+
+def _hub_failed(spec: ModelSpec, err: BaseException) -> None:
+    """A failed hub download as one line that says what to provide instead."""
+    from xtl.data.fallback import short_reason
+
+    reason = short_reason(err)
+    if spec.name == "vit_s14_dinov2":
+        provide = f"put {DINOV2_FILE} in $XTL_WEIGHTS_DIR or ../shared/weights, or connect once to download it"
+    else:
+        provide = (f"pass a local weights file (--weights FILE; in xtl run --per-model {spec.name}.weights=FILE) "
+                   "or connect once to download them")
+    raise XtlError(f"the weights of {spec.name} could not be downloaded from the timm hub ({spec.hub_id}: "
+                   f"{reason}; no network?); {provide}") from None
 
 
 def _timm_filter(model: nn.Module, state: dict) -> dict:

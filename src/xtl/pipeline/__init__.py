@@ -140,7 +140,10 @@ class Pipeline:
         split = self.split(config)
         plot_class_distribution(split, self.folder / "figures" / "class_distribution.png")
         write_json(self.folder / "data.json", {
-            "source": config.source, "class_names": split.class_names, "counts": split.summary(),
+            # the source actually read (the report shows it): the configured one, or its stand-in
+            # where the default ../shared folder is absent (xtl.data.fallback)
+            "source": split.source, "configured_source": config.source,
+            "class_names": split.class_names, "counts": split.summary(),
             "sizes": {name: len(part) for name, part in split.parts.items()},
         })
 
@@ -200,7 +203,8 @@ class Pipeline:
     def faithfulness_settings(self) -> list:
         c = self.config
         return [c.faithfulness_methods or c.explain_methods, c.faithfulness_images, c.faithfulness_steps,
-                c.faithfulness_baseline, c.faithfulness_batch_size]
+                c.faithfulness_baseline, c.faithfulness_batch_size] + (
+                    [c.faithfulness_grid] if c.faithfulness_grid is not None else [])  # finished steps stay valid
 
     def faithfulness(self) -> None:
         from xtl.faithfulness import faithfulness_run, faithfulness_table
@@ -209,7 +213,8 @@ class Pipeline:
         results = faithfulness_run(
             list(self.runs.values()), c.faithfulness_methods or c.explain_methods, c.faithfulness_images,
             steps=c.faithfulness_steps, baseline=c.faithfulness_baseline, batch_size=c.faithfulness_batch_size,
-            progress=self.progress, combined=self.folder,
+            grid=c.faithfulness_grid, combined=self.folder,
+            progress=self.progress or not sys.stderr.isatty(),  # a log gets one plain line per batch and method
         )
         if len(results) == 1:  # the report reads the combined table in every case
             shutil.copyfile(self.runs[c.models[0]].file("faithfulness.csv"), self.folder / "faithfulness_combined.csv")

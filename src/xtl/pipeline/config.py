@@ -18,6 +18,7 @@ PRESETS = ("quick", "paper", "offline-full")
 TRAINING_PRESET = {"quick": "quick", "paper": "paper", "offline-full": "default"}
 QUICK_METHODS = ["gradcam", "transformer_attribution", "attention_rollout", "saliency"]
 FULL_METHODS = QUICK_METHODS + ["integrated_gradients", "lrp_epsilon"]
+FAITHFULNESS_BASELINES = ("zero", "mean", "blur", "road")  # xtl.faithfulness.BASELINES, without importing torch
 
 
 @dataclass
@@ -41,6 +42,7 @@ class PipelineConfig:
     faithfulness_steps: int = 10
     faithfulness_baseline: str = "zero"
     faithfulness_batch_size: int = 64
+    faithfulness_grid: int | None = None  # perturb cells of a G x G grid (e.g. 32 for CIFAR); None: pixels
     title: str | None = None  # of the report
 
     @property
@@ -57,8 +59,11 @@ class PipelineConfig:
             raise XtlError(f"{label('models', where)} names a model twice: {', '.join(self.models)}")
         if self.explain_target not in ("predicted", "true"):
             raise XtlError(f"{label('explain_target', where)} must be predicted or true, not '{self.explain_target}'")
-        if self.faithfulness_baseline not in ("zero", "mean", "blur"):
-            raise XtlError(f"{label('faithfulness_baseline', where)} must be zero, mean or blur, not '{self.faithfulness_baseline}'")
+        if self.faithfulness_baseline not in FAITHFULNESS_BASELINES:
+            raise XtlError(f"{label('faithfulness_baseline', where)} must be one of {', '.join(FAITHFULNESS_BASELINES)}, "
+                           f"not '{self.faithfulness_baseline}'")
+        if self.faithfulness_grid is not None and self.faithfulness_grid < 1:
+            raise XtlError(f"{label('faithfulness_grid', where)} must be >= 1 or null (pixels), not {self.faithfulness_grid}")
         for key in ("explain_batch_size", "gallery_size", "faithfulness_images", "faithfulness_steps", "faithfulness_batch_size"):
             if getattr(self, key) < 1:
                 raise XtlError(f"{label(key, where)} must be >= 1, not {getattr(self, key)}")

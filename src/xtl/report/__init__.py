@@ -14,7 +14,20 @@ import yaml
 
 import xtl
 from xtl.io import atomic_path, write_text
-from xtl.report.findings import ModelResult, confusion_sentences, summary_sentence, top_confusions
+from xtl.report.findings import (
+    ModelResult,
+    artefact_sentences,
+    confusion_sentences,
+    faithfulness_findings,
+    kind_sentences,
+    labels,
+    last_epoch_note,
+    last_epoch_notes,
+    paired_comparisons,
+    paired_sentence,
+    summary_sentence,
+    top_confusions,
+)
 from xtl.runs import RunDir
 
 __all__ = ["ModelResult", "build_report", "SECTIONS"]
@@ -51,14 +64,21 @@ def build_report(runs: list[RunDir], out: Path, folder: Path | None = None, conf
     results = [ModelResult.read(run) for run in runs]
     figures_dir = out / "figures"
     figures = Figures(figures_dir)
+    paired = paired_comparisons(results)
+    artefacts = artefact_sentences(results)
     context = {
         "title": title or "Explainable transfer learning: " + " vs ".join(r.model for r in results),
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "sections": [s for s in sections if s in SECTIONS],
+        "kind": kind_sentences(results, (config or {}).get("preset")),
         "summary": summary_sentence(results),
+        "paired": [{"row": p.row(), "sentence": paired_sentence(p)} for p in paired],
+        "paired_note": len(paired) > 1,
+        "notes": last_epoch_notes(results) + artefacts,
+        "artefacts": artefacts,
         "confusions": confusion_sentences(results),
         "comparison": [r.row() for r in results],
-        "models": [_model_context(r, figures) for r in results],
+        "models": [_model_context(r, label, figures) for r, label in zip(results, labels(results))],
         "data": _data_context(folder, results, figures),
         "galleries": [figures.add(folder / "figures" / f"{name}.png", f"{name}.png", caption)
                       for name, caption in FOLDER_FIGURES.items() if name.startswith("compare") and folder],
@@ -88,7 +108,7 @@ class Figures:
         return Figure(f"figures/{name}", caption, f"data:image/png;base64,{data}")
 
 
-def _model_context(result: ModelResult, figures: Figures) -> dict[str, Any]:
+def _model_context(result: ModelResult, label: str, figures: Figures) -> dict[str, Any]:
     m = result.metrics
     low, high = m["accuracy_ci95"]
     return {
@@ -100,6 +120,7 @@ def _model_context(result: ModelResult, figures: Figures) -> dict[str, Any]:
         "n_images": m["n_images"],
         "epochs": result.epochs,
         "best_epoch": m.get("best_epoch"),
+        "note": last_epoch_note(label, result.epochs, m.get("best_epoch")),
         "per_class": m["per_class_accuracy"],
         "confusions": top_confusions(m, limit=5),
         "figures": [f for f in (figures.add(result.run.figures / f"{key}.png", f"{result.name}_{key}.png", caption)
@@ -158,6 +179,7 @@ def _faithfulness_context(folder: Path | None, results: list[ModelResult], figur
                       "cells": cells})
     return {
         "headers": [header for _, header in columns],
+        "findings": faithfulness_findings(rows),
         "rows": table,
         "n_images": sorted({int(r["n_images"]) for r in rows}),
         "steps": int(rows[0]["steps"]) if rows else 0,

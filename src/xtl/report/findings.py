@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from xtl.errors import XtlError
 from xtl.evaluate.figures import read_csv
-from xtl.runs import RunDir
+from xtl.evaluate.metrics import McNemar, mcnemar, paired_correctness
+from xtl.runs import RunDir, run_title
 
 
 @dataclass
@@ -114,19 +116,7 @@ def confusion_sentences(results: list[ModelResult]) -> list[str]:
             each = ", ".join(f"{r.model} {n}" for r, n in zip(results, counts))
             sentences.append(f"Across the models, {a} and {b} are the most confused pair: {sum(counts)} mistakes "
                              f"between them, either way ({each}).")
-        best = max(results, key=lambda r: r.metrics["accuracy"])
-        worst = min(results, key=lambda r: r.metrics["accuracy"])
-        if best is not worst:
-            gap = best.metrics["accuracy"] - worst.metrics["accuracy"]
-            overlap = _ci_overlap(best.metrics["accuracy_ci95"], worst.metrics["accuracy_ci95"])
-            sentences.append(f"{best.model} is {100 * gap:.1f} points more accurate than {worst.model}; "
-                             + ("their 95 % intervals overlap, so the gap is not clear on this test set."
-                                if overlap else "their 95 % intervals do not overlap."))
     return sentences
-
-
-def _ci_overlap(a: list[float], b: list[float]) -> bool:
-    return a[0] <= b[1] and b[0] <= a[1]
 
 
 def summary_sentence(results: list[ModelResult]) -> str:
@@ -138,3 +128,340 @@ def summary_sentence(results: list[ModelResult]) -> str:
                      f"{_pct(high)}; macro ROC-AUC {r.metrics['roc_auc_macro_ovr']:.3f})")
     n = {r.metrics["n_images"] for r in results}
     return f"On {'/'.join(str(x) for x in sorted(n))} test images, " + "; ".join(parts) + "."
+
+
+def labels(results: list[ModelResult]) -> list[str]:
+    """How sentences name each run: its model, or `folder (model)` where two runs share a model."""
+    models = [r.model for r in results]
+    return [r.model if models.count(r.model) == 1 else run_title(r.name, r.model) for r in results]
+
+
+# ----------------------------------------------------------------------------- what kind of run this is
+
+# The paper's scale: 4,500 training images at 224 px. A run below either is CPU-scale.
+PAPER_TRAIN_IMAGES = 4500
+PAPER_INPUT_SIZE = 224
+GPU_PRESETS_NOTE = (
+    "The quick preset is a CPU-scale stand-in for the two GPU presets: the paper preset (xtl run --preset paper) "
+    "fine-tunes the paper's AlexNet, ResNet-34 and ViT-B/16 (hub weights) on the paper split with the paper's "
+    "recipe, and the offline-full preset (xtl run --preset offline-full) fine-tunes the offline models "
+    "(EfficientNet-Lite0, DINOv2 ViT-S/14) on the paper split at full resolution. The accuracies here are of a "
+    "small subset at low resolution and are not comparable with the paper's."
+)
+
+
+@dataclass
+class RunKind:
+    """What a run was, read from its config.yaml (`run` and `derived`); None where not recorded."""
+
+    scale: str  # "CPU-scale" or "GPU-scale"
+    train_images: int | None
+    input_size: int | None
+    epochs: int | None  # configured
+    trained: int  # epochs in the history
+    device: str | None
+    precision: str | None
+    weights: str | None
+    pretrained: bool
+    recipe: str | None
+    freeze_blocks: int | None
+    head_epochs: float | None
+
+
+def run_kind(config: dict, derived: dict, trained: int) -> RunKind:
+    """The run's scale and recipe: GPU-scale when it trained on at least the paper's 4,500 images at
+    224 px or more, CPU-scale otherwise (whatever hardware it ran on, which is reported beside it)."""
+    sizes = derived.get("split_sizes") or {}
+    train = sizes.get("train", config.get("train_size"))
+    size = derived.get("input_size", config.get("input_size"))
+    gpu = train is not None and size is not None and train >= PAPER_TRAIN_IMAGES and size >= PAPER_INPUT_SIZE
+
+    def recorded(key: str, *aliases: str) -> str | None:
+        for source, name in [(derived, key), *((derived, a) for a in aliases), (config, key)]:
+            value = source.get(name)
+            if value not in (None, "", "auto"):
+                return str(value)
+        return None
+
+    model = derived.get("model") or {}
+    pick = lambda key: config[key] if config.get(key) is not None else derived.get(key)  # noqa: E731
+    return RunKind(
+        scale="GPU-scale" if gpu else "CPU-scale", train_images=train, input_size=size, epochs=config.get("epochs"),
+        trained=trained, device=recorded("accelerator", "device"), precision=recorded("precision"),
+        weights=config.get("weights") or model.get("weights"), pretrained=bool(config.get("pretrained", True)),
+        recipe=config.get("preset"), freeze_blocks=pick("freeze_blocks"), head_epochs=pick("head_epochs"),
+    )
+
+
+def describe_kind(label: str, kind: RunKind) -> str:
+    """One sentence: the run's scale, data, epochs, hardware, weights and recipe."""
+    data = f"{kind.train_images:,} training images" if kind.train_images is not None else "training images not recorded"
+    data += f" at {kind.input_size} px" if kind.input_size is not None else ""
+    parts = [f"{label}: {kind.scale} ({data}; the paper: {PAPER_TRAIN_IMAGES:,} at {PAPER_INPUT_SIZE} px)"]
+    if kind.epochs is not None:
+        parts.append(f"{kind.trained} of {kind.epochs} epoch{'s' if kind.epochs != 1 else ''} trained")
+    if kind.device or kind.precision:
+        parts.append(f"precision {kind.precision or 'not recorded'} on {kind.device or 'an unrecorded device'}")
+    else:
+        parts.append("device and precision not recorded")
+    if kind.freeze_blocks is not None:
+        parts.append(f"{kind.freeze_blocks} block{'s' if kind.freeze_blocks != 1 else ''} frozen")
+    if kind.head_epochs is not None:
+        parts.append(f"the head trained alone for {kind.head_epochs:g} epoch{'s' if kind.head_epochs != 1 else ''}")
+    weights = kind.weights or "not recorded"
+    parts.append(f"weights {weights}" + ("" if kind.pretrained else " (not loaded: random initialisation)"))
+    parts.append(f"recipe {kind.recipe or 'not recorded'}")
+    return ", ".join(parts) + "."
+
+
+def kind_sentences(results: list[ModelResult], preset: str | None = None) -> list[str]:
+    """The summary's opening: what kind of run this is, per model, and what the GPU presets are for
+    when it is the quick preset (`preset`: the `xtl run` preset, when known)."""
+    kinds = [run_kind(r.config, r.derived, len(r.epochs)) for r in results]
+    scales = sorted({k.scale for k in kinds})
+    named = f" (preset {preset})" if preset else ""
+    lead = (f"This is a {scales[0]} run{named}." if len(scales) == 1
+            else f"This run{named} mixes CPU-scale and GPU-scale models.")
+    sentences = [lead] + [describe_kind(label, k) for label, k in zip(labels(results), kinds)]
+    if preset == "quick" or (preset is None and any(k.recipe == "quick" for k in kinds)):
+        sentences.append(GPU_PRESETS_NOTE)
+    return sentences
+
+
+# ----------------------------------------------------------------------------- paired comparison of models
+
+ALPHA = 0.05
+
+
+@dataclass
+class Paired:
+    """McNemar's exact test of two runs on their shared test images, or why it cannot be done."""
+
+    first: str
+    second: str
+    test: McNemar | None
+    accuracy: tuple[float, float] | None = None  # of each on the paired images
+    reason: str | None = None
+
+    def row(self) -> dict[str, str]:
+        t = self.test
+        return {
+            "model A": self.first,
+            "model B": self.second,
+            "images": f"{t.n}" if t else "-",
+            "acc A": f"{self.accuracy[0]:.3f}" if t else "-",
+            "acc B": f"{self.accuracy[1]:.3f}" if t else "-",
+            "b (A right, B wrong)": f"{t.b}" if t else "-",
+            "c (A wrong, B right)": f"{t.c}" if t else "-",
+            "p (exact)": _p(t.p_value) if t else "-",
+            "mid-p": _p(t.mid_p) if t else "-",
+        }
+
+
+def paired_test(first: str, second: str, a: tuple, b: tuple) -> Paired:
+    """McNemar's exact test of two runs from their (ids, labels, predicted) on the test split;
+    without one (other test images) the reason, naming what differs."""
+    try:
+        right_a, right_b = paired_correctness(a, b)
+    except XtlError as e:
+        return Paired(first, second, None, reason=str(e))
+    return Paired(first, second, mcnemar(right_a, right_b), (float(right_a.mean()), float(right_b.mean())))
+
+
+def paired_comparisons(results: list[ModelResult]) -> list[Paired]:
+    """Every pair of runs, tested on the same test images (their predictions.csv)."""
+    from xtl.evaluate import read_predicted
+
+    names, predicted = labels(results), []
+    for r in results:
+        try:
+            predicted.append(read_predicted(r.run))
+        except XtlError as e:
+            predicted.append(e)
+    pairs = []
+    for i in range(len(results)):
+        for j in range(i + 1, len(results)):
+            missing = [f"{names[k]} has no predictions.csv" for k in (i, j) if isinstance(predicted[k], XtlError)]
+            if missing:
+                pairs.append(Paired(names[i], names[j], None, reason="; ".join(missing)))
+            else:
+                pairs.append(paired_test(names[i], names[j], predicted[i], predicted[j]))
+    return pairs
+
+
+def paired_sentence(p: Paired, alpha: float = ALPHA) -> str:
+    """Which model is more accurate on the same images, and whether McNemar's exact test finds the
+    difference significant at `alpha`."""
+    t = p.test
+    if t is None:
+        return (f"McNemar's test of {p.first} against {p.second} cannot be done: {p.reason}. "
+                "A paired test needs both models' predictions on the same test images.")
+    if t.discordant == 0:
+        return (f"On the same {t.n} test images {p.first} and {p.second} are right and wrong on exactly the same "
+                f"images (b = c = 0): there is no difference to test.")
+    if t.b == t.c:
+        return (f"On the same {t.n} test images {p.first} and {p.second} are equally accurate "
+                f"({_pct(p.accuracy[0])}): each is right on {t.b} images the other gets wrong "
+                f"(McNemar's exact test p = 1).")
+    better, worse = (p.first, p.second) if t.b > t.c else (p.second, p.first)
+    alone_better, alone_worse = max(t.b, t.c), min(t.b, t.c)
+    acc_better, acc_worse = max(p.accuracy), min(p.accuracy)
+    verdict = (f"the difference is significant at the {alpha:g} level."
+               if t.p_value < alpha else
+               f"the difference is not significant at the {alpha:g} level: this test set does not show "
+               f"that either model is more accurate.")
+    return (f"On the same {t.n} test images {better} is more accurate than {worse} ({_pct(acc_better)} vs "
+            f"{_pct(acc_worse)}): {alone_better} images only {better} classified correctly, {alone_worse} only "
+            f"{worse} (McNemar's exact test on these {t.discordant} discordant images, p = {_p(t.p_value)}); "
+            + verdict)
+
+
+def _p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+# ----------------------------------------------------------------------------- training
+
+def last_epoch_note(label: str, epochs: list[dict], best_epoch: float | None) -> str | None:
+    """A note when the best epoch (lowest validation loss) is the last one trained."""
+    if not epochs:
+        return None
+    if best_epoch is None:
+        best_epoch = min(epochs, key=lambda e: e["val_loss"])["epoch"]
+    last = epochs[-1]
+    if int(best_epoch) != int(last["epoch"]):
+        return None
+    if len(epochs) == 1:
+        return f"{label} was trained for a single epoch, so its best epoch is its last: more epochs may help."
+    before = epochs[-2]["val_loss"]
+    return (f"{label}: validation loss was still falling at the last epoch ({before:.4f} to {last['val_loss']:.4f} "
+            f"at epoch {int(last['epoch'])}, the best): more epochs may help.")
+
+
+def last_epoch_notes(results: list[ModelResult]) -> list[str]:
+    notes = [last_epoch_note(label, r.epochs, r.metrics.get("best_epoch"))
+             for label, r in zip(labels(results), results)]
+    return [n for n in notes if n]
+
+
+# ----------------------------------------------------------------------------- faithfulness in words
+
+Z95 = 1.96
+
+
+def _interval(row: dict, column: str) -> tuple[float, float, float]:
+    """(mean, low, high): the mean AUC with its 95 % interval (normal approximation over images),
+    the half-width the faithfulness table prints."""
+    half = Z95 * row[f"{column}_std"] / math.sqrt(max(row["n_images"], 1))
+    return row[column], row[column] - half, row[column] + half
+
+
+def _beats(method: dict, reference: dict, column: str, higher_is_better: bool) -> bool:
+    """The method's interval lies wholly on the better side of the reference's."""
+    _, low, high = _interval(method, column)
+    _, ref_low, ref_high = _interval(reference, column)
+    return low > ref_high if higher_is_better else high < ref_low
+
+
+def _metric_words(column: str) -> tuple[str, bool]:
+    from xtl.faithfulness.metrics import METRICS
+
+    name = column.removesuffix("_true")
+    words = {"deletion": "deletion", "insertion": "insertion", "positive": "positive perturbation",
+             "negative": "negative perturbation"}.get(name, name)
+    higher = METRICS[name].higher_is_better
+    words += " with true-class maps" if column.endswith("_true") else ""
+    return f"{words} ({'higher' if higher else 'lower'} is better)", higher
+
+
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _value(row: dict, column: str) -> str:
+    mean, low, _ = _interval(row, column)
+    return f"{mean:.3f} ± {mean - low:.3f}"
+
+
+def faithfulness_findings(rows: list[dict]) -> list[tuple[str, list[str]]]:
+    """Per model, per metric: which explanation methods beat BOTH reference maps (random and
+    uniform) with 95 % intervals that do not overlap, or, where none does, which reference no
+    method beats. `rows`: the faithfulness CSV's rows (`xtl.faithfulness.runner.read_rows`)."""
+    from xtl.faithfulness.runner import REFERENCES, table_columns
+
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["run"], []).append(row)
+    models = [g[0]["model"] for g in groups.values()]
+    out = []
+    for run, group in groups.items():
+        model = group[0]["model"]
+        label = model if models.count(model) == 1 else run_title(run, model)
+        refs = {r["method"]: r for r in group if r["method"] in REFERENCES}
+        methods = [r for r in group if r["method"] not in REFERENCES]
+        n = min(int(r["n_images"]) for r in group)
+        if len(refs) < len(REFERENCES):
+            out.append((label, [f"For {label} the table lacks a reference map (random and uniform): no method is "
+                                f"compared with them."]))
+            continue
+        if not methods:
+            out.append((label, [f"For {label} the table holds only the reference maps, no explanation method."]))
+            continue
+        if n < 2:
+            out.append((label, [f"For {label} only {n} image was scored: the intervals are not defined and no "
+                                f"method is compared with the reference maps."]))
+            continue
+        sentences = []
+        for column, _ in table_columns():
+            if not all(column in r for r in group):
+                continue
+            words, higher = _metric_words(column)
+            beats = {ref: [m["method"] for m in methods if _beats(m, refs[ref], column, higher)] for ref in REFERENCES}
+            both = [m["method"] for m in methods if all(m["method"] in beats[ref] for ref in REFERENCES)]
+            references = ", ".join(f"{ref} {_value(refs[ref], column)}" for ref in REFERENCES)
+            if both:
+                shown = ", ".join(f"{m['method']} {_value(m, column)}" for m in methods if m["method"] in both)
+                verb = "beats" if len(both) == 1 else "beat"
+                sentence = (f"On {words}, {_join(both)} {verb} both reference maps for {label} "
+                            f"({shown}; {references}).")
+            else:
+                beaten = [ref for ref in REFERENCES if beats[ref]]
+                if not beaten:
+                    sentence = f"On {words} no method beats the random or the uniform map for {label} ({references})."
+                elif len(beaten) == 1:
+                    other = next(ref for ref in REFERENCES if ref not in beaten)
+                    sentence = (f"On {words} no method beats the {other} map for {label} ({references}); "
+                                f"{_join(beats[beaten[0]])} beat{'s' if len(beats[beaten[0]]) == 1 else ''} "
+                                f"only the {beaten[0]} map.")
+                else:
+                    sentence = (f"On {words} no method beats both reference maps for {label} ({references}); "
+                                + "; ".join(f"{_join(beats[ref])} beat{'s' if len(beats[ref]) == 1 else ''} "
+                                            f"only the {ref} map" for ref in REFERENCES) + ".")
+            worse = [m["method"] for m in methods if _beats(refs["random"], m, column, higher)]
+            if worse:
+                sentence += (f" {_join(worse)} {'is' if len(worse) == 1 else 'are'} worse than the random map "
+                             f"on this metric.")
+            sentences.append(sentence)
+        out.append((label, sentences))
+    return out
+
+
+# ----------------------------------------------------------------------------- ViT artefacts
+
+def artefact_sentences(results: list[ModelResult]) -> list[str]:
+    """A note per ViT run and method whose stored maps often peak on a single token
+    (`xtl.report.artefacts`); nothing where the maps were not stored or rarely peak."""
+    from xtl.report.artefacts import peak_counts
+
+    sentences = []
+    for label, r in zip(labels(results), results):
+        if (r.derived.get("model") or {}).get("family") != "vit":
+            continue
+        for count in peak_counts(r.run):
+            if count.notable:
+                sentences.append(
+                    f"{count.method} of {label} peaks on a single token in {count.peaked} of {count.of} images "
+                    f"(one cell holds over a third of the map's mass and lies on the border or stands alone): "
+                    f"consistent with the high-norm-token artefact of ViTs without registers (Darcet et al. 2024); "
+                    f"such a peak need not mark the part of the image the model relies on.")
+    return sentences

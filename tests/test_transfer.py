@@ -1,0 +1,152 @@
+"""Transfer levers of the quick recipe on real CIFAR-10 images: frozen blocks computed once and cached,
+LP-FT's head-only phase, bf16 where the CPU has it, and an honest per-batch throughput."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from xtl.config import RunConfig
+from xtl.data import load_split
+from xtl.errors import XtlError
+from xtl.models import build_model, registry
+from xtl.models.trunk import split_model
+from xtl.runs import RunDir, model_preprocess, split_spec
+from xtl.train import finetune
+from xtl.train import loop as train_loop
+
+TINY = dict(
+    model="torchvision:resnet18", pretrained=False, input_size=32, split="random", train_size=48, val_size=16,
+    test_size=16, stratified=True, batch_size=16, epochs=2, warmup_epochs=0.5, patience=0, lr=1e-3,
+    precision="32-true",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_split(cifar):
+    config = RunConfig(source=str(cifar), **TINY)
+    return load_split(config.source, split_spec(config))
+
+
+def _images(split, config: RunConfig, n: int = 6) -> torch.Tensor:
+    return model_preprocess(config)(split["val"].images[:n])
+
+
+@pytest.mark.parametrize("name, size, blocks", [
+    ("efficientnet_lite0", 64, (1, 8, 15)),  # real ImageNet weights, the package's drop-connect blocks
+    ("timm:vit_tiny_patch16_224", 32, (1, 6, 11)),
+    ("torchvision:resnet18", 32, (1, 4, 7)),
+])
+def test_the_cached_path_gives_the_whole_models_logits(cifar, tiny_split, name, size, blocks):
+    """tail(trunk(x)) is the model's own forward, for every cut, on real images."""
+    model, _ = build_model(name, 10, pretrained=name == "efficientnet_lite0", input_size=size)
+    model.eval()
+    x = _images(tiny_split, RunConfig(**{**TINY, "model": name, "input_size": size, "source": str(cifar)}))
+    with torch.no_grad():
+        whole = model(x)
+        for k in blocks:
+            parts = split_model(model, k)
+            torch.testing.assert_close(parts.tail(parts.trunk(x)), whole, rtol=0, atol=1e-5)
+
+
+def test_frozen_blocks_stay_bit_identical_and_the_rest_trains(cifar, tiny_split, tmp_path):
+    config = RunConfig(source=str(cifar), **{**TINY, "freeze_blocks": 4, "bn_momentum": 0.5})
+    torch.manual_seed(config.seed)
+    before, _ = build_model(config.model, 10, pretrained=False, input_size=32)
+    initial = {k: v.clone() for k, v in before.state_dict().items()}
+    run = RunDir(tmp_path / "run")
+    state = finetune(config, tiny_split, run, progress=False)
+    assert state.epoch == 2
+    trained = load_file(str(run.weights_path))
+    frozen_prefixes = ("conv1.", "bn1.", "layer1.", "layer2.")  # stem + the first 4 BasicBlocks
+    frozen = [k for k in initial if k.startswith(frozen_prefixes)]
+    assert frozen and any("running_mean" in k for k in frozen)
+    for key in frozen:  # weights and BatchNorm statistics, bit for bit
+        assert torch.equal(trained[key], initial[key]), key
+    changed = [k for k in initial if not k.startswith(frozen_prefixes) and not torch.equal(trained[k], initial[k])]
+    assert any(k.startswith("layer4.") for k in changed) and "fc.weight" in changed
+    # the model is whole again afterwards: no forward left patched
+    model, _ = run.load_model()
+    assert "forward" not in model.__dict__
+
+
+def test_cached_training_equals_training_the_tail_on_the_whole_model(cifar, tiny_split, tmp_path):
+    """Without augmentation, training on cached trunk outputs is the same computation as training the
+    frozen-trunk model on images: the same weights come out."""
+    base = {**TINY, "freeze_blocks": 4, "augment": False}
+    cached = finetune(RunConfig(source=str(cifar), **base), tiny_split, RunDir(tmp_path / "cached"), progress=False)
+    plain = finetune(RunConfig(source=str(cifar), **{**base, "cache_frozen": False}), tiny_split,
+                     RunDir(tmp_path / "plain"), progress=False)
+    a, b = load_file(str(tmp_path / "cached" / "model.safetensors")), load_file(str(tmp_path / "plain" / "model.safetensors"))
+    for key in a:
+        # equal up to float32 summation order (the trunk runs on batches of another size when caching)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-2, atol=1e-3)
+    assert [round(e["val_loss"], 2) for e in cached.epochs] == [round(e["val_loss"], 2) for e in plain.epochs]
+
+
+def test_lp_ft_head_phase_touches_only_the_head(cifar, tiny_split):
+    config = RunConfig(source=str(cifar), **{**TINY, "head_epochs": 3, "head_lr": 1e-2})
+    model, spec = build_model(config.model, 10, pretrained=False, input_size=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fabric = train_loop.make_fabric(config)
+    inputs = {n: train_loop.ModelInputs(tiny_split[n], model_preprocess(config)) for n in ("train", "val")}
+    result = train_loop.fit_head(fabric, model, spec.classifier, None, inputs, config)
+    after = model.state_dict()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["fc.bias", "fc.weight"]  # BatchNorm statistics included: the body ran in eval mode
+    assert result["epochs"] == 3 and 0 <= result["val_accuracy"] <= 1
+
+
+def test_lp_ft_on_cached_features_then_fine_tuning_is_recorded(cifar, tiny_split, tmp_path):
+    config = RunConfig(source=str(cifar), **{**TINY, "freeze_blocks": 6, "head_epochs": 2})
+    run = RunDir(tmp_path / "run")
+    state = finetune(config, tiny_split, run, progress=False)
+    assert state.head["epochs"] == 2 and state.epoch == 2
+    recorded = run.config()
+    assert (recorded.freeze_blocks, recorded.head_epochs, recorded.cache_frozen) == (6, 2, True)
+
+
+def test_bf16_where_the_cpu_has_it_and_float32_elsewhere(cifar, tiny_split, tmp_path, monkeypatch):
+    auto = RunConfig(source=str(cifar), **{**TINY, "precision": "auto", "accelerator": "cpu", "epochs": 1})
+    monkeypatch.setattr(registry, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert train_loop.resolve_precision(auto) == ("cpu", "bf16-mixed")
+    monkeypatch.setattr(registry, "_cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert registry.native_bf16("cpu")
+    monkeypatch.setattr(registry, "_cpu_flags", lambda: {"avx2", "avx512f"})  # no native bf16: emulated, slower
+    assert train_loop.resolve_precision(auto) == ("cpu", "32-true")
+    assert not torch.is_autocast_enabled("cpu")
+    with registry.inference_autocast("cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    run = RunDir(tmp_path / "fp32")
+    finetune(auto, tiny_split, run, progress=False)  # trains, and says what `auto` meant here
+    assert run.read()["derived"]["precision"] == "32-true"
+    monkeypatch.setattr(registry, "_cpu_flags", lambda: {"avx512_bf16"})
+    run = RunDir(tmp_path / "bf16")
+    finetune(auto, tiny_split, run, progress=False)
+    assert run.read()["derived"]["precision"] == "bf16-mixed"
+
+
+def test_freeze_blocks_is_checked_by_name(cifar, tiny_split, tmp_path):
+    with pytest.raises(XtlError, match=r"option --freeze-blocks must be in 0..7 .* not 8"):
+        finetune(RunConfig(source=str(cifar), **{**TINY, "freeze_blocks": 8}), tiny_split, RunDir(tmp_path / "a"),
+                 progress=False)
+    with pytest.raises(XtlError, match=r"option --freeze-blocks: a ResNet cannot be cut .*supported"):
+        finetune(RunConfig(source=str(cifar), **{**TINY, "model": "timm:resnet10t", "freeze_blocks": 2}), tiny_split,
+                 RunDir(tmp_path / "b"), progress=False)
+    with pytest.raises(XtlError, match="option --freeze-blocks must be >= 0"):
+        RunConfig(**{**TINY, "freeze_blocks": -1})
+
+
+def test_the_last_batch_of_an_epoch_reports_a_true_images_per_second(cifar, tiny_split, tmp_path):
+    config = RunConfig(source=str(cifar), **{**TINY, "train_size": 48, "batch_size": 8, "epochs": 1})
+    run = RunDir(tmp_path / "run")
+    finetune(config, load_split(config.source, split_spec(config)), run, progress=False)
+    with open(run.file("history_batches.csv")) as f:
+        rates = [float(r["images_per_s"]) for r in csv.DictReader(f)]
+    assert len(rates) == 6
+    typical = statistics.median(rates)
+    assert all(rate < 5 * typical for rate in rates), rates  # the last one was ~1,000x before the fix
