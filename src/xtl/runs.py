@@ -55,15 +55,17 @@ class RunDir:
         return self.path / name
 
     # config
-    def write_config(self, config: RunConfig, split: Split, spec: ModelSpec, precision: str | None = None) -> None:
-        """`precision`: what the run's `precision` setting resolved to on this machine (auto -> bf16-mixed
-        or 32-true), recorded because the same configuration trains differently on another CPU."""
+    def write_config(self, config: RunConfig, split: Split, spec: ModelSpec, precision: str | None = None,
+                     accelerator: str | None = None) -> None:
+        """`precision`, `accelerator`: what the run's `auto` settings resolved to on this machine (e.g.
+        bf16-mixed on cpu), recorded because the same configuration trains differently elsewhere."""
         mean, std = normalisation(config, spec)
         write_yaml(self.config_path, {
             "format_version": FORMAT_VERSION,
             "run": config.to_dict(),
             "derived": {
                 "precision": precision or config.precision,
+                "accelerator": accelerator or config.accelerator,
                 "class_names": split.class_names,
                 "n_classes": split.n_classes,
                 "input_size": spec.input_size,

@@ -200,14 +200,14 @@ def describe_kind(label: str, kind: RunKind) -> str:
     parts = [f"{label}: {kind.scale} ({data}; the paper: {PAPER_TRAIN_IMAGES:,} at {PAPER_INPUT_SIZE} px)"]
     if kind.epochs is not None:
         parts.append(f"{kind.trained} of {kind.epochs} epoch{'s' if kind.epochs != 1 else ''} trained")
-    if kind.device or kind.precision:
-        parts.append(f"precision {kind.precision or 'not recorded'} on {kind.device or 'an unrecorded device'}")
-    else:
-        parts.append("device and precision not recorded")
-    if kind.freeze_blocks is not None:
-        parts.append(f"{kind.freeze_blocks} block{'s' if kind.freeze_blocks != 1 else ''} frozen")
-    if kind.head_epochs is not None:
-        parts.append(f"the head trained alone for {kind.head_epochs:g} epoch{'s' if kind.head_epochs != 1 else ''}")
+    parts.append(f"precision {kind.precision or 'not recorded'}" + (f" on {kind.device}" if kind.device else ""))
+    if kind.freeze_blocks:
+        parts.append(f"the first {kind.freeze_blocks} block{'s' if kind.freeze_blocks != 1 else ''} frozen")
+    elif kind.freeze_blocks is not None:
+        parts.append("every block trained")
+    if kind.head_epochs:
+        parts.append(f"the head trained alone for {kind.head_epochs:g} epoch{'s' if kind.head_epochs != 1 else ''} "
+                     f"first")
     weights = kind.weights or "not recorded"
     parts.append(f"weights {weights}" + ("" if kind.pretrained else " (not loaded: random initialisation)"))
     parts.append(f"recipe {kind.recipe or 'not recorded'}")

@@ -75,7 +75,8 @@ def finetune(config: RunConfig, split: Split, run: RunDir, resume: bool = False,
     if parts is not None:
         parts.freeze()
     if fabric.is_global_zero:
-        run.write_config(config, split, spec, precision=resolve_precision(config)[1])
+        accelerator, precision = resolve_precision(config)
+        run.write_config(config, split, spec, precision=precision, accelerator=accelerator)
         split.save_ids(run.file("split.csv"))
     preprocess = model_preprocess(config)
     optimizer = make_optimizer(model, config)
