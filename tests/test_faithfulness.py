@@ -377,3 +377,42 @@ def test_native_grid_and_plain_progress_lines_on_a_non_terminal(tiny_run, tmp_pa
     assert lines[0].endswith(" s elapsed)") and "random" in lines[0] and "uniform" in lines[0]
     assert [line.split(": ")[1].split(" (")[0] for line in lines[2:]] == [
         f"{m} scored on 4 images" for m in ("saliency", "random", "uniform")]
+
+
+def test_stored_explanations_are_scored_instead_of_explained_again(tiny_run, tmp_path, monkeypatch):
+    """After `xtl explain`, faithfulness scores the stored maps of the same images (the make-run
+    pipeline explains the first test images once), with the scores of maps computed afresh."""
+    from xtl.explain.runner import explain_run
+    from xtl.faithfulness import runner as faithfulness_runner
+
+    copies = [tmp_path / name for name in ("fresh", "stored")]
+    for copy in copies:
+        shutil.copytree(tiny_run.path, copy, ignore=shutil.ignore_patterns("faithfulness*", "explanations"))
+    explain_run(RunDir(copies[1]), ["saliency", "gradcam"], "test", 6, 4, "predicted", device="cpu", progress=False)
+    options = dict(methods=["saliency", "gradcam"], n_images=8, steps=4, explain_batch_size=4, resume=False,
+                   progress=False)
+    explained: dict[str, int] = {"fresh": 0, "stored": 0}
+    real = faithfulness_runner._explain_all
+
+    def counting(key):
+        def counted(model, spec, images, targets, method, batch_size, options, bar, title):
+            if "true class" not in title:  # the predicted class's maps (true-class maps are never stored)
+                explained[key] += len(images)
+            return real(model, spec, images, targets, method, batch_size, options, bar, title)
+        return counted
+
+    monkeypatch.setattr(faithfulness_runner, "_explain_all", counting("fresh"))
+    fresh = faithfulness_run([RunDir(copies[0])], **options)[0]
+    monkeypatch.setattr(faithfulness_runner, "_explain_all", counting("stored"))
+    stored = faithfulness_run([RunDir(copies[1])], **options)[0]
+    assert explained["fresh"] == 2 * 8
+    # 6 of 8 images were stored: the last 2 per method are explained (plus any image whose predicted
+    # class differs between explain's float32 forward and scoring's)
+    assert 2 * 2 <= explained["stored"] < 2 * 8
+    # equal up to float rounding of the maps (another batch and memory layout can reorder near-ties):
+    # probabilities per image; the 0/1 accuracy curves of this random-init model can flip one step
+    for a, b in zip(fresh.methods, stored.methods):
+        for column in ("deletion", "insertion"):
+            torch.testing.assert_close(a.curves[column].auc, b.curves[column].auc, rtol=0, atol=5e-3)
+        for column in a.curves:
+            assert abs(a.curves[column].auc.mean() - b.curves[column].auc.mean()) < 0.05, column

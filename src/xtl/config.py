@@ -156,6 +156,11 @@ def _type_name(hint: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(hint, str(hint))
 
 
+# The quick recipe's frozen blocks for the models it was measured on (BENCHMARKS.md); other models
+# fine-tune whole under it, since xtl cannot know where a model's early, generic layers end.
+QUICK_FROZEN_BLOCKS = {"efficientnet_lite0": 11, "vit_s14_dinov2": 6}
+
+
 def _is_vit(model: str) -> bool:
     from xtl.models import get_spec
 
@@ -170,7 +175,10 @@ def preset(name: str, model: str, **overrides: Any) -> RunConfig:
       batch 32 3 epochs).
     - `default`: our recipe for the paper split on a GPU (AdamW, warm-up + cosine, flips and
       shifts, label smoothing, early stopping); see BENCHMARKS.md.
-    - `quick`: `default` on a small seeded subset at low resolution, for a 2-core CPU.
+    - `quick`: for `make run` on a 2-core CPU: 4,500 / 500 / 1,000 stratified images, the first
+      blocks frozen and their outputs computed once per image (`QUICK_FROZEN_BLOCKS`; flips are the
+      only augmentation then), the rest fine-tuned for 2 epochs, bf16 where the CPU has it.
+      BENCHMARKS.md has the one-factor-at-a-time table that chose it.
     """
     vit = _is_vit(model)
     if name == "paper":
@@ -189,9 +197,10 @@ def preset(name: str, model: str, **overrides: Any) -> RunConfig:
         )
         if name == "quick":
             base.update(
-                split="random", stratified=True, train_size=2000, val_size=200,
-                test_size=500, input_size=112 if vit else 128, epochs=3,
-                warmup_epochs=0.3, batch_size=32, lr=1e-4 if vit else 1e-3, patience=0,
+                split="random", stratified=True, train_size=4500, val_size=500,
+                test_size=1000, input_size=112 if vit else 128, epochs=2,
+                warmup_epochs=0.3, batch_size=64, lr=1e-4 if vit else 1e-3, patience=0,
+                freeze_blocks=QUICK_FROZEN_BLOCKS.get(model, 0),
             )
     else:
         raise XtlError(f"option --preset must be one of paper, default, quick, not '{name}'")

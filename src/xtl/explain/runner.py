@@ -21,6 +21,20 @@ DEFAULT_METHOD = {"cnn": "gradcam", "vit": "transformer_attribution"}
 console = Console(stderr=True)
 
 
+def read_stored_maps(run: RunDir, method: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """What `explain_run` stored for `method` (explanations/<split>/<method>/batch_*.safetensors), in
+    shard order: raw maps [N, h, w] on the method's grid, the classes they explain [N] and the images'
+    ids [N]; None when there are none or they cannot be read."""
+    from safetensors.torch import load_file
+
+    shards = sorted((Path(run.path) / "explanations" / split / method).glob("batch_*.safetensors"))
+    try:
+        parts = [load_file(str(s)) for s in shards]
+        return tuple(torch.cat([p[key] for p in parts]) for key in ("raw", "targets", "ids")) if parts else None
+    except Exception:  # a shard being written or damaged: the caller computes the maps instead
+        return None
+
+
 def applicable_methods(family: str, methods: list[str] | None) -> list[str]:
     """The requested methods that apply to `family` (all requested must exist)."""
     if not methods:

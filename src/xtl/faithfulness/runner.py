@@ -41,7 +41,8 @@ from torch import nn
 
 from xtl.errors import XtlError, gpu_out_of_memory, sigterm_as_interrupt
 from xtl.explain import METHODS, explain
-from xtl.explain.runner import RunExplainer, applicable_methods
+from xtl.explain.base import upsample_and_normalise
+from xtl.explain.runner import RunExplainer, applicable_methods, read_stored_maps
 from xtl.faithfulness.figures import plot_curves
 from xtl.faithfulness.metrics import METRICS, Curve
 from xtl.faithfulness.perturbation import (
@@ -108,7 +109,8 @@ def score_model(model: nn.Module, spec: ModelSpec, images: torch.Tensor, labels:
                 steps: int = 10, baseline: str = "zero", batch_size: int = 64, explain_batch_size: int = 8,
                 seed: int = 0, method_options: dict[str, dict] | None = None, progress: bool | Progress = False,
                 title: str = "", cache: Path | None = None, grid: int | None = None,
-                pixel_std: Sequence[float] | None = None) -> list[MethodScores]:
+                pixel_std: Sequence[float] | None = None,
+                stored: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[MethodScores]:
     """Explain `images` with each method, score the maps and the random/uniform references.
 
     The images go through in batches of `explain_batch_size`. With `cache` (a folder), each
@@ -118,6 +120,9 @@ def score_model(model: nn.Module, spec: ModelSpec, images: torch.Tensor, labels:
     cell. `seed`: of the random maps and of ROAD's noise (batch k's noise from seed + k).
     `pixel_std`: the std the images were normalised with (ROAD's noise; None: `spec.std`).
     `progress`: True = a bar on a terminal, plain lines on stderr otherwise; or a bar to add to.
+    `stored`: method -> (raw maps, their target classes) of the first images, as `xtl explain` stored
+    them: an image whose stored target is the class predicted here is scored on its stored map
+    instead of being explained again (the same computation; its explain time counts as 0 here).
     """
     check_scoring_options(steps, batch_size, baseline, grid)
     check_grid_size(grid, tuple(images.shape[-2:]))
@@ -151,7 +156,9 @@ def score_model(model: nn.Module, spec: ModelSpec, images: torch.Tensor, labels:
                 computed = _score_batch(model, spec, images[part], labels[part], [m for m in methods if m in todo],
                                         {r: references[r][part] for r in REFERENCES if r in todo}, steps, baseline,
                                         batch_size, explain_batch_size, method_options or {}, grid=grid,
-                                        seed=seed + k, pixel_std=pixel_std)
+                                        seed=seed + k, pixel_std=pixel_std,
+                                        stored={m: (raw[part], t[part]) for m, (raw, t) in (stored or {}).items()
+                                                if len(t) >= part.stop})
                 for name, scores in computed.items():
                     if cache is not None:
                         _write_batch(cache, name, k, part, scores)
@@ -186,14 +193,25 @@ def grid_label(grid: int | None) -> str:
 
 def _score_batch(model, spec, images, labels, methods, references, steps, baseline, batch_size, explain_batch_size,
                  method_options, grid: int | None = None, seed: int = 0,
-                 pixel_std: Sequence[float] | None = None) -> dict[str, MethodScores]:
-    """One batch of images: the methods' maps and the given reference maps, scored."""
+                 pixel_std: Sequence[float] | None = None, stored: dict | None = None) -> dict[str, MethodScores]:
+    """One batch of images: the methods' maps (`stored` ones where they explain the predicted
+    classes) and the given reference maps, scored."""
     predicted = predict_classes(model, images, batch_size)
     wrong = torch.nonzero(predicted.cpu() != labels).flatten()
     maps, seconds = {}, {}
     for method in methods:
-        maps[method], seconds[method] = _explain_all(model, spec, images, predicted, method, explain_batch_size,
-                                                     method_options.get(method, {}), None, "")
+        raw, targets = (stored or {}).get(method, (None, None))
+        if raw is None or method_options.get(method):
+            maps[method], seconds[method] = _explain_all(model, spec, images, predicted, method, explain_batch_size,
+                                                         method_options.get(method, {}), None, "")
+            continue
+        # stored maps where they explain the class predicted here; the others (an image whose
+        # prediction flips between float32 and bf16) are explained again
+        maps[method], seconds[method] = upsample_and_normalise(raw.to(images.device), tuple(images.shape[-2:])), 0.0
+        other = torch.nonzero(targets.cpu() != predicted.cpu()).flatten().to(images.device)
+        if len(other):
+            maps[method][other], seconds[method] = _explain_all(model, spec, images[other], predicted[other], method,
+                                                                explain_batch_size, {}, None, "")
     maps.update(references)
     perturbation = dict(grid=grid, seed=seed, pixel_std=pixel_std)
     scores = score_maps(model, images, labels, maps, predicted.cpu(), steps, baseline, batch_size, **perturbation)
@@ -345,13 +363,29 @@ def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n
         scores = score_model(explainer.model, explainer.spec, images, explainer.part.labels[:n], chosen, steps, baseline,
                              batch_size, explain_batch_size, seed, method_options, progress, run.path.name,
                              cache=run.file(CACHE) if resume else None, grid=cells,
-                             pixel_std=explainer.preprocess.std)
+                             pixel_std=explainer.preprocess.std, stored=_stored_maps(run, split, chosen, explainer.part.ids[:n]))
         result = ModelScores(run.path.name, explainer.spec.name, n, steps, baseline, scores, cells)
         write_outputs(run.path, result)
         results.append(result)
     if len(results) > 1:
         write_combined(combined or run_dirs[0].path, results)
     return results
+
+
+def _stored_maps(run: RunDir, split: str, methods: list[str], ids) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The maps `xtl explain` stored for these images in this order (its first images are the same
+    ones), per method: (raw maps, targets); methods without such maps are left out."""
+    found = {}
+    ids = torch.as_tensor(ids)
+    for method in methods:
+        stored = read_stored_maps(run, method, split)
+        if stored is None:
+            continue
+        raw, targets, stored_ids = stored
+        k = min(len(stored_ids), len(ids))
+        if k and torch.equal(stored_ids[:k].long(), ids[:k].long()):
+            found[method] = (raw[:k], targets[:k])
+    return found
 
 
 def native_grid(source_images: torch.Tensor, what: str) -> int:

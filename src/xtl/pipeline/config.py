@@ -38,11 +38,11 @@ class PipelineConfig:
     explain_target: str = "predicted"
     gallery_size: int = 10
     faithfulness_methods: list[str] | None = None  # None: the explained methods
-    faithfulness_images: int = 40
+    faithfulness_images: int = 100
     faithfulness_steps: int = 10
     faithfulness_baseline: str = "zero"
     faithfulness_batch_size: int = 64
-    faithfulness_grid: int | None = None  # perturb cells of a G x G grid (e.g. 32 for CIFAR); None: pixels
+    faithfulness_grid: int | None = 32  # perturb cells of a G x G grid (32: one CIFAR pixel each); None: pixels
     title: str | None = None  # of the report
 
     @property

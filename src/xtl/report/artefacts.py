@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xtl.explain.runner import read_stored_maps
 from xtl.runs import RunDir
 
 ARTEFACT_METHODS = ("attention_rollout", "transformer_attribution")
@@ -64,27 +65,12 @@ def single_token_peaks(maps: np.ndarray, mass_share: float = MASS_SHARE, isolate
     return flags
 
 
-def read_stored_maps(run: RunDir, method: str, split: str = "test") -> np.ndarray | None:
-    """The raw maps `xtl explain` stored for `method` (explanations/<split>/<method>/batch_*.safetensors),
-    in shard order, as [N, h, w]; None when there are none or they cannot be read."""
-    folder = Path(run.path) / "explanations" / split / method
-    shards = sorted(folder.glob("batch_*.safetensors"))
-    if not shards:
-        return None
-    from safetensors.numpy import load_file
-
-    try:
-        parts = [load_file(str(s))["raw"] for s in shards]
-        return np.concatenate(parts).astype(np.float64) if parts else None
-    except Exception:
-        return None
-
-
 def peak_counts(run: RunDir, methods: tuple[str, ...] = ARTEFACT_METHODS) -> list[PeakCount]:
     """Single-token peaks in each of `methods`' stored maps of the run (methods without maps are left out)."""
     counts = []
     for method in methods:
-        maps = read_stored_maps(run, method)
+        stored = read_stored_maps(run, method)
+        maps = stored[0].double().numpy() if stored is not None else None
         if maps is None or maps.ndim != 3 or not len(maps):
             continue
         counts.append(PeakCount(method, int(single_token_peaks(maps).sum()), len(maps)))
