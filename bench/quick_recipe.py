@@ -38,9 +38,11 @@ def main() -> None:
     parser.add_argument("--freeze", type=int, required=True, help="frozen blocks")
     parser.add_argument("--variant", action="append", required=True, help="KEY=VALUE,... RunConfig keys")
     parser.add_argument("--no-flips", action="store_true", help="cache no mirror images")
+    parser.add_argument("--precision", default="auto", help="auto (bf16 where the CPU has it), 32-true, bf16-mixed")
     args = parser.parse_args()
 
-    config = preset("quick", args.model, input_size=args.size, freeze_blocks=args.freeze, augment=not args.no_flips)
+    config = preset("quick", args.model, input_size=args.size, freeze_blocks=args.freeze, augment=not args.no_flips,
+                    precision=args.precision)
     split = load_split(config.source, split_spec(config))
     fabric = make_fabric(config)
     torch.manual_seed(config.seed)
