@@ -446,6 +446,7 @@ def test_sigterm_inside_a_job_unwinds_like_ctrl_c():
 FINETUNE = ["finetune", "--model", "timm:resnet10t", "--random-init", "--input-size", "32", "--split", "random",
             "--train-size", "240", "--val-size", "16", "--test-size", "32", "--stratified", "--batch-size", "8",
             "--epochs", "2", "--warmup-epochs", "0.5", "--patience", "0", "--lr", "1e-3", "--accelerator", "cpu",
+            "--precision", "32-true",  # bf16 finishes epoch 2 before a loaded machine's poller sends the signal
             "--no-progress"]
 
 
@@ -524,6 +525,7 @@ def _counting_explain(calls: list):
 def test_an_explanation_job_killed_midway_resumes_without_recomputing(run, tmp_path, monkeypatch, capsys):
     reference = explain_runner.RunExplainer(_copy_run(run, tmp_path / "reference")).stream(
         ["gradcam"], n_images=24, batch_size=4, target="predicted", progress=False)
+    capsys.readouterr()  # its plain progress lines (stderr is not a terminal here)
     copy = _copy_run(run, tmp_path / "killed")
     explainer = explain_runner.RunExplainer(copy)
     calls = _fail_on_call(monkeypatch, explain_runner, "explain", at_call=4)

@@ -310,7 +310,8 @@ def _write_run(path: Path, model: str, family: str, right: list[bool], ids: list
         folder.mkdir(parents=True)
         for k, start in enumerate(range(0, len(maps), 8)):
             part = maps[start:start + 8].astype(np.float32)
-            save_file({"raw": part, "ids": np.arange(start, start + len(part), dtype=np.int64)},
+            save_file({"raw": part, "targets": np.zeros(len(part), dtype=np.int64),
+                       "ids": np.arange(start, start + len(part), dtype=np.int64)},
                       str(folder / f"batch_{k:05d}_{start}-{start + len(part) - 1}.safetensors"))
     return RunDir(path)
 

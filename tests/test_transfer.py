@@ -150,3 +150,18 @@ def test_the_last_batch_of_an_epoch_reports_a_true_images_per_second(cifar, tiny
     assert len(rates) == 6
     typical = statistics.median(rates)
     assert all(rate < 5 * typical for rate in rates), rates  # the last one was ~1,000x before the fix
+
+
+def test_xtl_finetune_freeze_blocks_errors_are_one_line(tiny_folder, tmp_path):
+    import subprocess
+
+    from helpers import XTL
+
+    base = [XTL, "finetune", "--model", "torchvision:resnet18", "--random-init", "--input-size", "32", "--source",
+            str(tiny_folder), "--runs-dir", str(tmp_path), "--split", "random", "--train-size", "12",
+            "--val-size", "6", "--epochs", "1", "--no-progress"]
+    for extra, fragment in ((["--freeze-blocks", "8", "--name", "a"], "option --freeze-blocks must be in 0..7"),
+                            (["--freeze-blocks", "-1", "--name", "b"], "option --freeze-blocks must be >= 0, not -1")):
+        result = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+        lines = [line for line in result.stderr.splitlines() if line.strip() and "Warning" not in line]
+        assert result.returncode == 2 and len(lines) == 1 and fragment in lines[0], result.stderr

@@ -100,6 +100,11 @@ def finetune_command(
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random flips, zooms and shifts."),
     patience: Optional[int] = typer.Option(None, help="Early stopping patience in epochs (0 = off)."),
     bn_momentum: Optional[float] = typer.Option(None, help="Override BatchNorm momentum (PyTorch convention)."),
+    freeze_blocks: Optional[int] = typer.Option(None, help="Keep the first N blocks (and the stem) pretrained; 0 = train all."),
+    cache_frozen: Optional[bool] = typer.Option(None, "--cache-frozen/--no-cache-frozen",
+                                                help="Compute the frozen blocks once per image (augmentation: flips only)."),
+    head_epochs: Optional[int] = typer.Option(None, help="LP-FT: epochs of head-only training before fine-tuning."),
+    head_lr: Optional[float] = typer.Option(None, help="Learning rate of the head-only epochs."),
     accelerator: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
     devices: Optional[int] = typer.Option(None, help="Devices per node (DDP when > 1)."),
     num_nodes: Optional[int] = typer.Option(None, help="Nodes (launch with torchrun)."),
@@ -132,7 +137,7 @@ _CONFIG_OPTIONS = {
     "source", "pretrained", "input_size", "normalization", "split", "train_size", "val_size", "test_size",
     "stratified", "seed", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "schedule", "warmup_epochs",
     "label_smoothing", "augment", "patience", "bn_momentum", "accelerator", "devices", "num_nodes", "precision",
-    "compile",
+    "compile", "freeze_blocks", "cache_frozen", "head_epochs", "head_lr",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,11 @@ def make_fabric(config: RunConfig):
 
     accelerator, precision = resolve_precision(config)
     multi = config.devices > 1 or config.num_nodes > 1
+    # Lightning announces "Using bfloat16 Automatic Mixed Precision (AMP)" on stderr; the run records
+    # its precision in config.yaml instead (and a one-line error must stay one line)
+    from lightning_utilities.core import rank_zero
+
+    rank_zero.log.setLevel(logging.WARNING)  # the logger Lightning's packages last installed there
     return Fabric(
         accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes,
         strategy="ddp" if multi else "auto", precision=precision,
