@@ -31,36 +31,19 @@ from pathlib import Path
 
 import torch
 
-from xtl.explain.base import patch_grid
-from xtl.explain.cam import layer_outputs
 from xtl.explain.runner import RunExplainer, applicable_methods
 from xtl.faithfulness.metrics import METRICS
-from xtl.faithfulness.runner import CACHE, REFERENCES, ModelScores, grid_label, markdown_table, native_grid, score_model
-from xtl.models import submodule
+from xtl.faithfulness.runner import CACHE, REFERENCES, ModelScores, grid_label, markdown_table, resolve_grid, score_model
 from xtl.runs import RunDir
 
 METHODS = "gradcam,saliency,transformer_attribution,attention_rollout"
 VERDICT_METRICS = ("deletion", "insertion", "positive", "negative")
 
 
-def model_grid(explainer: RunExplainer, image: torch.Tensor) -> int:
-    """The model's own grid: a ViT's patches per side, or the side of a CNN's Grad-CAM layer output."""
-    model, spec = explainer.model, explainer.spec
-    if spec.family == "vit":
-        return int(patch_grid(spec, image)[0])
-    with torch.inference_mode(), layer_outputs(submodule(model, spec.target_layer)) as outputs:
-        model(image)
-    return int(outputs[0].shape[-2])
-
-
-def resolve_grid(choice: str, explainer: RunExplainer, images: torch.Tensor) -> int | None:
-    if choice == "none":
-        return None
-    if choice == "native":
-        return native_grid(explainer.part.images, f"run {explainer.run.path}")
-    if choice == "model":
-        return model_grid(explainer, images[:1])
-    return int(choice)
+def resolve(choice: str, explainer: RunExplainer, images: torch.Tensor) -> int | None:
+    grid = None if choice == "none" else choice if choice in ("native", "model") else int(choice)
+    return resolve_grid(grid, explainer.model, explainer.spec, explainer.part.images, images[:1],
+                        f"run {explainer.run.path}")
 
 
 def interval(row: dict, column: str) -> tuple[float, float]:
@@ -115,7 +98,7 @@ def main() -> None:
         labels = explainer.part.labels[:n]
         resolved = {}
         for choice in grids:
-            resolved.setdefault(resolve_grid(choice, explainer, images), []).append(choice)
+            resolved.setdefault(resolve(choice, explainer, images), []).append(choice)
         for grid, names in resolved.items():
             for baseline in baselines:
                 started = time.perf_counter()

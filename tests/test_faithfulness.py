@@ -332,8 +332,8 @@ def test_a_bad_option_is_a_one_line_error_naming_it(tiny_run):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--grid", "0"], "option --grid must be a number of cells per side >= 1, native or none (pixels), not 0"),
-    (["--grid", "fine"], "option --grid must be a number of cells per side, native or none, not 'fine'"),
+    (["--grid", "0"], "option --grid must be a number of cells per side >= 1, native, model or none (pixels), not 0"),
+    (["--grid", "fine"], "option --grid must be a number of cells per side, model, native or none, not 'fine'"),
     (["--grid", "33"], "option --grid must be at most the input's 32 px per side, not 33"),
     (["--baseline", "roads"], "option --baseline must be one of zero, mean, blur, road, not 'roads'"),
 ], ids=["zero", "not_a_number", "finer_than_the_input", "unknown_baseline"])
@@ -346,7 +346,7 @@ def test_a_bad_grid_or_baseline_is_a_one_line_error_naming_it(tiny_run, args, fr
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--faithfulness-grid", "0"], "option --faithfulness-grid must be >= 1 or null (pixels), not 0"),
+    (["--faithfulness-grid", "0"], "option --faithfulness-grid must be a number >= 1, model, native or none (pixels), not 0"),
     (["--faithfulness-baseline", "roads"], "option --faithfulness-baseline must be one of zero, mean, blur, road"),
 ], ids=["grid", "baseline"])
 def test_a_bad_pipeline_grid_or_baseline_is_a_one_line_error_naming_it(args, fragment):
@@ -416,3 +416,27 @@ def test_stored_explanations_are_scored_instead_of_explained_again(tiny_run, tmp
             torch.testing.assert_close(a.curves[column].auc, b.curves[column].auc, rtol=0, atol=5e-3)
         for column in a.curves:
             assert abs(a.curves[column].auc.mean() - b.curves[column].auc.mean()) < 0.05, column
+
+
+def test_the_model_grid_is_the_cam_layers_cells_or_the_vits_patches(tiny_run, tmp_path, cifar):
+    """grid="model" (the quick preset's): the side of the CAM layer's output for a CNN, the patch grid
+    for a ViT, read off the model itself; scoring with it equals scoring with that number."""
+    from xtl.explain.cam import layer_outputs
+    from xtl.faithfulness.runner import model_grid
+    from xtl.models import build_model, submodule
+
+    copy = tmp_path / "cnn"
+    shutil.copytree(tiny_run.path, copy, ignore=shutil.ignore_patterns("faithfulness*"))
+    model, spec = RunDir(copy).load_model()
+    x = torch.zeros(1, 3, 64, 64)
+    with torch.inference_mode(), layer_outputs(submodule(model, spec.target_layer)) as outputs:
+        model(x)
+    assert model_grid(model, spec, x) == outputs[0].shape[-1] == 2  # resnet10t: stride 32 at 64 px
+    vit, vit_spec = build_model("timm:vit_tiny_patch16_224", 10, pretrained=False, input_size=64)
+    assert model_grid(vit, vit_spec, x) == 4
+    options = dict(methods=["saliency"], n_images=4, steps=3, explain_batch_size=2, resume=False, progress=False)
+    by_name = faithfulness_run([RunDir(copy)], grid="model", **options)[0]
+    by_number = faithfulness_run([RunDir(copy)], grid=1, **options)[0]  # 32 px input: 1 x 1 cells
+    assert by_name.grid == 1
+    for a, b in zip(by_name.methods, by_number.methods):
+        assert all(torch.equal(a.curves[c].auc, b.curves[c].auc) for c in a.curves)

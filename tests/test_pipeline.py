@@ -269,4 +269,4 @@ def test_presets_follow_the_paper_and_the_offline_recipe():
     vit, cnn = quick.run_config("vit_s14_dinov2"), quick.run_config("efficientnet_lite0")
     assert (vit.freeze_blocks, vit.input_size, vit.epochs, vit.cache_frozen, vit.precision) == (6, 112, 2, True, "auto")
     assert (cnn.freeze_blocks, cnn.input_size, cnn.test_size, cnn.head_epochs) == (11, 128, 1000, 0)
-    assert (quick.faithfulness_grid, quick.faithfulness_steps, full.faithfulness_steps) == (32, 5, 10)
+    assert (quick.faithfulness_grid, quick.faithfulness_steps, full.faithfulness_steps) == ("model", 5, 10)

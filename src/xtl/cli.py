@@ -250,8 +250,9 @@ def run_command(
     faithfulness_steps: Optional[int] = typer.Option(None, help="Masked fractions 0, 1/steps, ..., 1."),
     faithfulness_baseline: Optional[str] = typer.Option(None, help="zero, mean, blur or road (ROAD's noisy linear imputation)."),
     faithfulness_batch_size: Optional[int] = typer.Option(None, help="Perturbed images per forward pass."),
-    faithfulness_grid: Optional[int] = typer.Option(None, help="Perturb the cells of a G x G grid instead of pixels "
-                                                    "(e.g. 32: CIFAR's own pixels); default: pixels."),
+    faithfulness_grid: Optional[str] = typer.Option(None, help="Perturb the cells of a G x G grid: a number (32: "
+                                                    "CIFAR's own pixels), model (each model's own grid; the default), "
+                                                    "native or none (pixels)."),
     title: Optional[str] = typer.Option(None, help="Title of the report."),
     force: bool = typer.Option(False, help="Redo every step, deleting the folder's earlier results."),
     show_config: bool = typer.Option(False, help="Print the effective configuration as YAML and stop."),
@@ -270,7 +271,8 @@ def run_command(
         "explain_images": None if images == "all" else images, "explain_batch_size": explain_batch_size,
         "explain_target": explain_target, "gallery_size": gallery_size, "faithfulness_images": faithfulness_images,
         "faithfulness_steps": faithfulness_steps, "faithfulness_baseline": faithfulness_baseline,
-        "faithfulness_batch_size": faithfulness_batch_size, "faithfulness_grid": faithfulness_grid,
+        "faithfulness_batch_size": faithfulness_batch_size,
+        "faithfulness_grid": int(faithfulness_grid) if (faithfulness_grid or "").lstrip("-").isdigit() else faithfulness_grid,
         "train": parse_assignments(train, "--train") if train else None,
         "per_model": parse_assignments(per_model, "--per-model") if per_model else None,
     }
@@ -288,13 +290,13 @@ def _list(text: Optional[str]) -> Optional[list[str]]:
 
 
 def _grid(text: str) -> int | str | None:
-    """--grid: a number of cells per side, native or none."""
-    if text in ("none", "native"):
+    """--grid: a number of cells per side, model, native or none."""
+    if text in ("none", "native", "model"):
         return None if text == "none" else text
     try:
         return int(text)
     except ValueError:
-        raise XtlError(f"option --grid must be a number of cells per side, native or none, not '{text}'") from None
+        raise XtlError(f"option --grid must be a number of cells per side, model, native or none, not '{text}'") from None
 
 
 def _count_or_all(text: Optional[str], option: str) -> int | str | None:
@@ -344,8 +346,9 @@ def faithfulness_command(
     steps: int = typer.Option(10, help="Masked fractions 0, 1/steps, ..., 1 (10: Chefer's 10 % steps)."),
     baseline: str = typer.Option("zero", help="What a masked pixel becomes: zero (after normalisation), mean, blur "
                                  "or road (Rong et al. 2022: the weighted mean of its neighbours plus noise)."),
-    grid: str = typer.Option("none", help="Perturb the cells of a G x G grid instead of pixels: a number, native (the "
-                             "source images' resolution, e.g. 32 for CIFAR-10) or none (pixels)."),
+    grid: str = typer.Option("none", help="Perturb the cells of a G x G grid instead of pixels: a number, model (the "
+                             "model's own grid: ViT patches, the CAM layer's cells), native (the source images' "
+                             "resolution, e.g. 32 for CIFAR-10) or none (pixels)."),
     batch_size: int = typer.Option(64, help="Perturbed images per forward pass."),
     explain_batch_size: int = typer.Option(8, help="Images per explanation batch."),
     seed: int = typer.Option(0, help="Seed of the random maps."),

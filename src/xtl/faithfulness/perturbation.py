@@ -382,19 +382,23 @@ def score_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, map
         model.train(was_training)
 
 
+NAMED_GRIDS = ("native", "model")  # the source images' own pixels; the model's own feature grid
+
+
 def check_scoring_options(steps: int, batch_size: int, baseline: str = "zero", grid: int | str | None = None,
                           native: bool = False) -> None:
-    """One line naming the option for each bad value (`native`: whether grid="native" is accepted)."""
+    """One line naming the option for each bad value (`native`: whether the named grids "native" and
+    "model", which only a run or a model can resolve, are accepted)."""
     if baseline not in BASELINES:
         raise XtlError(f"option --baseline must be one of {', '.join(BASELINES)}, not '{baseline}'")
     if steps < 1:
         raise XtlError(f"option --steps must be at least 1, not {steps}")
     if batch_size < 1:
         raise XtlError(f"option --batch-size must be at least 1, not {batch_size}")
-    if native and grid == "native":
+    if native and grid in NAMED_GRIDS:
         return
     if grid is not None and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
-        choices = "a number of cells per side >= 1" + (", native" if native else "") + " or none (pixels)"
+        choices = "a number of cells per side >= 1" + (", native, model" if native else "") + " or none (pixels)"
         raise XtlError(f"option --grid must be {choices}, not {grid!r}")
 
 

@@ -359,7 +359,7 @@ def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n
         chosen = _chosen_methods(explainer.spec.family, methods, explainer.spec.name)
         n = min(n_images, len(explainer.part))
         images = explainer.preprocess(explainer.part.images[:n].to(explainer.device))
-        cells = native_grid(explainer.part.images, f"run {run.path}") if grid == "native" else grid
+        cells = resolve_grid(grid, explainer.model, explainer.spec, explainer.part.images, images[:1], f"run {run.path}")
         scores = score_model(explainer.model, explainer.spec, images, explainer.part.labels[:n], chosen, steps, baseline,
                              batch_size, explain_batch_size, seed, method_options, progress, run.path.name,
                              cache=run.file(CACHE) if resume else None, grid=cells,
@@ -386,6 +386,33 @@ def _stored_maps(run: RunDir, split: str, methods: list[str], ids) -> dict[str, 
         if k and torch.equal(stored_ids[:k].long(), ids[:k].long()):
             found[method] = (raw[:k], targets[:k])
     return found
+
+
+def resolve_grid(grid: int | str | None, model: nn.Module, spec: ModelSpec, source_images: torch.Tensor,
+                 one_input: torch.Tensor, what: str) -> int | None:
+    """A grid choice as cells per side: "native" (the source images' side), "model" (`model_grid`), a
+    number, or None (pixels)."""
+    if grid == "native":
+        return native_grid(source_images, what)
+    if grid == "model":
+        return model_grid(model, spec, one_input)
+    return grid
+
+
+def model_grid(model: nn.Module, spec: ModelSpec, one_input: torch.Tensor) -> int:
+    """The model's own grid at this input size: a ViT's patches per side, or the side of the output of
+    a CNN's CAM layer (`spec.target_layer`), where its maps are made. Measured on the `make run` models
+    (BENCHMARKS.md), perturbing these cells separates the maps from the random and uniform references
+    best: a masked cell is what the model's own maps can point at."""
+    from xtl.explain.base import patch_grid
+    from xtl.explain.cam import layer_outputs
+    from xtl.models import submodule
+
+    if spec.family == "vit":
+        return int(patch_grid(spec, one_input)[0])
+    with torch.inference_mode(), layer_outputs(submodule(model, spec.target_layer)) as outputs:
+        model(one_input)
+    return int(outputs[0].shape[-2])
 
 
 def native_grid(source_images: torch.Tensor, what: str) -> int:
@@ -462,7 +489,7 @@ def faithfulness_imagenet(folder: Path, model: str = "efficientnet_lite0", metho
     chosen = _chosen_methods(spec.family, methods, spec.name)
     raw, labels = load_imagenet_sample(Path(folder), n_images, spec.input_size)
     images = Preprocess(spec.input_size, spec.mean, spec.std)(raw.to(device))
-    cells = native_grid(raw, str(folder)) if grid == "native" else grid
+    cells = resolve_grid(grid, net, spec, raw, images[:1], str(folder))
     scores = score_model(net, spec, images, labels, chosen, steps, baseline, batch_size, explain_batch_size, seed,
                          method_options, progress, f"{spec.name} (ImageNet)",
                          cache=Path(out) / CACHE if resume else None, grid=cells, pixel_std=spec.std)

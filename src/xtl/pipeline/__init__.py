@@ -213,7 +213,7 @@ class Pipeline:
         results = faithfulness_run(
             list(self.runs.values()), c.faithfulness_methods or c.explain_methods, c.faithfulness_images,
             steps=c.faithfulness_steps, baseline=c.faithfulness_baseline, batch_size=c.faithfulness_batch_size,
-            grid=c.faithfulness_grid, combined=self.folder,
+            grid=None if c.faithfulness_grid == "none" else c.faithfulness_grid, combined=self.folder,
             progress=self.progress or not sys.stderr.isatty(),  # a log gets one plain line per batch and method
         )
         if len(results) == 1:  # the report reads the combined table in every case

@@ -42,7 +42,10 @@ class PipelineConfig:
     faithfulness_steps: int = 5  # masked fractions 0, 1/steps, ..., 1 (the GPU presets: 10, Chefer et al.'s 10 % steps)
     faithfulness_baseline: str = "zero"
     faithfulness_batch_size: int = 64
-    faithfulness_grid: int | None = 32  # perturb cells of a G x G grid (32: one CIFAR pixel each); None: pixels
+    # perturb the cells of a G x G grid: a number (32: one CIFAR pixel each), "model" (each model's own
+    # grid: a ViT's patches, a CNN's CAM layer; it separates maps from the references best, BENCHMARKS.md),
+    # "native" (the source images' pixels), or "none" / null (the model input's pixels)
+    faithfulness_grid: int | str | None = "model"
     title: str | None = None  # of the report
 
     @property
@@ -62,8 +65,10 @@ class PipelineConfig:
         if self.faithfulness_baseline not in FAITHFULNESS_BASELINES:
             raise XtlError(f"{label('faithfulness_baseline', where)} must be one of {', '.join(FAITHFULNESS_BASELINES)}, "
                            f"not '{self.faithfulness_baseline}'")
-        if self.faithfulness_grid is not None and self.faithfulness_grid < 1:
-            raise XtlError(f"{label('faithfulness_grid', where)} must be >= 1 or null (pixels), not {self.faithfulness_grid}")
+        grid = self.faithfulness_grid
+        if grid is not None and not (grid in ("model", "native", "none") or (isinstance(grid, int) and grid >= 1)):
+            raise XtlError(f"{label('faithfulness_grid', where)} must be a number >= 1, model, native or none (pixels), "
+                           f"not {grid!r}")
         for key in ("explain_batch_size", "gallery_size", "faithfulness_images", "faithfulness_steps", "faithfulness_batch_size"):
             if getattr(self, key) < 1:
                 raise XtlError(f"{label(key, where)} must be >= 1, not {getattr(self, key)}")
@@ -110,7 +115,7 @@ def preset_config(name: str) -> PipelineConfig:
 
     - `quick`: `make run`. EfficientNet-Lite0 and DINOv2 ViT-S/14 (offline weights) on a stratified
       4,500/500/1,000 subset at low resolution, frozen early blocks cached (xtl.config.preset), maps
-      of 100 test images scored on CIFAR's own 32 x 32 grid in 5 steps: a 2-core CPU in 10 minutes.
+      of 100 test images scored on each model's own grid in 5 steps: a 2-core CPU in 10 minutes.
     - `paper`: the paper's experiment. AlexNet, ResNet-34 and ViT-B/16 (ImageNet-21k) from the hubs,
       the paper's split and hyperparameters; needs a GPU and network access for the weights.
     - `offline-full`: EfficientNet-Lite0 and DINOv2 ViT-S/14 with our recipe on the paper split.
