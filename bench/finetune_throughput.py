@@ -37,7 +37,7 @@ from xtl.data.splits import SplitPart
 from xtl.models import build_model
 from xtl.runs import model_preprocess
 from xtl.train.loop import (
-    TrainState, make_fabric, make_optimizer, make_scheduler, set_bn_momentum, train_one_epoch,
+    ModelInputs, TrainState, make_fabric, make_optimizer, make_scheduler, set_bn_momentum, train_one_epoch,
 )
 from xtl.train.progress import TrainProgress
 
@@ -68,7 +68,7 @@ def our_step(name: str, size: int, batch: int, device: str, images: torch.Tensor
         n = steps * batch
         idx = (torch.arange(n) + calls[0] * n) % len(images)  # fresh images each call
         part = SplitPart(ids=np.arange(n), labels=labels[idx], images=images[idx])
-        train_one_epoch(fabric, model, optimizer, scheduler, {"train": part}, preprocess, config, calls[0],
+        train_one_epoch(fabric, model, optimizer, scheduler, ModelInputs(part, preprocess), config, calls[0],
                         state, bar, run)
         calls[0] += 1
 
