@@ -28,7 +28,7 @@ from xtl.io import parse_yaml_scalar
 from xtl.models import build_model
 from xtl.models.trunk import split_model
 from xtl.runs import model_preprocess, split_spec
-from xtl.train.loop import ModelInputs, fit_head, make_fabric, make_optimizer, make_scheduler, set_bn_momentum
+from xtl.train.loop import ModelInputs, fed_from_cache, fit_head, make_fabric, make_optimizer, make_scheduler, set_bn_momentum
 
 
 def main() -> None:
@@ -68,10 +68,9 @@ def main() -> None:
 
 def run_variant(fabric, model, classifier, parts, inputs, config, text: str) -> str:
     started = time.perf_counter()
-    model.forward = parts.tail
-    try:
-        if config.head_epochs:
-            fit_head(fabric, model, classifier, parts, {k: inputs[k] for k in ("train", "val")}, config)
+    if config.head_epochs:  # on the cached outputs, as finetune() does
+        fit_head(fabric, model, classifier, parts, {k: inputs[k] for k in ("train", "val")}, config)
+    with fed_from_cache(model, parts):
         optimizer = make_optimizer(model, config)
         steps = math.ceil(len(inputs["train"]) / config.batch_size)
         scheduler = make_scheduler(optimizer, config, steps)
@@ -91,8 +90,6 @@ def run_variant(fabric, model, classifier, parts, inputs, config, text: str) -> 
                 optimizer.step()
                 scheduler.step()
         accuracy = {name: _accuracy(fabric, model, inputs[name]) for name in ("val", "test")}
-    finally:
-        del model.forward
     p, n = accuracy["test"], len(inputs["test"])
     half = 1.96 * math.sqrt(p * (1 - p) / n)
     return (f"  {text}: val {accuracy['val']:.3f} | test {p:.3f} [{p - half:.3f}, {p + half:.3f}] | "

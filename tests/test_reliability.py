@@ -468,7 +468,10 @@ def _epoch_rows(run: RunDir) -> list[dict]:
 def test_killed_mid_epoch_then_resumed_gives_the_uninterrupted_result(signum, uninterrupted, cifar, tmp_path):
     args = [*FINETUNE, "--source", cifar, "--runs-dir", tmp_path, "--name", "killed"]
     run = RunDir(tmp_path / "killed")
-    process = subprocess.Popen([XTL, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    # SIGINT back to its default in the child: a test run started in the background inherits it ignored,
+    # and Python then installs no KeyboardInterrupt handler
+    process = subprocess.Popen([XTL, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (run.file("history_epochs.csv").is_file() and len(_epoch_rows(run)) == 1):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
