@@ -184,6 +184,7 @@ def _faithfulness_context(folder: Path | None, results: list[ModelResult], figur
         "n_images": sorted({int(r["n_images"]) for r in rows}),
         "steps": int(rows[0]["steps"]) if rows else 0,
         "baseline": rows[0]["baseline"] if rows else "",
+        "grids": _grids(rows),
         "figure": figure,
         "per_run": [f for f in (figures.add(r.run.figures / "faithfulness_curves.png", f"{r.name}_faithfulness_curves.png",
                                             f"{r.model}: faithfulness curves") for r in results) if f] if figure is None else [],
@@ -207,3 +208,14 @@ def _template():
     env = Environment(loader=PackageLoader("xtl.report", "templates"), autoescape=select_autoescape(["html", "j2"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.get_template("report.html.j2")
+
+
+def _grids(rows: list[dict]) -> str:
+    """What was masked, per model: "pixels" or "G x G cells" (older tables: pixels)."""
+    by_model = {}
+    for row in rows:
+        grid = str(row.get("grid") or "pixel")
+        by_model[row["model"]] = "pixels" if grid in ("pixel", "none", "") else f"{grid} x {grid} cells"
+    if len(set(by_model.values())) <= 1:
+        return next(iter(by_model.values()), "pixels")
+    return "; ".join(f"{what} for {model}" for model, what in by_model.items())
