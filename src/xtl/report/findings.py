@@ -145,8 +145,8 @@ GPU_PRESETS_NOTE = (
     "The quick preset is a CPU-scale stand-in for the two GPU presets: the paper preset (xtl run --preset paper) "
     "fine-tunes the paper's AlexNet, ResNet-34 and ViT-B/16 (hub weights) on the paper split with the paper's "
     "recipe, and the offline-full preset (xtl run --preset offline-full) fine-tunes the offline models "
-    "(EfficientNet-Lite0, DINOv2 ViT-S/14) on the paper split at full resolution. The accuracies here are of a "
-    "small subset at low resolution and are not comparable with the paper's."
+    "(EfficientNet-Lite0, DINOv2 ViT-S/14) on the paper split at full resolution. The accuracies here come from "
+    "low resolution, a few epochs and frozen early blocks, and are not comparable with the paper's."
 )
 
 
