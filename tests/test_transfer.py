@@ -165,3 +165,29 @@ def test_xtl_finetune_freeze_blocks_errors_are_one_line(tiny_folder, tmp_path):
         result = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
         lines = [line for line in result.stderr.splitlines() if line.strip() and "Warning" not in line]
         assert result.returncode == 2 and len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(cifar, tiny_split, tmp_path):
+    """Resuming reads checkpoints with weights_only=True: the run's own checkpoint resumes, and one
+    whose pickle calls a function (here os.system) is refused without calling it."""
+    import os
+    import pickle
+
+    config = RunConfig(source=str(cifar), **{**TINY, "epochs": 1, "freeze_blocks": 4})
+    run = RunDir(tmp_path / "run")
+    finetune(config, tiny_split, run, progress=False)
+    longer = RunConfig(source=str(cifar), **{**TINY, "epochs": 2, "freeze_blocks": 4})
+    assert finetune(longer, tiny_split, run, resume=True, progress=False).epoch == 2  # plain values load
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(run.last_checkpoint, "wb") as f:
+        pickle.dump({"model": Payload()}, f)
+    with pytest.raises(XtlError, match=r"checkpoint .*last.pt cannot be resumed: UnpicklingError"):
+        finetune(RunConfig(source=str(cifar), **{**TINY, "epochs": 3, "freeze_blocks": 4}), tiny_split, run,
+                 resume=True, progress=False)
+    assert not marker.exists()

@@ -425,8 +425,11 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: T
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
+    """Resume from `path`. Read with `weights_only=True`: a checkpoint holds tensors and plain values
+    only, so a run folder from someone else cannot run code here; a file that needs more is refused
+    in one line."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
