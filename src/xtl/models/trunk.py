@@ -69,63 +69,52 @@ def _check(split: TrunkSplit, k: int) -> TrunkSplit:
     return split
 
 
-def _timm_vit(model: nn.Module, k: int) -> TrunkSplit:
-    blocks = list(model.blocks)
+def _cut(k: int, stem: Callable, blocks: list[nn.Module], head: Callable, frozen_stem: list[nn.Module],
+         run_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> TrunkSplit:
+    """The one cut every family is described to: `stem`, then `blocks` in order (each called through
+    `run_block(index, x)` where a block takes more than its input), then `head`."""
+    run_block = run_block or (lambda idx, x: blocks[idx](x))
 
-    def trunk(x: torch.Tensor) -> torch.Tensor:
-        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-        for block in blocks[:k]:
-            x = block(x)
+    def run(x: torch.Tensor, indices: range) -> torch.Tensor:
+        for idx in indices:
+            x = run_block(idx, x)
         return x
 
-    def tail(x: torch.Tensor) -> torch.Tensor:
-        for block in blocks[k:]:
-            x = block(x)
-        return model.forward_head(model.norm(x))
+    return TrunkSplit(trunk=lambda x: run(stem(x), range(k)), tail=lambda x: head(run(x, range(k, len(blocks)))),
+                      trunk_modules=frozen_stem + blocks[:k] if k else [], n_blocks=len(blocks))
 
-    stem = [model.patch_embed, model.patch_drop, model.norm_pre]
-    frozen = stem + blocks[:k] if k else []
-    return TrunkSplit(trunk, tail, frozen + ([_Params(model, ("cls_token", "reg_token", "pos_embed"))] if k else []),
-                      len(blocks))
+
+def _timm_vit(model: nn.Module, k: int) -> TrunkSplit:
+    return _cut(
+        k, stem=lambda x: model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x)))),
+        blocks=list(model.blocks), head=lambda x: model.forward_head(model.norm(x)),
+        frozen_stem=[model.patch_embed, model.patch_drop, model.norm_pre,
+                     _Params(model, ("cls_token", "reg_token", "pos_embed"))],
+    )
 
 
 def _efficientnet_lite(model: nn.Module, k: int) -> TrunkSplit:
     blocks = list(model._blocks)
     rate = model._global_params.drop_connect_rate
 
-    def run(x: torch.Tensor, indices: range) -> torch.Tensor:
-        for idx in indices:  # the package's own drop-connect schedule, by the block's index in the whole model
-            x = blocks[idx](x, drop_connect_rate=rate * float(idx) / len(blocks) if rate else rate)
-        return x
+    def head(x: torch.Tensor) -> torch.Tensor:
+        x = model._swish(model._bn1(model._conv_head(x)))
+        return model._fc(model._dropout(model._avg_pooling(x).flatten(1)))
 
-    def trunk(x: torch.Tensor) -> torch.Tensor:
-        return run(model._swish(model._bn0(model._conv_stem(x))), range(k))
-
-    def tail(x: torch.Tensor) -> torch.Tensor:
-        x = model._swish(model._bn1(model._conv_head(run(x, range(k, len(blocks))))))
-        x = model._dropout(model._avg_pooling(x).flatten(1))
-        return model._fc(x)
-
-    frozen = [model._conv_stem, model._bn0] + blocks[:k] if k else []
-    return TrunkSplit(trunk, tail, frozen, len(blocks))
+    return _cut(
+        k, stem=lambda x: model._swish(model._bn0(model._conv_stem(x))), blocks=blocks, head=head,
+        frozen_stem=[model._conv_stem, model._bn0],
+        # the package's own drop-connect schedule, by the block's index in the whole model
+        run_block=lambda idx, x: blocks[idx](x, drop_connect_rate=rate * float(idx) / len(blocks) if rate else rate),
+    )
 
 
 def _torchvision_resnet(model: nn.Module, k: int) -> TrunkSplit:
-    blocks = [b for i in range(1, 5) for b in getattr(model, f"layer{i}")]
-
-    def trunk(x: torch.Tensor) -> torch.Tensor:
-        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-        for block in blocks[:k]:
-            x = block(x)
-        return x
-
-    def tail(x: torch.Tensor) -> torch.Tensor:
-        for block in blocks[k:]:
-            x = block(x)
-        return model.fc(torch.flatten(model.avgpool(x), 1))
-
-    frozen = [model.conv1, model.bn1] + blocks[:k] if k else []
-    return TrunkSplit(trunk, tail, frozen, len(blocks))
+    return _cut(
+        k, stem=lambda x: model.maxpool(model.relu(model.bn1(model.conv1(x)))),
+        blocks=[b for i in range(1, 5) for b in getattr(model, f"layer{i}")],
+        head=lambda x: model.fc(torch.flatten(model.avgpool(x), 1)), frozen_stem=[model.conv1, model.bn1],
+    )
 
 
 class _Params(nn.Module):
