@@ -162,16 +162,21 @@ def test_the_fallback_lists_images_in_the_folder_order_so_a_seeded_split_names_t
             assert torch.equal(a[name].images, b[name].images)
 
 
+def _one_line(error: Exception, start: str, end: str) -> None:
+    """The error is one line that starts and ends as the user is told."""
+    message = str(error)
+    assert "\n" not in message and message.startswith(start) and message.endswith(end), message
+
+
 def test_offline_without_shared_is_one_line_saying_what_to_provide(no_shared, offline, tmp_path, monkeypatch, capsys):
     """The real torchvision download runs into the cut network (urllib's URLError)."""
     with pytest.raises(XtlError) as err:
         open_source(DEFAULT)
     message = str(err.value)
-    assert "\n" not in message
-    assert message.startswith("no CIFAR-10 here: ../shared/data/cifar10 is missing and the download to "
-                              "~/.cache/xtl failed (URLError: <urlopen error [Errno -3] Temporary failure")
-    assert message.endswith("no network?); pass --source DIR (an image folder DIR/{train,test}/<class>/*) "
-                            "or connect once to download it")
+    _one_line(err.value, "no CIFAR-10 here: ../shared/data/cifar10 is missing and the download to "
+                         "~/.cache/xtl failed (URLError: <urlopen error [Errno -3] Temporary failure",
+              "no network?); pass --source DIR (an image folder DIR/{train,test}/<class>/*) "
+              "or connect once to download it")
     # through the command line: that line, exit status 2, no traceback, nothing else
     from xtl import cli
 
@@ -246,12 +251,10 @@ def test_offline_without_dinov2_weights_is_one_line_naming_the_file(no_shared, o
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     with pytest.raises(XtlError) as err:
         build_model("vit_s14_dinov2", n_classes=3, input_size=56)
-    message = str(err.value)
-    assert "\n" not in message
-    assert message.startswith("the weights of vit_s14_dinov2 could not be downloaded from the timm hub "
-                              "(vit_small_patch14_dinov2.lvd142m: ")
-    assert message.endswith("no network?); put vit_small_patch14_dinov2.imgfocus.safetensors in $XTL_WEIGHTS_DIR "
-                            "or ../shared/weights, or connect once to download it")
+    _one_line(err.value, "the weights of vit_s14_dinov2 could not be downloaded from the timm hub "
+                         "(vit_small_patch14_dinov2.lvd142m: ",
+              "no network?); put vit_small_patch14_dinov2.imgfocus.safetensors in $XTL_WEIGHTS_DIR "
+              "or ../shared/weights, or connect once to download it")
     assert capsys.readouterr().err == ""  # no "using the hub" line for a download that failed
 
 

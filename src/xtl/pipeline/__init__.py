@@ -203,8 +203,7 @@ class Pipeline:
     def faithfulness_settings(self) -> list:
         c = self.config
         return [c.faithfulness_methods or c.explain_methods, c.faithfulness_images, c.faithfulness_steps,
-                c.faithfulness_baseline, c.faithfulness_batch_size] + (
-                    [c.faithfulness_grid] if c.faithfulness_grid is not None else [])  # finished steps stay valid
+                c.faithfulness_baseline, c.faithfulness_batch_size, c.faithfulness_grid]
 
     def faithfulness(self) -> None:
         from xtl.faithfulness import faithfulness_run, faithfulness_table
