@@ -30,6 +30,7 @@ class ExplainMethod:
     families: ClassVar[frozenset[str]] = frozenset({"cnn", "vit"})
     class_discriminative: ClassVar[bool] = True  # does the map depend on the target class?
     gradient_based: ClassVar[bool] = True  # sensitive to the weights (model-randomisation check)
+    signed: ClassVar[bool] = False  # raw maps keep a sign (evidence for and against): drawn zero-centred
 
     def attribute(
         self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelSpec, **options

@@ -80,6 +80,7 @@ class LrpMethod(ExplainMethod):
     """Relevance of the target logit on a canonized, hooked deep copy of the model."""
 
     families = frozenset({"cnn"})
+    signed = True
 
     def attribute(
         self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelSpec, **options
