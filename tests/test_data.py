@@ -153,3 +153,13 @@ def test_augmentation_differs_per_image_and_repeats_with_the_seed(cifar):
     assert torch.equal(a, b)
     assert not torch.allclose(a[0], a[1])
     assert a.shape == (8, 3, 64, 64)
+
+
+def test_preprocess_leaves_a_float_input_unchanged(cifar):
+    split = load_split(str(cifar), SplitSpec("random", train_size=4, val_size=0, test_size=0, seed=0))
+    images = split["train"].images.float()  # 0..255 as float32: Preprocess takes it like uint8
+    before = images.clone()
+    pre = Preprocess(32, (0.5,) * 3, (0.5,) * 3)
+    x = pre(images)
+    assert torch.equal(images, before)
+    assert torch.allclose(x, pre(split["train"].images))

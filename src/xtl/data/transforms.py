@@ -25,7 +25,7 @@ class Preprocess:
         augment: bool = False,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        x = images.float().div_(255.0)
+        x = images.to(torch.float32, copy=True).div_(255.0)  # a copy: a float caller tensor stays as it was
         if augment:
             x = random_flip_scale_shift(x, self.size, generator)
         elif x.shape[-2:] != (self.size, self.size):
