@@ -345,3 +345,28 @@ def test_cam_and_gradient_methods_run_on_a_hugging_face_vit(tmp_path):
         expected = (2, 4, 4) if method in ("gradcam", "layercam", "transformer_attribution") else (2, 32, 32)
         assert result.raw.shape == expected, method
         assert torch.isfinite(result.maps).all() and result.maps.shape == (2, 32, 32)
+
+
+def test_integrated_gradients_keeps_the_sign_and_takes_a_baseline():
+    """IG's raw map is the channel sum with its sign: it sums to logit(image) - logit(baseline)
+    (completeness), has pixels against the class as well as for it, and starts from the baseline
+    given (zeros by default, a float, or a tensor broadcast to the images)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).double().eval()
+    model.xtl_spec = _custom_spec("tiny_tanh", "0")
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([1, 3])
+    assert METHODS["integrated_gradients"].signed
+    per_channel = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64).view(3, 1, 1)
+    with torch.no_grad():
+        logits = model(images)[range(2), targets]
+    for baselines, start in ((None, torch.zeros_like(images)), (-0.7, torch.full_like(images, -0.7)),
+                             (per_channel, per_channel.expand_as(images))):
+        raw = METHODS["integrated_gradients"].attribute(model, images, targets, model.xtl_spec, n_steps=200,
+                                                        baselines=baselines).double()
+        assert raw.shape == (2, 16, 16)
+        assert (raw < 0).any() and (raw > 0).any()  # evidence for and against: not |.|
+        with torch.no_grad():
+            expected = logits - model(start)[range(2), targets]
+        torch.testing.assert_close(raw.sum((1, 2)), expected, rtol=1e-3, atol=1e-4)

@@ -3,8 +3,10 @@
 The raw map is at input resolution [B, H, W]:
 - saliency, smoothgrad: |gradient| summed over the colour channels (SmoothGrad averages |gradient|
   over the noisy copies, as Captum's NoiseTunnel over Saliency does);
-- integrated_gradients: the attribution summed over the colour channels first, then |.|: a pixel's
-  net contribution to the logit (completeness holds per pixel before the abs), not its magnitude.
+- integrated_gradients: the attribution summed over the colour channels, sign kept: a pixel's net
+  contribution to the logit relative to the baseline (positive: for the class, negative: against);
+  the map's sum is the logit minus the baseline's logit (completeness). The method is `signed`, so
+  figures draw it on a zero-centred scale.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ class SaliencyMap(ExplainMethod):
 
 @register_method
 class IntegratedGradientsMap(ExplainMethod):
-    """Sundararajan et al. 2017, from the all-zero input in normalised space (the data set's mean image)."""
+    """Sundararajan et al. 2017: the path integral of the gradient from a baseline to the image,
+    summed over the colour channels with its sign (evidence for and against the class)."""
 
     name = "integrated_gradients"
+    signed = True
 
     def attribute(
         self,
@@ -44,13 +48,28 @@ class IntegratedGradientsMap(ExplainMethod):
         spec: ModelSpec,
         n_steps: int = 32,
         internal_batch_size: int | None = None,
+        baselines: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Raw maps [B, H, W], signed.
+
+        `baselines`: the input the path starts from, in the model's normalised input space (the space
+        of `images`): None (default) the all-zero input, i.e. the data set's mean image under the
+        usual mean/std normalisation; a float, the same value in every pixel and channel; or a tensor
+        broadcastable to `images` ([3, H, W], [B, 3, H, W], [3, 1, 1] per channel, ...). A black
+        image in pixel space is `(0 - mean) / std` per channel, not 0.
+        """
         inputs = images.detach()
+        if baselines is None:
+            start = torch.zeros_like(inputs)
+        elif isinstance(baselines, torch.Tensor):
+            start = torch.broadcast_to(baselines.to(inputs), inputs.shape).contiguous()
+        else:
+            start = torch.full_like(inputs, float(baselines))
         attributions = IntegratedGradients(model).attribute(
-            inputs, baselines=torch.zeros_like(inputs), target=targets,
+            inputs, baselines=start, target=targets,
             n_steps=n_steps, internal_batch_size=internal_batch_size,
         )
-        return attributions.sum(1).abs()
+        return attributions.sum(1)
 
 
 @register_method

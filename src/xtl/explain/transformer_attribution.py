@@ -600,6 +600,7 @@ class FullLrp(_VitMethod):
 
     name = "full_lrp"
     options = frozenset({"stabilizer"})
+    signed = True
 
     def raw_map(self, layout, trace, targets, stabilizer="reference"):
         relevance = lrp(layout, trace, targets, stabilizer, to_embedding=True)
