@@ -25,7 +25,9 @@ Options:
   pass) and raise if they differ, so that an unsupported model variant cannot pass silently.
 
 Supported models: timm `VisionTransformer` (class token, register tokens, LayerScale,
-`global_pool="token"`) and Hugging Face `ViTForImageClassification` inside `HFClassifier`.
+`global_pool="token"`), Hugging Face `ViTForImageClassification` inside `HFClassifier`, and
+torchvision `VisionTransformer` (`vit_b_16` and kin; only images of the `image_size` it was built
+with, as its own forward asserts; a `representation_size` pre-logits head is refused).
 Beyond the spec (written for the plain ViT): LayerScale multiplies a branch elementwise, a
 one-to-one connection, so it passes relevance unchanged (any conservative rule does; the
 residual add rule still sees the scaled branch); register tokens are ordinary tokens to every
@@ -101,7 +103,12 @@ def vit_layout(model: nn.Module) -> VitLayout:
 
     if isinstance(model, VisionTransformer):
         return _timm_layout(model)
-    raise XtlError(f"transformer attribution supports timm VisionTransformer and HF ViT, not {type(model).__name__}")
+    from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
+
+    if isinstance(model, TorchvisionViT):
+        return _torchvision_layout(model)
+    raise XtlError("transformer attribution supports timm VisionTransformer, torchvision VisionTransformer and "
+                   f"HF ViT, not {type(model).__name__}")
 
 
 def _require(condition: bool, what: str) -> None:
@@ -185,19 +192,72 @@ def _hf_block(layer: nn.Module) -> BlockWeights:
     )
 
 
+def _torchvision_layout(model: nn.Module) -> VitLayout:
+    """torchvision's `VisionTransformer` (`vit_b_16` and kin): one class token, the position
+    embedding on every token, `heads.head` reading the final norm's class token. It accepts only
+    images of the `image_size` it was built with (its forward asserts so), and so does this reader."""
+    _require(isinstance(model.conv_proj, nn.Conv2d), "the patch embedding is a convolution stem, not one convolution")
+    heads = list(model.heads.named_children())
+    _require(len(heads) == 1 and heads[0][0] == "head" and isinstance(model.heads.head, nn.Linear),
+             "the head has a pre_logits layer (representation_size) or is not one Linear layer")
+    encoder, expected = model.encoder, (model.image_size // model.patch_size,) * 2
+
+    def position(grid: tuple[int, int]) -> Tensor:
+        if tuple(grid) != expected:
+            raise XtlError(f"torchvision VisionTransformer takes only {model.image_size}x{model.image_size} images "
+                           f"(its image_size), not a {grid[0]}x{grid[1]} patch grid")
+        return encoder.pos_embedding
+
+    return VitLayout(
+        patch_conv=model.conv_proj, patch_norm=nn.Identity(), prefix_tokens=model.class_token, position=position,
+        position_covers_prefix=True, norm_pre=nn.Identity(),
+        blocks=[_torchvision_block(i, block) for i, block in enumerate(encoder.layers)],
+        final_norm=encoder.ln, fc_norm=nn.Identity(), head=model.heads.head,
+    )
+
+
+def _torchvision_block(index: int, block: nn.Module) -> BlockWeights:
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    _require(type(block) is EncoderBlock, f"block {index} is a {type(block).__name__}")
+    attn, mlp = block.self_attention, block.mlp
+    _require(type(attn) is nn.MultiheadAttention and attn.batch_first and attn._qkv_same_embed_dim
+             and attn.bias_k is None and attn.bias_v is None and not attn.add_zero_attn,
+             f"block {index} attention is not a plain batch-first nn.MultiheadAttention with one in_proj")
+    layers = list(mlp)
+    _require(len(layers) == 5 and isinstance(layers[0], nn.Linear) and isinstance(layers[3], nn.Linear)
+             and all(isinstance(m, nn.Dropout) for m in (layers[2], layers[4])),
+             f"block {index} MLP is not Linear, activation, Dropout, Linear, Dropout")
+    # in_proj rows are (q|k|v, head, head_dim), as timm's qkv; MHA scales q by head_dim ** -0.5
+    return BlockWeights(
+        norm1=block.ln_1, qkv_weight=attn.in_proj_weight, qkv_bias=attn.in_proj_bias, num_heads=attn.num_heads,
+        scale=attn.head_dim ** -0.5, proj=attn.out_proj, layer_scale1=None, norm2=block.ln_2,
+        fc1=layers[0], act=layers[1], fc2=layers[3], layer_scale2=None,
+    )
+
+
 @contextlib.contextmanager
 def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
-    """Within: eval mode, timm attention without SDPA (`fused_attn` off), HF attention eager.
+    """Within: eval mode, timm attention without SDPA (`fused_attn` off), HF attention eager, and
+    `nn.MultiheadAttention` (torchvision) on its explicit `softmax(q kᵀ) v` path: its fast path
+    off and `need_weights=True` forced (the weights are computed, then dropped by the caller).
     Everything is restored on exit, also after an exception."""
     fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
     hf_config = getattr(getattr(model, "hf", None), "config", None)
     hf_attention = getattr(hf_config, "_attn_implementation", None)
+    multihead = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    handles = []
     was_training = model.training
     try:
         for module, _ in fused:
             module.fused_attn = False
         if hf_config is not None:
             hf_config._attn_implementation = "eager"
+        if multihead:
+            torch.backends.mha.set_fastpath_enabled(False)
+        for module in multihead:
+            handles.append(module.register_forward_pre_hook(_need_weights, with_kwargs=True))
         model.eval()
         yield model
     finally:
@@ -205,7 +265,18 @@ def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
             module.fused_attn = flag
         if hf_config is not None:
             hf_config._attn_implementation = hf_attention
+        for handle in handles:
+            handle.remove()
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
+
+
+def _need_weights(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """`nn.MultiheadAttention.forward(query, key, value, key_padding_mask, need_weights, ...)`
+    with `need_weights=True`: the path that forms the attention probabilities explicitly."""
+    if len(args) > 4:
+        return (*args[:4], True, *args[5:]), kwargs
+    return args, {**kwargs, "need_weights": True}
 
 
 # ----------------------------------------------------------------------------- the forward pass
