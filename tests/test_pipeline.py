@@ -93,6 +93,12 @@ def test_config_out_of_range(tmp_path, cifar):
     _one_line_error(_xtl("run", "--explain-methods", "gradcam,nope", "--show-config"), "--explain-methods", "nope")
 
 
+def test_config_without_validation_images_is_refused(tmp_path, cifar):
+    path = _config_file(tmp_path, cifar, train={**TINY["train"], "val_size": 0})
+    _one_line_error(_xtl("run", "-c", str(path), "--show-config"), str(path), "key 'val_size'", ">= 1", "validation")
+    _one_line_error(_xtl("run", "--train", "val_size=0", "--show-config"), "option --train", "key 'val_size'", ">= 1")
+
+
 def test_broken_or_missing_config_file_is_named(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("models: [a, b\n")

@@ -601,7 +601,8 @@ def test_a_faithfulness_job_killed_midway_resumes_without_recomputing(run, tmp_p
     (["--lr", "fast"], ["Invalid value for '--lr'"]),
     (["--batch-size", "0"], ["option --batch-size must be > 0, not 0"]),
     (["--label-smoothing", "1.5"], ["option --label-smoothing must be in [0, 1), not 1.5"]),
-], ids=["unknown", "wrong_type", "out_of_range", "out_of_range_fraction"])
+    (["--split", "random", "--val-size", "0"], ["option --val-size must be >= 1", "validation"]),
+], ids=["unknown", "wrong_type", "out_of_range", "out_of_range_fraction", "no_validation"])
 def test_a_bad_finetune_option_is_named(args, fragments, tiny_folder, tmp_path):
     result = _xtl("finetune", "--model", "timm:resnet10t", "--source", tiny_folder, "--runs-dir", tmp_path, *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
@@ -619,3 +620,15 @@ def test_a_bad_run_config_names_the_key():
         RunConfig.from_dict({"model": "timm:resnet10t", "epochs": -1}, where="run.yaml")
     with pytest.raises(XtlError, match=r"^run\.yaml: key 'label_smoothing' must be in \[0, 1\), not 1\.5$"):
         RunConfig.from_dict({"model": "timm:resnet10t", "label_smoothing": 1.5}, where="run.yaml")
+    with pytest.raises(XtlError, match=r"^run\.yaml: key 'val_size' must be >= 1 .*validation.*, not 0$"):
+        RunConfig.from_dict({"model": "timm:resnet10t", "split": "random", "val_size": 0}, where="run.yaml")
+
+
+def test_a_split_with_no_validation_image_is_refused_before_training(tiny_folder, tmp_path):
+    """A random split whose validation part is empty (none asked for, or 10 % of a tiny pool rounding
+    to none) could never pick a best model: refused before any epoch, naming the option."""
+    config = RunConfig(**{**TINY, "source": str(tiny_folder), "train_size": 36, "val_size": None, "test_size": 12})
+    split = load_split(str(tiny_folder), SplitSpec("random", train_size=36, val_size=0, test_size=12))
+    with pytest.raises(XtlError, match=r"^option --val-size: the validation split of .* is empty"):
+        finetune(config, split, RunDir(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -88,6 +88,8 @@ class RunConfig:
                 raise XtlError(f"{key(name)} must be >= 0, not {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise XtlError(f"{key('label_smoothing')} must be in [0, 1), not {self.label_smoothing}")
+        if self.split == "random" and self.val_size is not None and self.val_size < 1:
+            raise XtlError(f"{key('val_size')} must be >= 1 (validation picks the best epoch), not {self.val_size}")
         if self.input_size is not None and self.input_size < 16:
             raise XtlError(f"{key('input_size')} must be >= 16, not {self.input_size}")
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from xtl.config import RunConfig
 from xtl.data import Preprocess, Split
+from xtl.device import resolve_device
 from xtl.errors import XtlError, gpu_out_of_memory, sigterm_as_interrupt
 from xtl.io import atomic_path, write_text
 from xtl.models import build_model, native_bf16, submodule
@@ -44,7 +45,7 @@ def resolve_precision(config: RunConfig) -> tuple[str, str]:
     computes bf16 natively (a GPU; a CPU with AMX or AVX512-BF16), 32-true elsewhere."""
     accelerator = config.accelerator
     if accelerator == "auto":
-        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+        accelerator = resolve_device(accelerator="auto").type
     precision = config.precision
     if precision == "auto":
         precision = "bf16-mixed" if native_bf16(accelerator) else "32-true"
@@ -69,6 +70,9 @@ def make_fabric(config: RunConfig):
 
 def finetune(config: RunConfig, split: Split, run: RunDir, resume: bool = False, progress: bool = True) -> TrainState:
     """Fine-tune `config.model` on `split`, keeping the best model (lowest val loss) in `run`."""
+    if len(split["val"]) == 0:  # e.g. 10 % of a tiny training pool rounds to none
+        raise XtlError(f"option --val-size: the validation split of {split.source} is empty; validation picks "
+                       "the best epoch, so give --val-size 1 or more")
     fabric = make_fabric(config)
     fabric.launch()
     fabric.seed_everything(config.seed, verbose=False)
