@@ -135,6 +135,28 @@ def test_early_stopping_stops_when_val_loss_stalls_and_keeps_the_best(cifar, tmp
     assert state.best_epoch == 2 and state.best_val_loss == 0.8
 
 
+def test_the_reported_best_epoch_is_the_one_whose_weights_were_saved(cifar, tmp_path, monkeypatch):
+    """Epoch 2's validation loss is lower by less than the 1e-4 that counts as an improvement: the
+    weights stay epoch 1's, and metrics.json, the report's table and its note say epoch 1 too."""
+    from xtl.report.findings import ModelResult, last_epoch_note
+
+    val_losses = iter([1.0, 1.0 - 5e-5])
+    monkeypatch.setattr(train_loop, "validate", lambda *a, **k: (next(val_losses), 0.5))
+    saved = []
+    real_save = train_loop.save_weights
+    monkeypatch.setattr(train_loop, "save_weights", lambda model, path, **kw: (saved.append(1), real_save(model, path, **kw)))
+    config = _tiny_config(cifar, epochs=2)
+    data = load_split(config.source, split_spec(config))
+    run = RunDir(tmp_path / "run")
+    state = finetune(config, data, run, progress=False)
+    assert len(saved) == 1 and state.best_epoch == 1  # the checkpoint rule: only epoch 1 was saved
+    metrics = evaluate(run, data, device="cpu")
+    assert metrics["best_epoch"] == 1 and json.loads(run.file("metrics.json").read_text())["best_epoch"] == 1
+    result = ModelResult.read(run)
+    assert result.best_epoch["epoch"] == 1 and result.row()["epochs (best)"] == "2 (1)"
+    assert last_epoch_note("cnn", result.epochs, None) is None  # the history replays the same rule
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(cifar, tmp_path):
     config = _tiny_config(cifar, epochs=2, lr=1e30, warmup_epochs=0.0, optimizer="adam", grad_clip=None, schedule="constant")
     with pytest.raises(XtlError, match="training loss became"):

@@ -3,7 +3,7 @@
     runs/<name>/
       config.yaml             RunConfig + what was derived (classes, normalisation, versions)
       split.csv               split, id, label, class, source key of every image
-      model.safetensors       the best model (lowest validation loss)
+      model.safetensors       the best model (lowest validation loss, by `improves`; its epoch in the metadata)
       checkpoints/last.pt     model, optimiser and history after the last finished epoch (resume)
       history_batches.csv     per-batch training loss, accuracy, lr, images/s
       history_epochs.csv      per-epoch training and validation loss and accuracy
@@ -28,6 +28,24 @@ from xtl.io import read_yaml, write_yaml
 from xtl.models import ModelSpec, build_model, get_spec
 
 FORMAT_VERSION = 1
+
+# The one rule that picks the best epoch: a validation loss counts as better than the best so far
+# only when lower by more than this. Training saves model.safetensors (and counts early-stopping
+# patience) by it and records the epoch in the file; everything that reports a best epoch reads it.
+MIN_IMPROVEMENT = 1e-4
+
+
+def improves(val_loss: float, best_val_loss: float) -> bool:
+    return val_loss < best_val_loss - MIN_IMPROVEMENT
+
+
+def best_epoch_of(epochs: list[dict]) -> int | None:
+    """The epoch training kept, replayed from a history (rows with `epoch` and `val_loss`) by `improves`."""
+    best, best_loss = None, float("inf")
+    for row in epochs:
+        if improves(row["val_loss"], best_loss):
+            best, best_loss = int(row["epoch"]), row["val_loss"]
+    return best
 
 
 class RunDir:
@@ -102,6 +120,23 @@ class RunDir:
     def preprocess(self) -> Preprocess:
         derived = self.read()["derived"]
         return Preprocess(int(derived["input_size"]), tuple(derived["mean"]), tuple(derived["std"]))
+
+    def best_epoch(self) -> int | None:
+        """The epoch whose weights model.safetensors holds, as training recorded it in the file's
+        metadata; for a file without it (older runs), the history replayed by the same rule."""
+        if self.weights_path.is_file():
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(self.weights_path), "pt") as f:
+                    recorded = (f.metadata() or {}).get("epoch")
+            except Exception:  # a corrupt file is named by load_model
+                recorded = None
+            if recorded is not None:
+                return int(recorded)
+        from xtl.evaluate.figures import read_csv
+
+        return best_epoch_of(read_csv(self.file("history_epochs.csv")))
 
     def load_model(self, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
         """The best model of the run, in eval mode."""

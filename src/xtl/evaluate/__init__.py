@@ -18,6 +18,7 @@ from xtl.evaluate.metrics import (
     paired_correctness,
     predict,
 )
+from xtl.device import resolve_device
 from xtl.errors import XtlError
 from xtl.io import write_json, write_text
 from xtl.runs import RunDir
@@ -28,15 +29,15 @@ __all__ = ["McNemar", "Predictions", "bootstrap_ci", "compute_metrics", "evaluat
 
 def evaluate(run: RunDir, split: Split | None = None, device: str | None = None) -> dict:
     """Evaluate the run's best model on its test split and write metrics, predictions and figures."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = run.config()
+    device = resolve_device(device, config.accelerator)
     split = split or run.load_split()
     model, _ = run.load_model(device)
     pred = predict(model, split["test"], run.preprocess(), device, batch_size=config.eval_batch_size)
     metrics = compute_metrics(pred, split.class_names)
     epochs = read_csv(run.file("history_epochs.csv"))
     metrics["model"] = config.model
-    metrics["best_epoch"] = min(epochs, key=lambda e: e["val_loss"])["epoch"] if epochs else None
+    metrics["best_epoch"] = run.best_epoch()  # the epoch of the weights evaluated, as training recorded it
     metrics["epochs_trained"] = len(epochs)
     metrics["images_per_s_train"] = _median_throughput(read_csv(run.file("history_batches.csv")))
     write_json(run.file("metrics.json"), metrics)

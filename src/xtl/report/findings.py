@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from xtl.errors import XtlError
 from xtl.evaluate.figures import read_csv
 from xtl.evaluate.metrics import McNemar, mcnemar, paired_correctness
-from xtl.runs import RunDir, run_title
+from xtl.runs import RunDir, best_epoch_of, run_title
 
 
 @dataclass
@@ -42,7 +42,11 @@ class ModelResult:
 
     @property
     def best_epoch(self) -> dict | None:
-        return min(self.epochs, key=lambda e: e["val_loss"]) if self.epochs else None
+        """The history row of the epoch whose weights were evaluated (metrics.json's `best_epoch`)."""
+        best = self.metrics.get("best_epoch")
+        if best is None:
+            best = best_epoch_of(self.epochs)
+        return next((e for e in self.epochs if best is not None and int(e["epoch"]) == int(best)), None)
 
     def row(self) -> dict[str, str]:
         """The comparison-table row (paper: test accuracy per model; we add the CI, AUC and sizes)."""
@@ -323,11 +327,11 @@ def _p(p: float) -> str:
 # ----------------------------------------------------------------------------- training
 
 def last_epoch_note(label: str, epochs: list[dict], best_epoch: float | None) -> str | None:
-    """A note when the best epoch (lowest validation loss) is the last one trained."""
+    """A note when the best epoch (the one whose weights were kept, `xtl.runs.improves`) is the last one trained."""
     if not epochs:
         return None
     if best_epoch is None:
-        best_epoch = min(epochs, key=lambda e: e["val_loss"])["epoch"]
+        best_epoch = best_epoch_of(epochs)
     last = epochs[-1]
     if int(best_epoch) != int(last["epoch"]):
         return None
@@ -386,8 +390,9 @@ def _value(row: dict, column: str) -> str:
 def faithfulness_findings(rows: list[dict]) -> list[tuple[str, list[str]]]:
     """Per model, per metric: which explanation methods beat BOTH reference maps (random and
     uniform) with 95 % intervals that do not overlap, or, where none does, which reference no
-    method beats. `rows`: the faithfulness CSV's rows (`xtl.faithfulness.runner.read_rows`)."""
-    from xtl.faithfulness.runner import REFERENCES, table_columns
+    method beats. `rows`: the faithfulness CSV's rows (`xtl.faithfulness.results.read_rows`)."""
+    from xtl.faithfulness.settings import REFERENCES
+    from xtl.faithfulness.tables import table_columns
 
     groups: dict[str, list[dict]] = {}
     for row in rows:

@@ -22,7 +22,7 @@ from xtl.errors import XtlError, gpu_out_of_memory, sigterm_as_interrupt
 from xtl.io import atomic_path, write_text
 from xtl.models import build_model, native_bf16, submodule
 from xtl.models.trunk import TrunkSplit, split_model
-from xtl.runs import RunDir, model_preprocess
+from xtl.runs import RunDir, improves, model_preprocess
 from xtl.train.progress import TrainProgress
 
 
@@ -146,7 +146,7 @@ def _train_epochs(fabric, model, optimizer, scheduler, inputs, config, state, ru
                 f"epoch {epoch + 1}/{config.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                 f"val loss {val_loss:.4f} acc {val_acc:.4f}"
             )
-            improved = val_loss < state.best_val_loss - 1e-4
+            improved = improves(val_loss, state.best_val_loss)
             if improved:
                 state.best_val_loss, state.best_epoch, state.epochs_without_improvement = val_loss, epoch + 1, 0
             else:
@@ -158,7 +158,7 @@ def _train_epochs(fabric, model, optimizer, scheduler, inputs, config, state, ru
             if fabric.is_global_zero:
                 raw = _unwrap(model)
                 if improved:
-                    save_weights(raw, run.weights_path)
+                    save_weights(raw, run.weights_path, epoch=state.best_epoch)
                 save_checkpoint(run.last_checkpoint, raw, optimizer, scheduler, state)
                 write_history(run, state)
             fabric.barrier()
@@ -408,12 +408,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
+def save_weights(model: nn.Module, path: Path, epoch: int | None = None) -> None:
+    """The model's tensors; `epoch`, the epoch they are from, goes in the file's metadata (`RunDir.best_epoch`)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={"epoch": str(epoch)} if epoch is not None else None)
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: TrainState) -> None:
