@@ -33,7 +33,11 @@ import torch
 
 from xtl.explain.runner import RunExplainer, applicable_methods
 from xtl.faithfulness.metrics import METRICS
-from xtl.faithfulness.runner import CACHE, REFERENCES, ModelScores, grid_label, markdown_table, resolve_grid, score_model
+from xtl.faithfulness.cache import CACHE
+from xtl.faithfulness.results import ModelScores, grid_label
+from xtl.faithfulness.runner import resolve_grid, score_model
+from xtl.faithfulness.settings import REFERENCES, FaithfulnessSettings
+from xtl.faithfulness.tables import markdown_table
 from xtl.runs import RunDir
 
 METHODS = "gradcam,saliency,transformer_attribution,attention_rollout"
@@ -102,10 +106,12 @@ def main() -> None:
         for grid, names in resolved.items():
             for baseline in baselines:
                 started = time.perf_counter()
-                scores = score_model(explainer.model, explainer.spec, images, labels, chosen, args.steps, baseline,
-                                     args.batch, args.explain_batch, progress=not args.no_progress,
+                settings = FaithfulnessSettings(steps=args.steps, baseline=baseline, grid=grid,
+                                                batch_size=args.batch, explain_batch_size=args.explain_batch)
+                scores = score_model(explainer.model, explainer.spec, images, labels, chosen, settings,
+                                     progress=not args.no_progress,
                                      title=f"{run.path.name} grid {grid_label(grid)} {baseline}",
-                                     cache=None if args.no_cache else run.file(CACHE), grid=grid,
+                                     cache=None if args.no_cache else run.file(CACHE),
                                      pixel_std=explainer.preprocess.std)
                 rows = ModelScores(run.path.name, explainer.spec.name, n, args.steps, baseline, scores, grid).rows()
                 print(f"\n### {explainer.spec.name}: grid {grid_label(grid)} ({'/'.join(names)}), baseline {baseline}, "

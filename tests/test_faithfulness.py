@@ -440,3 +440,48 @@ def test_the_model_grid_is_the_cam_layers_cells_or_the_vits_patches(tiny_run, tm
     assert by_name.grid == 1
     for a, b in zip(by_name.methods, by_number.methods):
         assert all(torch.equal(a.curves[c].auc, b.curves[c].auc) for c in a.curves)
+
+
+# ----------------------------------------------------------------------------- settings: checked once, one object
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (dict(explain_batch_size=0), "option --explain-batch-size must be at least 1, not 0"),
+    (dict(n_images=0), "option --images must be at least 1, not 0"),
+    (dict(split="dev"), "option --split must be train, val or test, not 'dev'"),
+    (dict(steps=0), "option --steps must be at least 1, not 0"),
+    (dict(batch_size=0), "option --batch-size must be at least 1, not 0"),
+    (dict(baseline="grey"), "option --baseline must be one of zero, mean, blur, road, not 'grey'"),
+    (dict(grid=0), "option --grid must be a number of cells per side >= 1, native, model or none (pixels), not 0"),
+    (dict(methods=["gradcam", "nope"]), "option --methods: unknown method(s) nope"),
+])
+def test_the_settings_check_every_option_when_made(options, fragment):
+    from xtl.faithfulness import FaithfulnessSettings
+
+    with pytest.raises(XtlError) as error:
+        FaithfulnessSettings(**options)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+    # the run-level entry point checks through the same object, before loading any run
+    with pytest.raises(XtlError) as from_run:
+        faithfulness_run([RunDir("/nonexistent")], **options)
+    assert str(from_run.value) == str(error.value)
+
+
+def test_the_settings_resolve_a_named_grid_and_keep_the_cache_key_of_earlier_versions():
+    """A named grid must be resolved (`with_grid`) before images are scored; the resume cache's key
+    holds the settings as it always did, so caches written before the settings object stay valid."""
+    from xtl.faithfulness import FaithfulnessSettings
+    from xtl.faithfulness.cache import cache_settings
+
+    settings = FaithfulnessSettings(steps=4, grid="native", methods=["saliency"], method_options={"saliency": {}})
+    assert settings.methods == ("saliency",)
+    with pytest.raises(XtlError, match="--grid native"):
+        settings.cells
+    assert settings.with_grid(8).cells == 8 and settings.grid == "native"  # frozen: a new object
+    with pytest.raises(AttributeError):
+        settings.steps = 5  # type: ignore[misc]
+    std = (0.5, 0.5, 0.5)
+    common = dict(steps=4, batch_size=64, explain_batch_size=8, seed=0, method_options={"saliency": {}})
+    assert cache_settings(settings.with_grid(None), std) == dict(common, baseline="zero")
+    assert cache_settings(FaithfulnessSettings(steps=4, baseline="road", grid=8, method_options={"saliency": {}}),
+                          std) == dict(common, baseline="road", grid=8, pixel_std=[0.5, 0.5, 0.5])

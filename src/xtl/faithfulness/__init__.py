@@ -6,7 +6,9 @@
 Metrics (`METRICS`, registered as data): deletion and insertion (Petsiuk et al. 2018), positive
 and negative perturbation (Chefer et al. 2021); masked pixels take a baseline value
 (`BASELINES`: zero, mean, blur, or road: ROAD's noisy linear imputation, `road_fill`), pixel by pixel
-or, with `grid=G`, cell by cell of a G x G grid. Run level: `faithfulness_run`, `faithfulness_imagenet`.
+or, with `grid=G`, cell by cell of a G x G grid. Run level: `faithfulness_run`, `faithfulness_imagenet`
+(`runner`), with one checked `FaithfulnessSettings` (`settings`); their scores and files (`results`),
+the resume cache (`cache`) and the tables (`tables`) each have their own module.
 """
 
 from xtl.faithfulness.metrics import METRICS, Curve, Metric, register_metric
@@ -24,19 +26,14 @@ from xtl.faithfulness.perturbation import (
     score_maps,
     uniform_maps,
 )
-from xtl.faithfulness.runner import (
-    DEFAULT_METHODS,
-    ModelScores,
-    faithfulness_imagenet,
-    faithfulness_run,
-    faithfulness_table,
-    markdown_table,
-    read_rows,
-    score_model,
-)
+from xtl.faithfulness.results import MethodScores, ModelScores, read_rows
+from xtl.faithfulness.runner import faithfulness_imagenet, faithfulness_run, score_model
+from xtl.faithfulness.settings import DEFAULT_METHODS, REFERENCES, FaithfulnessSettings
+from xtl.faithfulness.tables import faithfulness_table, markdown_table
 
 __all__ = [
-    "BASELINES", "DEFAULT_METHODS", "METRICS", "Curve", "Metric", "ModelScores", "Scores", "baseline_inputs",
+    "BASELINES", "DEFAULT_METHODS", "METRICS", "REFERENCES", "Curve", "FaithfulnessSettings", "Metric",
+    "MethodScores", "ModelScores", "Scores", "baseline_inputs",
     "cell_maps", "faithfulness_imagenet", "faithfulness_run", "faithfulness_table", "markdown_table",
     "perturbation_masks", "random_maps", "read_rows", "register_metric", "relevance_ranks", "road_fill", "road_noise",
     "score", "score_maps", "score_model",

@@ -9,7 +9,7 @@ from xtl.faithfulness.metrics import METRICS
 from xtl.io import save_figure
 
 if TYPE_CHECKING:
-    from xtl.faithfulness.runner import ModelScores
+    from xtl.faithfulness.results import ModelScores
 
 REFERENCE_STYLE = {"random": {"color": "0.45", "ls": "--"}, "uniform": {"color": "black", "ls": ":"}}
 Y_LABEL = {"probability": "probability of the explained class", "accuracy": "accuracy (true label)"}

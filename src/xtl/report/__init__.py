@@ -152,7 +152,9 @@ def _data_context(folder: Path | None, results: list[ModelResult], figures: Figu
 
 
 def _faithfulness_context(folder: Path | None, results: list[ModelResult], figures: Figures) -> dict[str, Any] | None:
-    from xtl.faithfulness.runner import REFERENCES, read_rows, table_columns
+    from xtl.faithfulness.results import read_rows
+    from xtl.faithfulness.settings import REFERENCES
+    from xtl.faithfulness.tables import table_columns
 
     combined = folder / "faithfulness_combined.csv" if folder else None
     if combined is not None and combined.is_file():

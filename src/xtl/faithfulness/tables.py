@@ -1,0 +1,85 @@
+"""The faithfulness table, from the rows of the CSVs (`results.read_rows` or `ModelScores.rows`):
+on a terminal (`faithfulness_table`, a rich Table) and in Markdown (`markdown_table`, BENCHMARKS.md).
+Each cell is the mean AUC over images ± the half-width of its 95 % confidence interval; the best
+explanation method of each column is emphasised."""
+
+from __future__ import annotations
+
+import math
+
+from rich.table import Table
+
+from xtl.faithfulness.metrics import METRICS
+from xtl.faithfulness.results import ACCURACY_METRICS
+from xtl.faithfulness.settings import REFERENCES
+
+
+def table_columns() -> list[tuple[str, str]]:
+    """(CSV column, header) of the table: every metric of the predicted class, accuracy ones also of the true class."""
+    columns = [(m.name, f"{m.name} {m.arrow}") for m in METRICS.values()]
+    return columns + [(f"{name}_true", f"{name} (true) {METRICS[name].arrow}") for name in ACCURACY_METRICS]
+
+
+def faithfulness_table(rows: list[dict]) -> Table:
+    """Mean AUC ± 95 % CI half-width (normal approximation over images) per method; the best in bold."""
+    columns = table_columns()
+    table = Table("model", "method", *[header for _, header in columns], "explain s", "score img/s",
+                  title=f"Faithfulness: AUC on {_images(rows)} images, {rows[0]['steps']:.0f} steps, "
+                        f"baseline {rows[0]['baseline']}{_grid_words(rows)}")
+    for group in _by_run(rows):
+        for row, cells in _formatted(group, "[bold]{}[/bold]"):
+            table.add_row(row["model"], row["method"], *cells, f"{row['explain_s']:.1f}", f"{row['score_images_per_s']:.1f}")
+        table.add_section()
+    return table
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The table as Markdown (for BENCHMARKS.md): mean AUC ± 95 % CI half-width, the best in bold."""
+    columns = table_columns()
+    lines = ["| model | images | method | " + " | ".join(h for _, h in columns) + " | explain s | score img/s |",
+             "|---|---|---|" + "---|" * len(columns) + "---|---|"]
+    for group in _by_run(rows):
+        for row, cells in _formatted(group, "**{}**"):
+            lines.append(f"| {row['model']} | {row['n_images']:.0f} | {row['method']} | " + " | ".join(cells)
+                         + f" | {row['explain_s']:.1f} | {row['score_images_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _by_run(rows: list[dict]) -> list[list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["run"], []).append(row)
+    return list(groups.values())
+
+
+def _grid_words(rows: list[dict]) -> str:
+    grids = sorted({str(r.get("grid", "pixel")) for r in rows})
+    return "" if grids == ["pixel"] else f", perturbed on a {'/'.join(grids)} grid"
+
+
+def _images(rows: list[dict]) -> str:
+    return "/".join(sorted({f"{r['n_images']:.0f}" for r in rows}))
+
+
+def _formatted(rows: list[dict], emphasis: str) -> list[tuple[dict, list[str]]]:
+    """Each row with its metric cells; the best explanation method of each column emphasised."""
+    columns = [c for c, _ in table_columns()]
+    best = {c: _best(rows, c) for c in columns}
+    return [(row, [emphasis.format(_cell(row, c)) if best[c] == row["method"] else _cell(row, c) for c in columns])
+            for row in rows]
+
+
+def _best(rows: list[dict], column: str) -> str | None:
+    metric = METRICS[column.removesuffix("_true")]
+    candidates = [r for r in rows if r["method"] not in REFERENCES and column in r]
+    if not candidates:
+        return None
+    pick = max if metric.higher_is_better else min
+    return pick(candidates, key=lambda r: r[column])["method"]
+
+
+def _cell(row: dict, column: str) -> str:
+    if column not in row:
+        return "-"
+    half = 1.96 * row[f"{column}_std"] / math.sqrt(max(row["n_images"], 1))
+    return f"{row[column]:.3f} ± {half:.3f}"
