@@ -105,7 +105,9 @@ def finetune_command(
                                                 help="Compute the frozen blocks once per image (augmentation: flips only)."),
     head_epochs: Optional[int] = typer.Option(None, help="LP-FT: epochs of head-only training before fine-tuning."),
     head_lr: Optional[float] = typer.Option(None, help="Learning rate of the head-only epochs."),
-    accelerator: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
+    accelerator: Optional[str] = typer.Option(None, help="Where to fine-tune: auto (a GPU if there is one), cpu, cuda, gpu or mps."),
+    device: Optional[str] = typer.Option(None, help="The same as --accelerator, as the other commands spell it: auto, "
+                                         "cpu, cuda or mps (the evaluation afterwards runs there too)."),
     devices: Optional[int] = typer.Option(None, help="Devices per node (DDP when > 1)."),
     num_nodes: Optional[int] = typer.Option(None, help="Nodes (launch with torchrun)."),
     precision: Optional[str] = typer.Option(None, help="auto, 32-true, bf16-mixed, ..."),
@@ -118,6 +120,7 @@ def finetune_command(
     from xtl.config import preset as make_preset
     from xtl.runs import RunDir, split_spec
 
+    accelerator = _accelerator(accelerator, device)
     run = RunDir(runs_dir / (name or f"{preset}-{model.replace(':', '_').replace('/', '_')}"))
     if resume and run.config_path.is_file():
         config = run.config()
@@ -131,6 +134,21 @@ def finetune_command(
     if metrics:
         _print_epochs(run)
         _print_comparison([run])
+
+
+def _accelerator(accelerator: Optional[str], device: Optional[str]) -> Optional[str]:
+    """finetune's --accelerator, or --device (its other name), checked to be on this machine."""
+    from xtl.device import check_accelerator, resolve_device
+
+    if device is not None:
+        if accelerator is not None:
+            raise XtlError("option --device is another name of --accelerator; give one of them")
+        resolved = resolve_device(device)
+        if ":" in device:
+            raise XtlError(f"option --device: fine-tuning takes auto, cpu, cuda or mps, not '{device}' "
+                           "(choose GPUs with CUDA_VISIBLE_DEVICES and --devices)")
+        return "auto" if device == "auto" else resolved.type
+    return check_accelerator(accelerator) if accelerator is not None else None
 
 
 _CONFIG_OPTIONS = {
@@ -154,26 +172,36 @@ def _train_and_evaluate(config, run, spec, resume: bool, evaluate: bool, progres
     plot_class_distribution(data, run.figures / "class_distribution.png")
     if not evaluate:
         return None
-    metrics = evaluate_run(run, data, device="cuda" if config.accelerator in ("auto", "cuda") and _cuda() else "cpu")
+    metrics = evaluate_run(run, data)  # where the run's accelerator says (xtl.device)
     console.print(f"run: {run.path}")
     return metrics
 
 
-def _cuda() -> bool:
-    import torch
+DEVICE_HELP = "Where the model runs: auto (a GPU if there is one), cpu, cuda, cuda:N or mps (default: the run's accelerator)."
 
-    return torch.cuda.is_available()
+
+def _device(device: Optional[str]) -> Optional[str]:
+    """--device, checked before any work starts (one line when unknown or not on this machine)."""
+    if device is not None:
+        from xtl.device import resolve_device
+
+        resolve_device(device)
+    return device
 
 
 @app.command("evaluate")
-def evaluate_command(run: Path = typer.Argument(..., help="A run directory.")) -> None:
+def evaluate_command(
+    run: Path = typer.Argument(..., help="A run directory."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+) -> None:
     """Evaluate a run's best model on its test split (metrics, predictions, figures)."""
     from xtl.evaluate import evaluate
     from xtl.runs import RunDir
 
+    _device(device)
     run_dir = RunDir(run)
     run_dir.read()
-    evaluate(run_dir)
+    evaluate(run_dir, device=device)
     _print_epochs(run_dir)
     _print_comparison([run_dir])
 
@@ -199,6 +227,7 @@ def explain_command(
     target: str = typer.Option("predicted", help="Explain the predicted or the true class."),
     batch_size: int = typer.Option(16, help="Images per explanation batch."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Explain runs' best models: maps of the split, galleries of correct and misclassified images."""
     from xtl.explain.runner import compare_runs, explain_run
@@ -213,7 +242,7 @@ def explain_command(
     for run in run_dirs:
         run.read()
     for run in run_dirs:
-        paths = explain_run(run, chosen, split, images, batch_size, target, progress=progress)
+        paths = explain_run(run, chosen, split, images, batch_size, target, device=device, progress=progress)
         console.print(f"{run.path}: maps in {paths['maps']}, galleries {paths['correct'].name}, {paths['misclassified'].name}")
     if len(run_dirs) > 1:
         import shutil
@@ -221,7 +250,7 @@ def explain_command(
         from xtl.io import atomic_path
 
         name = "compare_" + "_vs_".join(r.path.name for r in run_dirs) + ".png"
-        first = compare_runs(run_dirs, chosen, run_dirs[0].figures / name, split, target)
+        first = compare_runs(run_dirs, chosen, run_dirs[0].figures / name, split, target, device=device)
         for run in run_dirs[1:]:
             with atomic_path(run.figures / name) as tmp:
                 shutil.copyfile(first, tmp)
@@ -254,6 +283,8 @@ def run_command(
                                                     "CIFAR's own pixels), model (each model's own grid; the default), "
                                                     "native or none (pixels)."),
     title: Optional[str] = typer.Option(None, help="Title of the report."),
+    device: Optional[str] = typer.Option(None, help="Where evaluating, explaining and scoring run: auto, cpu, cuda, "
+                                         "cuda:N or mps (default: each model's fine-tuning accelerator, --train accelerator=...)."),
     force: bool = typer.Option(False, help="Redo every step, deleting the folder's earlier results."),
     show_config: bool = typer.Option(False, help="Print the effective configuration as YAML and stop."),
     progress: bool = typer.Option(True, help="Show progress bars (only on a terminal)."),
@@ -266,7 +297,7 @@ def run_command(
 
     images = _count_or_all(explain_images, "--explain-images")
     options = {
-        "preset": preset, "name": name, "runs_dir": runs_dir, "source": source, "title": title,
+        "preset": preset, "name": name, "runs_dir": runs_dir, "source": source, "title": title, "device": device,
         "models": _list(models), "explain_methods": _list(explain_methods), "faithfulness_methods": _list(faithfulness_methods),
         "explain_images": None if images == "all" else images, "explain_batch_size": explain_batch_size,
         "explain_target": explain_target, "gallery_size": gallery_size, "faithfulness_images": faithfulness_images,
@@ -314,6 +345,7 @@ def compare_command(
     out: Optional[Path] = typer.Option(None, help="Folder of the comparison report (default runs/compare-A-vs-B...)."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods of the side-by-side galleries."),
     gallery_size: int = typer.Option(10, help="Images in the misclassified side-by-side gallery."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Compare existing runs as a report: results table, most-confused pairs, side-by-side galleries, faithfulness."""
     from xtl.evaluate import read_predictions
@@ -321,6 +353,7 @@ def compare_command(
     from xtl.report import build_report
     from xtl.runs import RunDir
 
+    _device(device)
     run_dirs = [RunDir(r) for r in runs]
     _print_comparison(run_dirs)
     folder = out or Path("runs") / ("compare-" + "-vs-".join(r.path.name for r in run_dirs))
@@ -330,7 +363,8 @@ def compare_command(
         for picked, name, title in ((correct, "compare_correct", "Classified correctly by every model, one per class"),
                                     (wrong, "compare_misclassified", "Misclassified by at least one model")):
             if picked:
-                compare_runs(run_dirs, chosen, folder / "figures" / f"{name}.png", image_ids=picked, title=title)
+                compare_runs(run_dirs, chosen, folder / "figures" / f"{name}.png", device=device, image_ids=picked,
+                             title=title)
     path = build_report(run_dirs, folder / "report", folder=folder,
                         sections=("summary", "comparison", "confusions", "galleries", "faithfulness", "reproducibility"))
     console.print(f"report: {path}")
@@ -358,6 +392,7 @@ def faithfulness_command(
     out: Optional[Path] = typer.Option(None, help="--imagenet-sample: output folder (default runs/faithfulness-<model>); "
                                        "runs: folder of the combined table (default the first run)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Faithfulness of the explanation methods: deletion, insertion, positive and negative perturbation."""
     from xtl.faithfulness import faithfulness_imagenet, faithfulness_run, faithfulness_table
@@ -367,7 +402,8 @@ def faithfulness_command(
         raise XtlError("option --imagenet-sample: give either run directories or --imagenet-sample, not both or neither")
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     options = dict(methods=chosen, n_images=images, steps=steps, baseline=baseline, batch_size=batch_size,
-                   explain_batch_size=explain_batch_size, seed=seed, progress=progress, grid=_grid(grid))
+                   explain_batch_size=explain_batch_size, seed=seed, progress=progress, grid=_grid(grid),
+                   device=_device(device))
     if imagenet_sample is not None:
         folder = out or Path("runs") / f"faithfulness-{model.replace(':', '_').replace('/', '_')}"
         results = [faithfulness_imagenet(imagenet_sample, model, out=folder, **options)]
@@ -385,16 +421,18 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(7860, help="Port to listen on."),
     max_upload_mb: float = typer.Option(10.0, help="Largest upload accepted, in MB."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """An interactive web app: upload an image, compare the models' predictions and heatmaps."""
     from xtl.app import serve
     from xtl.runs import RunDir
 
+    _device(device)
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     run_dirs = [RunDir(r) for r in runs]
     for run in run_dirs:
         run.read()
-    serve(run_dirs, methods=chosen, host=host, port=port, max_upload_mb=max_upload_mb)
+    serve(run_dirs, methods=chosen, host=host, port=port, max_upload_mb=max_upload_mb, device=device)
 
 
 def _print_comparison(runs) -> None:

@@ -10,6 +10,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from xtl.device import resolve_device
 from xtl.errors import XtlError, sigterm_as_interrupt
 from xtl.evaluate.metrics import predict
 from xtl.explain import METHODS, explain, methods_for
@@ -71,7 +72,7 @@ class RunExplainer:
 
     def __init__(self, run: RunDir, split: str = "test", device: str | None = None) -> None:
         self.run = run
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device, run.config().accelerator)
         self.model, self.spec = run.load_model(self.device)
         self.preprocess = run.preprocess()
         self.class_names = run.class_names

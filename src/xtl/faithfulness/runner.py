@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
+from xtl.device import resolve_device
 from xtl.errors import XtlError, gpu_out_of_memory, sigterm_as_interrupt
 from xtl.explain import METHODS, explain
 from xtl.explain.base import upsample_and_normalise
@@ -352,7 +353,7 @@ def faithfulness_imagenet(folder: Path, model: str = "efficientnet_lite0", metho
                                     methods=methods, method_options=method_options or {})
     if not Path(folder).is_dir():
         raise XtlError(f"option --imagenet-sample: {folder} is not a directory")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     net, spec = build_model(model, n_classes=None)
     net = net.to(device).eval()
     chosen = _chosen_methods(spec.family, settings.methods, spec.name)

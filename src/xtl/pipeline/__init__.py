@@ -105,10 +105,11 @@ class Pipeline:
             self._splits[key] = load_split(config.source, split_spec(config))
         return self._splits[key]
 
-    def device(self, config: RunConfig) -> str:
-        import torch
+    def device(self, config: RunConfig):
+        """Where the steps after fine-tuning run: the setting `device`, else the model's accelerator."""
+        from xtl.device import resolve_device
 
-        return "cuda" if config.accelerator in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        return resolve_device(self.config.device, config.accelerator)
 
     # ------------------------------------------------------------------ steps
 
@@ -196,7 +197,7 @@ class Pipeline:
                                     (wrong, "compare_misclassified", "Misclassified by at least one model")):
             if picked:
                 compare_runs(runs, c.explain_methods, figures / f"{name}.png", target=c.explain_target,
-                             image_ids=picked, title=title)
+                             device=c.device, image_ids=picked, title=title)
             else:
                 (figures / f"{name}.png").unlink(missing_ok=True)
 
@@ -212,7 +213,7 @@ class Pipeline:
         results = faithfulness_run(
             list(self.runs.values()), c.faithfulness_methods or c.explain_methods, c.faithfulness_images,
             steps=c.faithfulness_steps, baseline=c.faithfulness_baseline, batch_size=c.faithfulness_batch_size,
-            grid=None if c.faithfulness_grid == "none" else c.faithfulness_grid, combined=self.folder,
+            grid=None if c.faithfulness_grid == "none" else c.faithfulness_grid, combined=self.folder, device=c.device,
             progress=self.progress or not sys.stderr.isatty(),  # a log gets one plain line per batch and method
         )
         if len(results) == 1:  # the report reads the combined table in every case

@@ -47,6 +47,9 @@ class PipelineConfig:
     # "native" (the source images' pixels), or "none" / null (the model input's pixels)
     faithfulness_grid: int | str | None = "model"
     title: str | None = None  # of the report
+    # where evaluating, explaining and scoring run: auto, cpu, cuda, cuda:N or mps (None: each model's
+    # fine-tuning accelerator, `train.accelerator`, which is where fine-tuning runs)
+    device: str | None = None
 
     @property
     def folder(self) -> Path:
@@ -72,6 +75,10 @@ class PipelineConfig:
         for key in ("explain_batch_size", "gallery_size", "faithfulness_images", "faithfulness_steps", "faithfulness_batch_size"):
             if getattr(self, key) < 1:
                 raise XtlError(f"{label(key, where)} must be >= 1, not {getattr(self, key)}")
+        if self.device is not None:
+            from xtl.device import resolve_device
+
+            resolve_device(self.device, option=label("device", where))
         if self.explain_images is not None and self.explain_images < 1:
             raise XtlError(f"{label('explain_images', where)} must be >= 1 or null (all), not {self.explain_images}")
         for model, overrides in self.per_model.items():
