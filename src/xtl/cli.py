@@ -25,6 +25,26 @@ def _is_global_zero() -> bool:
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("xtl")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            from xtl import __version__ as number
+        typer.echo(f"xtl {number}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print xtl's version and exit."),
+) -> None:
+    """Explainable transfer learning: fine-tune CNNs and ViTs, evaluate them, explain them."""
+
+
 
 def _is_launcher_child() -> bool:
     """True in the extra processes that DDP starts by re-running this command."""
