@@ -10,8 +10,13 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperOption
 
 from xtl.errors import XtlError
+
+# typer's rich help gives flags a type column too (`--help <bool>`), as if they took a value: not here
+_typer_display_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _typer_display_type(self, ctx)
 
 app = typer.Typer(
     help="Explainable transfer learning: fine-tune CNNs and ViTs, evaluate them, explain them.",
@@ -104,19 +109,19 @@ def finetune_command(
     input_size: Optional[int] = typer.Option(None, help="Model input size in pixels (images are resized to it)."),
     normalization: Optional[str] = typer.Option(None, help="model (pretrained mean/std) or paper (0.5/0.5)."),
     split: Optional[str] = typer.Option(None, help="paper or random."),
-    train_size: Optional[int] = typer.Option(None),
-    val_size: Optional[int] = typer.Option(None),
-    test_size: Optional[int] = typer.Option(None),
-    stratified: Optional[bool] = typer.Option(None, "--stratified/--not-stratified"),
-    seed: Optional[int] = typer.Option(None),
+    train_size: Optional[int] = typer.Option(None, help="random split: training images."),
+    val_size: Optional[int] = typer.Option(None, help="random split: validation images (at least 1: the best epoch is chosen on them)."),
+    test_size: Optional[int] = typer.Option(None, help="Test images."),
+    stratified: Optional[bool] = typer.Option(None, "--stratified/--no-stratified", help="random split: keep class proportions."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the split, the new head's initialisation and the batch order."),
     optimizer: Optional[str] = typer.Option(None, help="adam or adamw."),
     lr: Optional[float] = typer.Option(None),
     weight_decay: Optional[float] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None, help="Per device."),
     epochs: Optional[int] = typer.Option(None),
     schedule: Optional[str] = typer.Option(None, help="cosine or constant (after warm-up)."),
-    warmup_epochs: Optional[float] = typer.Option(None),
-    label_smoothing: Optional[float] = typer.Option(None),
+    warmup_epochs: Optional[float] = typer.Option(None, help="Epochs of linear learning-rate warm-up (may be fractional)."),
+    label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing of the cross-entropy loss, in [0, 1)."),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random flips, zooms and shifts."),
     patience: Optional[int] = typer.Option(None, help="Early stopping patience in epochs (0 = off)."),
     bn_momentum: Optional[float] = typer.Option(None, help="Override BatchNorm momentum (PyTorch convention)."),
