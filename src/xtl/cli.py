@@ -25,11 +25,6 @@ app = typer.Typer(
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 
-def _is_global_zero() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
 def _print_version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version
@@ -49,6 +44,11 @@ def _options(
 ) -> None:
     """Explainable transfer learning: fine-tune CNNs and ViTs, evaluate them, explain them."""
 
+
+def _is_global_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _is_launcher_child() -> bool:
@@ -115,10 +115,10 @@ def finetune_command(
     stratified: Optional[bool] = typer.Option(None, "--stratified/--no-stratified", help="random split: keep class proportions."),
     seed: Optional[int] = typer.Option(None, help="Seed of the split, the new head's initialisation and the batch order."),
     optimizer: Optional[str] = typer.Option(None, help="adam or adamw."),
-    lr: Optional[float] = typer.Option(None),
-    weight_decay: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None, help="Per device."),
-    epochs: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (after warm-up)."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (decoupled with adamw)."),
+    batch_size: Optional[int] = typer.Option(None, help="Training images per step, per device."),
+    epochs: Optional[int] = typer.Option(None, help="Most epochs to train (early stopping may end sooner)."),
     schedule: Optional[str] = typer.Option(None, help="cosine or constant (after warm-up)."),
     warmup_epochs: Optional[float] = typer.Option(None, help="Epochs of linear learning-rate warm-up (may be fractional)."),
     label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing of the cross-entropy loss, in [0, 1)."),
