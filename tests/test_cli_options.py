@@ -65,3 +65,38 @@ def test_flags_are_shown_as_flags():
         assert "<bool>" not in result.output, (name, result.output)
     help_text = runner.invoke(app, ["finetune", "--help"], terminal_width=200).output
     assert "--stratified" in help_text and "--no-stratified" in help_text and "<int>" in help_text
+
+
+# RunConfig fields that no option sets: filled in by the run itself
+NOT_OPTIONS = {"extra"}
+# finetune options that are no run setting: where the run goes and what the command does
+NOT_SETTINGS = {"name", "runs_dir", "resume", "evaluate", "progress", "device"}
+
+
+def test_every_run_setting_is_a_finetune_option_and_back():
+    from xtl.cli import _CONFIG_OPTIONS
+    from xtl.config import RunConfig
+
+    command = typer.main.get_command(app).commands["finetune"]
+    options = {p.name for p in command.params}
+    fields = set(RunConfig.__dataclass_fields__)
+    assert fields - NOT_OPTIONS <= options, (fields - NOT_OPTIONS) - options
+    assert options - fields == NOT_SETTINGS, options - fields
+    # and every one of them reaches the configuration (model, preset and weights are passed by name)
+    assert _CONFIG_OPTIONS | {"model", "preset", "weights"} == fields - NOT_OPTIONS
+
+
+def test_grad_clip_and_eval_batch_size_reach_the_run(tiny_folder, tmp_path):
+    from xtl.runs import RunDir
+
+    result = runner.invoke(app, ["finetune", "--model", "timm:resnet10t", "--random-init", "--input-size", "32",
+                                 "--source", str(tiny_folder), "--split", "random", "--train-size", "24", "--val-size", "6",
+                                 "--batch-size", "12", "--epochs", "1", "--no-progress", "--no-evaluate",
+                                 "--runs-dir", str(tmp_path), "--name", "r", "--grad-clip", "0.5", "--eval-batch-size", "5"])
+    assert result.exit_code == 0, result.output
+    config = RunDir(tmp_path / "r").config()
+    assert (config.grad_clip, config.eval_batch_size) == (0.5, 5)
+    bad = runner.invoke(app, ["finetune", "--grad-clip", "-1", "--runs-dir", str(tmp_path)])
+    assert str(bad.exception) == "option --grad-clip must be >= 0 (0: no clipping), not -1.0"
+    bad = runner.invoke(app, ["finetune", "--eval-batch-size", "0", "--runs-dir", str(tmp_path)])
+    assert str(bad.exception) == "option --eval-batch-size must be > 0, not 0"

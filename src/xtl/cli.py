@@ -122,6 +122,7 @@ def finetune_command(
     schedule: Optional[str] = typer.Option(None, help="cosine or constant (after warm-up)."),
     warmup_epochs: Optional[float] = typer.Option(None, help="Epochs of linear learning-rate warm-up (may be fractional)."),
     label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing of the cross-entropy loss, in [0, 1)."),
+    grad_clip: Optional[float] = typer.Option(None, help="Clip the gradients' norm at this value (0 = no clipping)."),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random flips, zooms and shifts."),
     patience: Optional[int] = typer.Option(None, help="Early stopping patience in epochs (0 = off)."),
     bn_momentum: Optional[float] = typer.Option(None, help="Override BatchNorm momentum (PyTorch convention)."),
@@ -137,6 +138,7 @@ def finetune_command(
     num_nodes: Optional[int] = typer.Option(None, help="Nodes (launch with torchrun)."),
     precision: Optional[str] = typer.Option(None, help="auto, 32-true, bf16-mixed, ..."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (GPU runs)."),
+    eval_batch_size: Optional[int] = typer.Option(None, help="Images per forward pass when validating and evaluating."),
     resume: bool = typer.Option(False, help="Continue the run from its last checkpoint."),
     evaluate: bool = typer.Option(True, help="Evaluate the best model on the test split afterwards."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -180,7 +182,7 @@ _CONFIG_OPTIONS = {
     "source", "pretrained", "input_size", "normalization", "split", "train_size", "val_size", "test_size",
     "stratified", "seed", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "schedule", "warmup_epochs",
     "label_smoothing", "augment", "patience", "bn_momentum", "accelerator", "devices", "num_nodes", "precision",
-    "compile", "freeze_blocks", "cache_frozen", "head_epochs", "head_lr",
+    "compile", "freeze_blocks", "cache_frozen", "head_epochs", "head_lr", "grad_clip", "eval_batch_size",
 }
 
 

@@ -86,6 +86,8 @@ class RunConfig:
         for name in ("weight_decay", "warmup_epochs", "label_smoothing", "patience", "freeze_blocks", "head_epochs"):
             if getattr(self, name) < 0:
                 raise XtlError(f"{key(name)} must be >= 0, not {getattr(self, name)}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise XtlError(f"{key('grad_clip')} must be >= 0 (0: no clipping), not {self.grad_clip}")
         if not 0 <= self.label_smoothing < 1:
             raise XtlError(f"{key('label_smoothing')} must be in [0, 1), not {self.label_smoothing}")
         if self.split == "random" and self.val_size is not None and self.val_size < 1:
