@@ -298,7 +298,7 @@ def test_cam_and_gradient_methods_run_on_a_timm_vit(vit_tiny):
     for method in CAM + CAPTUM:
         _check_runs(model, spec, x, method, (4, 4))
     for method in LRP:
-        with pytest.raises(XtlError, match="does not apply"):
+        with pytest.raises(XtlError, match="applies to CNNs; model .* is described as a VIT"):
             explain(model, x, None, method)
 
 

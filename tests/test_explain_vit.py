@@ -479,5 +479,5 @@ def test_sign_aware_stabiliser_is_an_option_and_unknown_options_are_named(tiny_v
     assert sign_aware.shape == (3, 4, 4) and torch.isfinite(sign_aware).all()
     with pytest.raises(XtlError, match="stabilizer"):
         _attribute("transformer_attribution", tiny_vit, images, targets, stabilizer="zennit")
-    with pytest.raises(XtlError, match="no option head_fusion"):
+    with pytest.raises(XtlError, match="no option .head_fusion.; its options: verify=True, compute_dtype=None, stabilizer="):
         _attribute("transformer_attribution", tiny_vit, images, targets, head_fusion="max")

@@ -1,9 +1,13 @@
-"""Explanations: one `explain()` for CNNs and ViTs; one module per method family.
+"""Explanations: one `explain()` for any PyTorch image classifier; one module per method family.
 
     explanation = explain(model, images, targets=None, method="gradcam")
 
-`images` is a preprocessed batch [B, 3, H, W]; `targets` the class to explain per image (the
-predicted class when None). Methods register themselves by name in `METHODS`.
+`model` is any `nn.Module` returning logits (or a Hugging Face image classifier); `images` a
+preprocessed batch [B, 3, H, W] (`xtl.models.preprocessing(model)` makes one from uint8 images).
+What a method needs to know about the model (its CAM layer, patch grid, normalisation) comes from
+`xtl.models.describe_model`: `spec=`, the description attached to the model, or inspection of
+timm, torchvision and Hugging Face models. Methods register themselves by name in `METHODS`;
+`xtl explain --list-methods` and `help(xtl.explain.explain)` list them with their options.
 """
 
 from __future__ import annotations
@@ -16,47 +20,85 @@ from xtl.explain.base import (
     METHODS,
     ExplainMethod,
     Explanation,
+    Target,
+    as_batch,
     get_method,
-    model_spec,
-    predicted_classes,
+    logits_model,
     register_method,
+    resolve_targets,
     upsample_and_normalise,
 )
-from xtl.models import ModelSpec
+from xtl.models import ModelDescription, describe_model
 
-__all__ = ["METHODS", "ExplainMethod", "Explanation", "explain", "methods_for", "register_method"]
+__all__ = ["METHODS", "ExplainMethod", "Explanation", "describe_methods", "explain", "methods_for", "register_method"]
+
+_FAMILY_WORDS = {"cnn": "CNNs", "vit": "ViTs (timm, torchvision and Hugging Face VisionTransformers)", "other": "any model"}
 
 
 def explain(
     model: nn.Module,
     images: torch.Tensor,
-    targets: torch.Tensor | int | None = None,
+    targets: Target = None,
     method: str = "gradcam",
-    spec: ModelSpec | None = None,
+    spec: ModelDescription | None = None,
     **options,
 ) -> Explanation:
-    """Explain `model`'s output for `targets` on a preprocessed batch `images` with `method`."""
-    spec = model_spec(model, spec)
+    """Explain `model`'s output for `targets` on a preprocessed batch `images` with `method`.
+
+    Args:
+        model: any classifier returning logits [B, classes] (xtl's registry, timm, torchvision, your
+            own `nn.Module`), or a Hugging Face image classifier (its `.logits` are read).
+        images: preprocessed float images [B, 3, H, W] on the model's device (or one [3, H, W]).
+        targets: what to explain: None (each image's predicted class), an int (one class for all),
+            a list or int tensor (one class per image), or a callable on the model output returning
+            one number per image (e.g. ``lambda logits: logits.softmax(1)[:, 3]``; gradient and
+            CAM methods only).
+        method: a name from `METHODS` (the list below).
+        spec: the model's description (`xtl.models.ModelDescription`), when neither the attached
+            one nor inspection gives what the method needs.
+        **options: the method's own options (below); an unknown one is refused with the known
+            ones named. CAM methods take `target_layer` (a module such as ``model.layer4`` or a
+            dotted path such as ``"layer4"``) and `reshape_transform` (tokens [B, N, C] -> [B, C,
+            h, w] for a token model, as in pytorch-grad-cam).
+
+    Returns:
+        An `Explanation`: `raw` [B, h, w] on the method's grid, `maps` [B, H, W] in [0, 1], the
+        `targets` explained, and whether the raw maps are `signed`.
+
+    The model is put in eval mode for the call and restored after, also on error.
+    """
     explainer = get_method(method)
-    if spec.family not in explainer.families:
-        raise XtlError(f"method {method} does not apply to {spec.family.upper()} model {spec.name}")
+    explainer.check_options(options)
+    description = describe_model(model, spec)
+    if description.family not in explainer.families:
+        applies = " and ".join(_FAMILY_WORDS[f] for f in sorted(explainer.families))
+        described = f"a {description.family.upper()}" if description.family != "other" else "neither a CNN nor a ViT"
+        raise XtlError(f"method {method} applies to {applies}; model {description.name} is described as {described} "
+                       "(pass spec=ModelDescription(family=...) if that is wrong)")
+    images = as_batch(images)
     was_training = model.training
     model.eval()
     try:
-        if targets is None:
-            targets = predicted_classes(model, images)
-        elif isinstance(targets, int):
-            targets = torch.full((images.shape[0],), targets, dtype=torch.long, device=images.device)
-        targets = targets.to(images.device).long()
-        raw = explainer.attribute(model, images, targets, spec, **options).detach().float()
+        scored, target_tensor = resolve_targets(logits_model(model), images, targets, explainer, description)
+        raw = explainer.attribute(scored, images, target_tensor, description, **options).detach().float()
     finally:
         model.train(was_training)
-    return Explanation(method=method, targets=targets, raw=raw, maps=upsample_and_normalise(raw, images.shape[-2:]))
+    return Explanation(method=method, targets=target_tensor, raw=raw, maps=upsample_and_normalise(raw, images.shape[-2:]),
+                       signed=explainer.signed)
 
 
 def methods_for(family: str) -> list[str]:
+    """The methods that apply to a model family ("cnn", "vit" or "other")."""
     return sorted(name for name, m in METHODS.items() if family in m.families)
+
+
+def describe_methods() -> str:
+    """Every registered method: families, sign, what it computes, options with defaults, reference."""
+    return "\n\n".join(METHODS[name].summary() for name in sorted(METHODS))
 
 
 from xtl.explain import transformer_attribution  # noqa: F401,E402
 from xtl.explain import cam, cnn_lrp, gradients  # noqa: F401,E402
+
+explain.__doc__ += "\n    Methods:\n\n" + "\n\n".join(  # type: ignore[operator]
+    "        " + METHODS[name].summary() for name in sorted(METHODS)) + "\n"

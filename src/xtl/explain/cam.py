@@ -19,7 +19,7 @@ from torch import nn
 
 from xtl.errors import XtlError
 from xtl.explain.base import ExplainMethod, patch_grid, register_method
-from xtl.models import ModelSpec, submodule
+from xtl.models import ModelDescription, submodule
 
 Reshape = Callable[[torch.Tensor], torch.Tensor]
 
@@ -35,16 +35,19 @@ def layer_outputs(layer: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def token_grid(model: nn.Module, spec: ModelSpec, images: torch.Tensor) -> Reshape:
+def token_grid(model: nn.Module, spec: ModelDescription, images: torch.Tensor, layer_name: str) -> Reshape:
     """ViT tokens [B, N, C] -> [B, C, h, w]: drop the prefix tokens (CLS, registers), fold the patches."""
+    if spec.patch_size is None:
+        raise XtlError(f"layer {layer_name} of {spec.name} gives tokens [B, N, C] and the model has no patch size "
+                       "described: pass reshape_transform= (tokens -> [B, C, h, w]) or spec= with patch_size")
     height, width = patch_grid(spec, images)
-    prefix = getattr(model, "num_prefix_tokens", 1)  # timm says; HF and torchvision ViTs have one CLS token
+    prefix = spec.prefix_tokens if spec.prefix_tokens is not None else getattr(model, "num_prefix_tokens", 1)
 
     def reshape(tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.ndim != 3 or tokens.shape[1] != prefix + height * width:
+        if tokens.shape[1] != prefix + height * width:
             raise XtlError(
-                f"layer {spec.target_layer} of {spec.name} gives {tuple(tokens.shape)}, "
-                f"not [B, {prefix} + {height}x{width} tokens, C]"
+                f"layer {layer_name} of {spec.name} gives {tuple(tokens.shape)}, "
+                f"not [B, {prefix} + {height}x{width} tokens, C]: pass reshape_transform= for this layer"
             )
         patches = tokens[:, prefix:]
         return patches.reshape(tokens.shape[0], height, width, tokens.shape[2]).permute(0, 3, 1, 2)
@@ -52,24 +55,67 @@ def token_grid(model: nn.Module, spec: ModelSpec, images: torch.Tensor) -> Resha
     return reshape
 
 
+def resolve_layer(model: nn.Module, spec: ModelDescription, target_layer: nn.Module | str | None,
+                  method: str) -> tuple[nn.Module, str]:
+    """The layer to hook and its name: `target_layer` (a module of the model or a dotted path),
+    else the description's; one line saying how to give one when there is none."""
+    if isinstance(target_layer, nn.Module):
+        names = [name for name, module in model.named_modules() if module is target_layer]
+        if not names:
+            raise XtlError(f"option target_layer of method {method}: the {type(target_layer).__name__} given is not "
+                           f"a module of {spec.name}")
+        return target_layer, names[0].removeprefix("model.") or type(target_layer).__name__
+    path = target_layer if target_layer is not None else spec.target_layer
+    if not path:
+        raise XtlError(f"method {method} needs a target layer and none is described for {spec.name}: pass "
+                       "target_layer= a module (e.g. target_layer=model.layer4) or a dotted path (e.g. 'layer4')")
+    if not isinstance(path, str):
+        raise XtlError(f"option target_layer of method {method} must be a module or a dotted path, not {type(path).__name__}")
+    try:
+        return submodule(model, path), path
+    except (AttributeError, IndexError, TypeError, ValueError):
+        raise XtlError(f"option target_layer of method {method}: {spec.name} has no layer '{path}'") from None
+
+
 def layer_signals(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelSpec, with_gradients: bool
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelDescription, with_gradients: bool,
+    target_layer: nn.Module | str | None = None, reshape_transform: Reshape | None = None, method: str = "cam",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Activations [B, C, h, w] of the target layer and, optionally, d logit_target / d activations."""
-    layer = submodule(model, spec.target_layer)
-    reshape = token_grid(model, spec, images) if spec.family == "vit" else (lambda tensor: tensor)
+    layer, layer_name = resolve_layer(model, spec, target_layer, method)
     # the input carries the graph, so that frozen models (no parameter needs a gradient) work too
     images = images.detach().requires_grad_(with_gradients)
     with layer_outputs(layer) as outputs, torch.set_grad_enabled(with_gradients):
         logits = model(images)
     if not outputs:
-        raise XtlError(f"target layer {spec.target_layer} of {spec.name} did not run in the forward pass")
+        raise XtlError(f"target layer {layer_name} of {spec.name} did not run in the forward pass")
     activations = outputs[0]  # the first call, as pytorch-grad-cam takes
+    if isinstance(activations, (tuple, list)):
+        activations = activations[0]
+    if reshape_transform is not None:
+        reshape = reshape_transform
+    elif activations.ndim == 3:
+        reshape = token_grid(model, spec, images, layer_name)
+    elif activations.ndim == 4:
+        reshape = _identity
+    else:
+        raise XtlError(f"target layer {layer_name} of {spec.name} gives {tuple(activations.shape)}, not feature maps "
+                       "[B, C, h, w] or tokens [B, N, C]: pass reshape_transform= or another target_layer")
     if not with_gradients:
-        return reshape(activations).detach(), None
+        return _checked(reshape(activations).detach(), layer_name), None
     score = logits.gather(1, targets[:, None]).sum()  # images are independent: one backward for the batch
     (gradients,) = torch.autograd.grad(score, activations)
-    return reshape(activations).detach(), reshape(gradients)
+    return _checked(reshape(activations).detach(), layer_name), reshape(gradients)
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _checked(activations: torch.Tensor, layer_name: str) -> torch.Tensor:
+    if activations.ndim != 4:
+        raise XtlError(f"reshape_transform of layer {layer_name} gives {tuple(activations.shape)}, not [B, C, h, w]")
+    return activations
 
 
 class CamMethod(ExplainMethod):
@@ -79,9 +125,11 @@ class CamMethod(ExplainMethod):
     uses_gradients: ClassVar[bool] = True
 
     def attribute(
-        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelSpec
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelDescription,
+        target_layer: nn.Module | str | None = None, reshape_transform: Reshape | None = None,
     ) -> torch.Tensor:
-        activations, gradients = layer_signals(model, images, targets, spec, self.uses_gradients)
+        activations, gradients = layer_signals(model, images, targets, spec, self.uses_gradients,
+                                               target_layer, reshape_transform, self.name)
         return self.cam_image(activations, gradients).clamp_min(0).float()
 
     def cam_image(self, activations: torch.Tensor, gradients: torch.Tensor | None) -> torch.Tensor:
@@ -101,6 +149,7 @@ class GradCam(CamMethod):
     """Selvaraju et al. 2017: channel weight = mean gradient."""
 
     name = "gradcam"
+    reference = "Selvaraju et al., Grad-CAM, ICCV 2017"
 
     def channel_weights(self, activations, gradients):
         return gradients.mean((2, 3))
@@ -111,6 +160,7 @@ class GradCamPlusPlus(CamMethod):
     """Chattopadhay et al. 2018 (eq. 19): positive gradients weighted by alpha_ij."""
 
     name = "gradcam++"
+    reference = "Chattopadhay et al., Grad-CAM++, WACV 2018"
 
     def channel_weights(self, activations, gradients):
         grads_2 = gradients.pow(2)
@@ -125,6 +175,7 @@ class LayerCam(CamMethod):
     """Jiang et al. 2021: positive gradients times activations, per position."""
 
     name = "layercam"
+    reference = "Jiang et al., LayerCAM, IEEE TIP 2021"
 
     def cam_image(self, activations, gradients):
         return (gradients.clamp_min(0) * activations).sum(1)
@@ -137,13 +188,17 @@ class ScoreCam(CamMethod):
     `batch_size` masked images at a time, across the images of the batch."""
 
     name = "scorecam"
+    reference = "Wang et al., Score-CAM, CVPR Workshops 2020"
     gradient_based = False
     uses_gradients = False
 
     def attribute(
-        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelSpec, batch_size: int = 32
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelDescription,
+        target_layer: nn.Module | str | None = None, reshape_transform: Reshape | None = None, batch_size: int = 32,
     ) -> torch.Tensor:
-        activations, _ = layer_signals(model, images, targets, spec, with_gradients=False)
+        if batch_size < 1:
+            raise XtlError(f"option batch_size of method {self.name} must be at least 1, not {batch_size}")
+        activations, _ = layer_signals(model, images, targets, spec, False, target_layer, reshape_transform, self.name)
         weights = masked_scores(model, images, targets, activations, batch_size).softmax(-1)
         return weighted_sum(weights, activations).clamp_min(0).float()
 
@@ -178,6 +233,7 @@ class EigenCam(CamMethod):
     """Muhammad & Yeasin 2020: projection of the activations on their first principal component."""
 
     name = "eigencam"
+    reference = "Muhammad & Yeasin, Eigen-CAM, IJCNN 2020"
     class_discriminative = False
     gradient_based = False
     uses_gradients = False

@@ -34,8 +34,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from xtl.explain.base import ExplainMethod, register_method
-from xtl.models import ModelSpec
+from xtl.explain.base import ExplainMethod, keyword_defaults, register_method
+from xtl.models import ModelDescription as ModelSpec
 
 # name -> (spec, canonizers, **options) -> zennit Composite
 COMPOSITES: dict[str, Callable[..., object]] = {}
@@ -81,6 +81,11 @@ class LrpMethod(ExplainMethod):
 
     families = frozenset({"cnn"})
     signed = True
+    callable_targets = False  # relevance starts at one class's logit
+
+    def option_defaults(self) -> dict:
+        """The options of the method's zennit composite (after the description and canonizers)."""
+        return keyword_defaults(COMPOSITES[self.name], skip=2)
 
     def attribute(
         self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelSpec, **options
@@ -103,16 +108,19 @@ class LrpMethod(ExplainMethod):
 @register_method
 class LrpEpsilon(LrpMethod):
     name = "lrp_epsilon"
+    reference = "Bach et al. 2015 (LRP); EpsilonGammaBox composite of Zennit (Anders et al. 2021), Montavon et al. 2019"
 
 
 @register_method
 class LrpAlphaBeta(LrpMethod):
     name = "lrp_alpha_beta"
+    reference = "Bach et al. 2015 (LRP alpha2-beta1); Zennit's EpsilonAlpha2Beta1Flat composite"
 
 
 @register_method
 class LrpZPlus(LrpMethod):
     name = "lrp_zplus"
+    reference = "Montavon et al., Explaining nonlinear classification decisions with deep Taylor decomposition, 2017"
 
 
 def lrp_copy(model: nn.Module) -> nn.Module:

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xtl.errors import XtlError
-from xtl.explain.base import ExplainMethod, register_method, tokens_to_grid
-from xtl.models import ModelSpec
+from xtl.explain.base import ExplainMethod, keyword_defaults, register_method, tokens_to_grid
+from xtl.models import ModelDescription
 
 EPSILON = 1e-9
 Divide = Callable[[Tensor, Tensor], Tensor]
@@ -584,23 +584,23 @@ def cls_row_map(matrix: Tensor, trace: ForwardTrace) -> Tensor:
 
 # ----------------------------------------------------------------------------- registered methods
 
-_COMMON_OPTIONS = frozenset({"verify", "compute_dtype"})
-
-
 class _VitMethod(ExplainMethod):
     """Shared procedure: read the layout, recompute the forward (with attention gradients when
-    the method needs them), check it against the model, then make the map (`raw_map`)."""
+    the method needs them), check it against the model, then make the map (`raw_map`).
+
+    Options: `verify` and `compute_dtype` (every method), then the keyword parameters of the
+    method's `raw_map`."""
 
     families: ClassVar[frozenset[str]] = frozenset({"vit"})
+    callable_targets: ClassVar[bool] = False  # relevance starts at one class's logit
     needs_gradients: ClassVar[bool] = False
-    options: ClassVar[frozenset[str]] = frozenset()
 
-    def attribute(self, model: nn.Module, images: Tensor, targets: Tensor, spec: ModelSpec | None = None,
+    def option_defaults(self) -> dict:
+        return {"verify": True, "compute_dtype": None, **keyword_defaults(self.raw_map, skip=3)}
+
+    def attribute(self, model: nn.Module, images: Tensor, targets: Tensor, spec: ModelDescription | None = None,
                   verify: bool = True, compute_dtype: torch.dtype | None = None, **options) -> Tensor:
-        unknown = set(options) - self.options
-        if unknown:
-            raise XtlError(f"method {self.name} has no option {', '.join(sorted(unknown))}; "
-                           f"known: {', '.join(sorted(self.options | _COMMON_OPTIONS))}")
+        self.check_options(options)
         layout = vit_layout(model)
         if compute_dtype is not None and compute_dtype != layout.patch_conv.weight.dtype:
             model = copy.deepcopy(model).to(compute_dtype)  # the caller's model stays as it is
@@ -627,8 +627,8 @@ class TransformerAttribution(_VitMethod):
     """Chefer et al.: rollout of `mean_heads(max(grad_b ⊙ R_A,b, 0)) + I`, the CLS row."""
 
     name = "transformer_attribution"
+    reference = "Chefer, Gur & Wolf, Transformer Interpretability Beyond Attention Visualization, CVPR 2021"
     needs_gradients = True
-    options = frozenset({"stabilizer", "start_layer"})
 
     def raw_map(self, layout, trace, targets, stabilizer="reference", start_layer=0):
         start = _check_start_layer(start_layer, trace)
@@ -643,7 +643,7 @@ class LrpRollout(_VitMethod):
     """Rollout of `mean_heads(max(R_A,b, 0)) + I` (no gradients), the CLS row."""
 
     name = "lrp_rollout"
-    options = frozenset({"stabilizer", "start_layer"})
+    reference = "Chefer et al. 2021 (the LRP rollout baseline of their paper)"
 
     def raw_map(self, layout, trace, targets, stabilizer="reference", start_layer=0):
         start = _check_start_layer(start_layer, trace)
@@ -657,7 +657,7 @@ class PartialLrp(_VitMethod):
     """`mean_heads(max(R_A, 0))` of the last block, the CLS row."""
 
     name = "partial_lrp"
-    options = frozenset({"stabilizer"})
+    reference = "Voita et al., ACL 2019 (partial LRP), as Chefer et al. 2021 compute it"
 
     def raw_map(self, layout, trace, targets, stabilizer="reference"):
         last = len(trace.blocks) - 1
@@ -670,7 +670,7 @@ class FullLrp(_VitMethod):
     """LRP down to the pixels, summed over channels: a map [B, H, W] at input size."""
 
     name = "full_lrp"
-    options = frozenset({"stabilizer"})
+    reference = "Binder et al. 2016 (LRP), for transformers as Chefer et al. 2021 compute it"
     signed = True
 
     def raw_map(self, layout, trace, targets, stabilizer="reference"):
@@ -683,6 +683,7 @@ class RawAttention(_VitMethod):
     """The last block's attention, mean over heads, the CLS row."""
 
     name = "raw_attention"
+    reference = "the last block's attention, a baseline of Chefer et al. 2021"
     class_discriminative = False
     gradient_based = False
 
@@ -695,9 +696,9 @@ class AttentionRollout(_VitMethod):
     """Abnar & Zuidema's attention rollout (see `attention_rollout_matrices`), the CLS row."""
 
     name = "attention_rollout"
+    reference = "Abnar & Zuidema, Quantifying Attention Flow in Transformers, ACL 2020"
     class_discriminative = False
     gradient_based = False
-    options = frozenset({"head_fusion", "discard_ratio", "start_layer"})
 
     def raw_map(self, layout, trace, targets, head_fusion="mean", discard_ratio=0.0, start_layer=0):
         start = _check_start_layer(start_layer, trace)
@@ -711,6 +712,7 @@ class AttentionGradCam(_VitMethod):
     heads, then clamped at 0."""
 
     name = "attention_gradcam"
+    reference = "Selvaraju et al. 2017 on attention, a baseline of Chefer et al. 2021"
     needs_gradients = True
 
     def raw_map(self, layout, trace, targets):

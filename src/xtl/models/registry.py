@@ -3,54 +3,28 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import nn
 
 from xtl.errors import XtlError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from xtl.models.description import IMAGENET_MEAN, IMAGENET_STD, ModelDescription  # noqa: F401  (re-exported)
 
 # builder(spec, n_classes, pretrained, weights_path) -> model with a fresh `n_classes` head
 Builder = Callable[["ModelSpec", int, bool, "Path | None"], nn.Module]
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """What travels with a model: how to build it, its input size and normalisation, and the
-    layers that training and explanation methods touch."""
+class ModelSpec(ModelDescription):
+    """A registry entry: the model's description (`ModelDescription`, plain data) plus how the
+    registry builds it (`builder`, `hub_id`) and where its weights come from, in words."""
 
-    name: str
-    family: Literal["cnn", "vit"]
-    builder: Builder = field(repr=False, compare=False)
-    input_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    classifier: str = "fc"  # dotted path of the classification layer
-    target_layer: str = ""  # dotted path of the layer CAM methods hook ("-1" indexes from the end)
-    patch_size: int | None = None  # ViTs only
+    builder: Builder | None = field(default=None, repr=False, compare=False)
     weights: str = ""  # where pretrained weights come from, in words
     hub_id: str = ""  # the identifier passed to the hub library
-
-    def with_input_size(self, size: int | None) -> "ModelSpec":
-        return self if size is None else replace(self, input_size=int(size))
-
-    def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "family": self.family,
-            "input_size": self.input_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "classifier": self.classifier,
-            "target_layer": self.target_layer,
-            "patch_size": self.patch_size,
-            "weights": self.weights,
-        }
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -96,6 +70,8 @@ def build_model(
     weights_path = Path(weights) if weights else None
     if weights_path is not None and not weights_path.exists():
         raise XtlError(f"weights file {weights_path} does not exist")
+    if spec.builder is None:
+        raise XtlError(f"model {spec.name} has no builder: it describes a model, it cannot build one")
     model = spec.builder(spec, n_classes, pretrained, weights_path)
     model.xtl_spec = spec  # explanation methods read the hook layer and patch size from here
     return model, spec
