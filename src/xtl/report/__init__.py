@@ -157,15 +157,19 @@ def _faithfulness_context(folder: Path | None, results: list[ModelResult], figur
     from xtl.faithfulness.tables import table_columns
 
     combined = folder / "faithfulness_combined.csv" if folder else None
+    unscored: list[str] = []
     if combined is not None and combined.is_file():
         rows = read_rows(combined)
         figure = figures.add(folder / "figures" / "faithfulness_combined.png", "faithfulness_combined.png",
                              FOLDER_FIGURES["faithfulness_combined"])
     else:
-        per_run = [r.run.file("faithfulness.csv") for r in results]
-        if not all(p.is_file() for p in per_run):
+        # the runs that were scored keep their scores; the others are named as not scored
+        scored = [r for r in results if r.run.file("faithfulness.csv").is_file()]
+        if not scored:
             return None
-        rows = [row for p in per_run for row in read_rows(p)]
+        unscored = [r.name for r in results if r not in scored]
+        results = scored
+        rows = [row for r in scored for row in read_rows(r.run.file("faithfulness.csv"))]
         figure = None
     columns = table_columns()
     table = []
@@ -188,6 +192,7 @@ def _faithfulness_context(folder: Path | None, results: list[ModelResult], figur
         "baseline": rows[0]["baseline"] if rows else "",
         "grids": _grids(rows),
         "figure": figure,
+        "unscored": unscored,
         "per_run": [f for f in (figures.add(r.run.figures / "faithfulness_curves.png", f"{r.name}_faithfulness_curves.png",
                                             f"{r.model}: faithfulness curves") for r in results) if f] if figure is None else [],
     }
