@@ -485,3 +485,41 @@ def test_the_settings_resolve_a_named_grid_and_keep_the_cache_key_of_earlier_ver
     assert cache_settings(settings.with_grid(None), std) == dict(common, baseline="zero")
     assert cache_settings(FaithfulnessSettings(steps=4, baseline="road", grid=8, method_options={"saliency": {}}),
                           std) == dict(common, baseline="road", grid=8, pixel_std=[0.5, 0.5, 0.5])
+
+
+# ----------------------------------------------------------------------------- the terminal table
+
+
+def _table_rows(run: str, model: str, methods=("transformer_attribution", "integrated_gradients", "random")) -> list[dict]:
+    from xtl.faithfulness.tables import table_columns
+
+    rows = []
+    for k, method in enumerate(methods):
+        row = {"run": run, "model": model, "method": method, "n_images": 100.0, "steps": 10.0, "baseline": "zero",
+               "grid": "pixel", "explain_s": 1.25, "score_images_per_s": 12.5}
+        for column, _ in table_columns():
+            row[column], row[f"{column}_std"] = 0.1 * (k + 1), 0.25
+        rows.append(row)
+    return rows
+
+
+def test_the_terminal_table_never_cuts_a_name_and_says_what_plus_minus_is():
+    from rich.console import Console
+
+    from xtl.faithfulness import faithfulness_table
+    from xtl.faithfulness.tables import half_width
+
+    long_model = "timm:vit_base_patch16_224.augreg2_in21k_ft_in1k"
+    rows = _table_rows(long_model, long_model) + _table_rows("second-run", "efficientnet_lite0")
+    console = Console(record=True, width=100)
+    console.print(faithfulness_table(rows))
+    text = console.export_text()
+    assert all(len(line) <= 100 for line in text.splitlines())
+    assert long_model in text and "second-run (efficientnet_lite0)" in text
+    assert "transformer_attribution" in text and "integrated_gradients" in text and "…" not in text
+    # 1.96 x 0.25 / sqrt(100) = 0.049: the half-width of the 95 % interval of the mean over images
+    assert half_width(rows[0], "deletion") == pytest.approx(0.049)
+    assert "0.100 ±" in text and "0.049" in text
+    words = " ".join(text.split())
+    assert "± : half-width of the 95 % confidence interval of the mean AUC over the images" in words
+    assert "1.96 × sample std of the per-image AUCs / √images" in words

@@ -1,17 +1,27 @@
 """The faithfulness table, from the rows of the CSVs (`results.read_rows` or `ModelScores.rows`):
-on a terminal (`faithfulness_table`, a rich Table) and in Markdown (`markdown_table`, BENCHMARKS.md).
-Each cell is the mean AUC over images ± the half-width of its 95 % confidence interval; the best
-explanation method of each column is emphasised."""
+on a terminal (`faithfulness_table`: one rich table per run, under the run's full name) and in
+Markdown (`markdown_table`, BENCHMARKS.md). Each cell is the mean AUC over the images ± the
+half-width of its 95 % confidence interval (`half_width`); the best explanation method of each
+column is emphasised."""
 
 from __future__ import annotations
 
 import math
 
+from rich import box
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from xtl.faithfulness.metrics import METRICS
 from xtl.faithfulness.results import ACCURACY_METRICS
 from xtl.faithfulness.settings import REFERENCES
+from xtl.runs import run_title
+
+Z_95 = 1.96  # two-sided 95 % quantile of the normal distribution
+PLUS_MINUS = ("± : half-width of the 95 % confidence interval of the mean AUC over the images "
+              "(1.96 × sample std of the per-image AUCs / √images, normal approximation). "
+              "Bold: the best explanation method of a column; random and uniform are reference maps.")
 
 
 def table_columns() -> list[tuple[str, str]]:
@@ -20,17 +30,28 @@ def table_columns() -> list[tuple[str, str]]:
     return columns + [(f"{name}_true", f"{name} (true) {METRICS[name].arrow}") for name in ACCURACY_METRICS]
 
 
-def faithfulness_table(rows: list[dict]) -> Table:
-    """Mean AUC ± 95 % CI half-width (normal approximation over images) per method; the best in bold."""
-    columns = table_columns()
-    table = Table("model", "method", *[header for _, header in columns], "explain s", "score img/s",
-                  title=f"Faithfulness: AUC on {_images(rows)} images, {rows[0]['steps']:.0f} steps, "
-                        f"baseline {rows[0]['baseline']}{_grid_words(rows)}")
+def faithfulness_table(rows: list[dict]) -> Group:
+    """Mean AUC ± 95 % CI half-width (normal approximation over images) per method; the best in bold.
+
+    One table per run, titled with the run's and model's names in full (a name is never cut: a
+    table's columns cannot hold a long model name beside eight numbers on an 80-100 column
+    terminal); the method column never wraps or cuts either. A caption says what ± is."""
+    heading = Text(f"Faithfulness: AUC on {_images(rows)} images, {rows[0]['steps']:.0f} steps, "
+                   f"baseline {rows[0]['baseline']}{_grid_words(rows)}", style="bold")
+    tables = []
     for group in _by_run(rows):
+        table = Table(title=Text(run_title(group[0]["run"], group[0]["model"]), style="bold", no_wrap=True,
+                                 overflow="fold"),
+                      title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0))
+        table.add_column("method", no_wrap=True, min_width=max(len(str(r["method"])) for r in group))
+        for _, header in table_columns():  # wide enough for the header's longest word and for "0.123 ±"
+            table.add_column(header, justify="right", min_width=max(7, *map(len, header.split())))
+        table.add_column("explain s", justify="right")
+        table.add_column("score img/s", justify="right")
         for row, cells in _formatted(group, "[bold]{}[/bold]"):
-            table.add_row(row["model"], row["method"], *cells, f"{row['explain_s']:.1f}", f"{row['score_images_per_s']:.1f}")
-        table.add_section()
-    return table
+            table.add_row(row["method"], *cells, f"{row['explain_s']:.1f}", f"{row['score_images_per_s']:.1f}")
+        tables.append(table)
+    return Group(heading, *tables, Text(PLUS_MINUS, style="dim"))
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -78,8 +99,13 @@ def _best(rows: list[dict], column: str) -> str | None:
     return pick(candidates, key=lambda r: r[column])["method"]
 
 
+def half_width(row: dict, column: str) -> float:
+    """Half-width of the 95 % confidence interval of the column's mean AUC over the row's images:
+    1.96 × the sample std of the per-image AUCs (`<column>_std`) / √images."""
+    return Z_95 * row[f"{column}_std"] / math.sqrt(max(row["n_images"], 1))
+
+
 def _cell(row: dict, column: str) -> str:
     if column not in row:
         return "-"
-    half = 1.96 * row[f"{column}_std"] / math.sqrt(max(row["n_images"], 1))
-    return f"{row[column]:.3f} ± {half:.3f}"
+    return f"{row[column]:.3f} ± {half_width(row, column):.3f}"
