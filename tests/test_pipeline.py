@@ -148,10 +148,10 @@ def test_yaml_toml_and_options_layer_in_that_order(tmp_path, cifar):
 
 def test_run_writes_every_step(finished):
     folder, _, result = finished
-    for model in ("timm_resnet10t", "timm_vit_tiny_patch16_224"):
+    for model, methods in (("timm_resnet10t", "gradcam-saliency"), ("timm_vit_tiny_patch16_224", "gradcam-transformer_attribution-saliency")):
         run = folder / model
-        for name in ("model.safetensors", "metrics.json", "predictions.csv", "faithfulness.csv",
-                     "figures/gallery_correct.png", "figures/gallery_misclassified.png", "figures/training_curves.png"):
+        for name in ("model.safetensors", "metrics.json", "predictions.csv", "faithfulness.csv", f"figures/gallery_correct_{methods}.png",
+                     f"figures/gallery_misclassified_{methods}.png", "figures/training_curves.png"):
             assert (run / name).is_file(), run / name
     maps = folder / "timm_resnet10t" / "explanations" / "test"
     assert len(list((maps / "gradcam").glob("*.safetensors"))) == 2  # 16 images in batches of 8

@@ -10,6 +10,7 @@ import gradio as gr
 
 from xtl.app.explorer import PREDICTED, Answer, Explorer, display_image, overlays
 from xtl.app.uploads import FORMAT_LIST, MB, UploadLimits, UploadRefused, read_upload
+from xtl.explain.gallery import gallery_files
 
 MAX_PICKS_PER_RUN = 500  # test images offered per run in the picker (the quick demo's whole test split)
 CSS = """
@@ -82,8 +83,9 @@ def build(explorer: Explorer, limits: UploadLimits) -> gr.Blocks:
                     panels = [_model_panel(k, run.title) for k, run in enumerate(explorer.runs)]
         with gr.Accordion("misclassified galleries", open=False):
             for run in explorer.runs:
-                figure = run.run.figures / "gallery_misclassified.png"
-                if figure.is_file():
+                drawn = gallery_files(run.run.figures, "misclassified")  # newest first
+                figure = drawn[0] if drawn else None
+                if figure is not None:
                     gr.Image(str(figure), label=run.title, interactive=False)
                 else:
                     gr.Markdown(f"{run.title}: no gallery yet (`xtl explain {run.run.path}` draws it).")

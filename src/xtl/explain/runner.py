@@ -14,7 +14,13 @@ from xtl.device import resolve_device
 from xtl.errors import XtlError, sigterm_as_interrupt
 from xtl.evaluate.metrics import predict
 from xtl.explain import METHODS, explain, methods_for
-from xtl.explain.gallery import GalleryRow, pick_correct_per_class, pick_misclassified, render_gallery
+from xtl.explain.gallery import (
+    GalleryRow,
+    gallery_name,
+    pick_correct_per_class,
+    pick_misclassified,
+    render_gallery,
+)
 from xtl.io import atomic_path
 from xtl.runs import RunDir, run_title
 
@@ -34,6 +40,31 @@ def read_stored_maps(run: RunDir, method: str, split: str = "test") -> tuple[tor
         return tuple(torch.cat([p[key] for p in parts]) for key in ("raw", "targets", "ids")) if parts else None
     except Exception:  # a shard being written or damaged: the caller computes the maps instead
         return None
+
+
+def stored_maps_for(run: RunDir, method: str, split: str, ids: list[int]) -> dict[int, tuple[torch.Tensor, int]]:
+    """The maps `explain_run` stored for `method` of the images `ids`: image id -> (raw map [h, w],
+    the class it explains). Reads each shard's ids and only the rows wanted; images without a readable
+    stored map are left out (the caller computes those)."""
+    from safetensors import safe_open
+
+    wanted = {int(i) for i in ids}
+    found: dict[int, tuple[torch.Tensor, int]] = {}
+    for shard in sorted((Path(run.path) / "explanations" / split / method).glob("batch_*.safetensors")):
+        if len(found) == len(wanted):
+            break
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                shard_ids = [int(i) for i in f.get_tensor("ids").tolist()]
+                rows = [k for k, i in enumerate(shard_ids) if i in wanted and i not in found]
+                if not rows:
+                    continue
+                raw, targets = f.get_slice("raw"), f.get_tensor("targets")
+                for k in rows:
+                    found[shard_ids[k]] = (raw[k:k + 1][0].float(), int(targets[k]))
+        except Exception:  # a shard being written or damaged: those maps are computed instead
+            continue
+    return found
 
 
 def applicable_methods(family: str, methods: list[str] | None) -> list[str]:
@@ -136,14 +167,38 @@ class RunExplainer:
         with atomic_path(shard) as tmp:
             save_file(tensors, str(tmp))
 
+    def gallery_maps(self, positions: list[int], method: str, target: str = "predicted") -> tuple[list[torch.Tensor], list[int]]:
+        """Raw maps (sign kept) of the images at `positions` and the classes they explain: the maps
+        `xtl explain` stored where they explain the class `target` asks for (the true class, or the
+        predicted one), the others computed now."""
+        if not positions:
+            return [], []
+        wanted = (self.probabilities[positions].argmax(1) if target == "predicted" else self.part.labels[positions]).tolist()
+        ids = [int(i) for i in self.part.ids[positions].tolist()]
+        stored = stored_maps_for(self.run, method, self.split_name, ids)
+        maps: list[torch.Tensor | None] = [None] * len(positions)
+        targets = [int(t) for t in wanted]
+        for k, image_id in enumerate(ids):
+            if image_id in stored and stored[image_id][1] == targets[k]:
+                maps[k] = stored[image_id][0]
+        missing = [k for k, m in enumerate(maps) if m is None]
+        if missing:
+            result = self.explain_positions([positions[k] for k in missing], method, target)
+            for j, k in enumerate(missing):
+                maps[k], targets[k] = result.raw[j].cpu(), int(result.targets[j])
+        return maps, targets
+
     def gallery_rows(self, positions: list[int], methods: list[str], target: str = "predicted") -> list[GalleryRow]:
-        maps = {m: self.explain_positions(positions, m, target).maps.cpu() for m in methods} if positions else {}
+        maps = {m: self.gallery_maps(positions, m, target) for m in methods}
         rows = []
         for k, pos in enumerate(positions):
             label = int(self.part.labels[pos])
             guess = int(self.probabilities[pos].argmax())
             caption = f"true: {self.class_names[label]}\npred: {self.class_names[guess]}"
-            rows.append(GalleryRow(self.part.images[pos], label, self.probabilities[pos], {m: maps[m][k] for m in methods}, caption))
+            rows.append(GalleryRow(self.part.images[pos], label, self.probabilities[pos],
+                                   {m: maps[m][0][k] for m in methods}, caption,
+                                   targets={m: maps[m][1][k] for m in methods},
+                                   signed={m: bool(METHODS[m].signed) for m in methods}))
         return rows
 
 
@@ -158,7 +213,9 @@ def explain_run(
     progress: bool = True,
     gallery_size: int = 10,
 ) -> dict[str, Path]:
-    """Maps of the split streamed to `explanations/`, and the two galleries in `figures/`."""
+    """Maps of the split streamed to `explanations/`, and the two galleries in `figures/`, named after
+    the methods (`gallery_name`: explaining again with other methods keeps the earlier galleries) and
+    drawn from the stored maps."""
     explainer = RunExplainer(run, split, device)
     chosen = applicable_methods(explainer.spec.family, methods)
     if not chosen:
@@ -168,7 +225,8 @@ def explain_run(
     name = run_title(run.path.name, explainer.spec.name)
     correct = pick_correct_per_class(labels, probs.argmax(1), len(explainer.class_names), limit=gallery_size)
     wrong = pick_misclassified(labels, probs, limit=gallery_size)
-    paths = {"maps": maps_dir, "correct": run.figures / "gallery_correct.png", "misclassified": run.figures / "gallery_misclassified.png"}
+    paths = {"maps": maps_dir, "correct": run.figures / gallery_name("correct", chosen),
+             "misclassified": run.figures / gallery_name("misclassified", chosen)}
     render_gallery(explainer.gallery_rows(correct, chosen, target), explainer.class_names, paths["correct"],
                    f"{name}: correctly classified {split} images, one per class")
     render_gallery(explainer.gallery_rows(wrong, chosen, target), explainer.class_names, paths["misclassified"],
@@ -180,7 +238,8 @@ def compare_runs(runs: list[RunDir], methods: list[str] | None, path: Path, spli
                  target: str = "predicted", device: str | None = None, per_class: int = 1,
                  image_ids: list[int] | None = None, title: str | None = None) -> Path:
     """The same images explained by every run and method: `image_ids`, or by default the first
-    `per_class` images of each class that every run's split holds."""
+    `per_class` images of each class that every run's split holds. Each row shows every model's
+    top-5 probabilities; the maps come from what `xtl explain` stored where it can."""
     explainers = [RunExplainer(run, split, device) for run in runs]
     first = explainers[0]
     common = set(first.part.ids.tolist())
@@ -201,16 +260,17 @@ def compare_runs(runs: list[RunDir], methods: list[str] | None, path: Path, spli
         run_rows = e.gallery_rows([positions[i] for i in chosen_ids], applicable_methods(e.spec.family, methods), target)
         columns_per_run.append(run_rows)
     for k, image_id in enumerate(chosen_ids):
-        maps, captions = {}, []
+        maps, targets, signed, bars = {}, {}, {}, []
         for e, run_rows in zip(explainers, columns_per_run):
             row = run_rows[k]
-            guess = e.class_names[int(row.probabilities.argmax())]
-            captions.append(f"{e.spec.name}: {guess}")
             maps.update({f"{e.spec.name}\n{m}": v for m, v in row.maps.items()})
+            targets.update({f"{e.spec.name}\n{m}": v for m, v in row.targets.items()})
+            signed.update({f"{e.spec.name}\n{m}": v for m, v in row.signed.items()})
+            bars.append((e.spec.name, row.probabilities))
         base = columns_per_run[0][k]
-        caption = f"true: {first.class_names[base.label]}\n" + "\n".join(captions)
-        rows.append(GalleryRow(base.image, base.label, base.probabilities, maps, caption))
-    title = (title or "Same test images") + ", " + " vs ".join(e.spec.name for e in explainers) + f" (bars: {first.spec.name})"
+        caption = f"true: {first.class_names[base.label]}"  # each model's prediction tops its bars
+        rows.append(GalleryRow(base.image, base.label, base.probabilities, maps, caption, targets, signed, bars))
+    title = (title or "Same test images") + ", " + " vs ".join(e.spec.name for e in explainers)
     render_gallery(rows, first.class_names, path, title)
     return path
 

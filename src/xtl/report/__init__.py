@@ -123,9 +123,28 @@ def _model_context(result: ModelResult, label: str, figures: Figures) -> dict[st
         "note": last_epoch_note(label, result.epochs, m.get("best_epoch")),
         "per_class": m["per_class_accuracy"],
         "confusions": top_confusions(m, limit=5),
-        "figures": [f for f in (figures.add(result.run.figures / f"{key}.png", f"{result.name}_{key}.png", caption)
-                                for key, caption in RUN_FIGURES.items() if key != "faithfulness_curves") if f],
+        "figures": [f for f in (figures.add(source, f"{result.name}_{source.name}", caption)
+                                for source, caption in _run_figures(result.run)) if f],
     }
+
+
+def _run_figures(run: RunDir) -> list[tuple[Path, str]]:
+    """A run's figures for its section: each of RUN_FIGURES but the faithfulness curves, every gallery
+    that `xtl explain` drew (one per method list, newest first), its caption naming the methods."""
+    from xtl.explain.gallery import gallery_files, gallery_methods
+
+    found = []
+    for key, caption in RUN_FIGURES.items():
+        if key == "faithfulness_curves":
+            continue
+        if key.startswith("gallery_"):
+            kind = key.removeprefix("gallery_")
+            for path in gallery_files(run.figures, kind):
+                methods = gallery_methods(path, kind)
+                found.append((path, caption + (f" ({', '.join(methods)})" if methods else "")))
+        else:
+            found.append((run.figures / f"{key}.png", caption))
+    return found
 
 
 def _data_context(folder: Path | None, results: list[ModelResult], figures: Figures) -> dict[str, Any]:
