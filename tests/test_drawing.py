@@ -89,3 +89,32 @@ def test_save_overlay_writes_the_overlay_atomically(tmp_path):
     path = save_overlay(tmp_path / "sub" / "map.png", GREY, heatmap, signed=True)
     assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), overlay(GREY, heatmap, signed=True))
     assert [p.name for p in path.parent.iterdir()] == ["map.png"]  # no temporary file left behind
+
+
+def test_a_gallery_marks_flat_maps_names_the_class_and_keeps_text_legible():
+    """A synthetic gallery: a flat map is labelled, not drawn; each tile names the class its map
+    explains (here not the true class); one colour bar per kind of map; no text under 9 pt."""
+    from matplotlib.text import Text
+
+    from xtl.explain.gallery import GalleryRow, gallery_figure
+
+    names = ["cat", "dog", "ship"]
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    signed_map = torch.linspace(-1, 2, 16).reshape(4, 4)
+    row = GalleryRow(image, 0, torch.tensor([0.2, 0.7, 0.1]), {"flat": torch.zeros(4, 4), "lrp": signed_map},
+                     "true: cat", targets={"flat": 1, "lrp": 2}, signed={"flat": False, "lrp": True})
+    fig = gallery_figure([row, row], names, "synthetic")
+    tiles = fig.axes[1:3]
+    assert [ax.get_xlabel() for ax in tiles] == ["map: dog", "map: ship"]
+    assert [t.get_text() for t in tiles[0].texts] == [FLAT_LABEL] and not tiles[1].texts
+    shown = np.asarray(tiles[0].images[0].get_array()).astype(int)
+    plain = to_rgb(image, shown.shape[:2]).astype(int)
+    # the flat tile shows the image faded towards grey, with no colour map on it
+    assert np.all(np.abs(shown - (plain + 2 * 160) / 3) <= 1)
+    np.testing.assert_array_equal(np.asarray(tiles[1].images[0].get_array()),
+                                  overlay(image, signed_map, signed=True, size=shown.shape[:2]))
+    colour_bars = sorted(a._colorbar.cmap.name for a in fig.axes if a.get_label() == "<colorbar>")
+    assert colour_bars == ["RdBu_r", "inferno"]
+    fig.canvas.draw()
+    sizes = {t.get_text(): t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()}
+    assert min(sizes.values()) >= 9, sizes
