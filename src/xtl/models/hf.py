@@ -24,6 +24,13 @@ class HFClassifier(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.hf(pixel_values=pixel_values).logits
 
+    def __getattr__(self, name: str):
+        """Attributes and layer paths of the wrapped model resolve as they do on it ("vit.layers.1")."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("hf"), name)
+
 
 def _build(spec: ModelSpec, n_classes: int | None, pretrained: bool, weights_path: Path | None) -> nn.Module:
     from transformers import AutoConfig, AutoModelForImageClassification
