@@ -123,3 +123,17 @@ def test_finetune_accelerator_is_checked(tmp_path):
     if not torch.cuda.is_available():
         result = runner.invoke(app, ["finetune", "--accelerator", "cuda", "--runs-dir", str(tmp_path)])
         assert str(result.exception).startswith("option --accelerator cuda: this machine has no CUDA GPU")
+
+
+def test_the_pipeline_steps_run_on_its_device_else_each_models_accelerator(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from xtl.pipeline import Pipeline, load_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    options = {"runs_dir": str(tmp_path), "models": ["timm:resnet10t", "timm:vit_tiny_patch16_224"],
+               "per_model": {"timm:resnet10t": {"accelerator": "cpu"}}}
+    pipeline = Pipeline(load_config(None, options), False, Console())
+    assert [pipeline.device(pipeline.run_configs[m]).type for m in options["models"]] == ["cpu", "cuda"]
+    pipeline = Pipeline(load_config(None, {**options, "device": "cpu"}), False, Console())
+    assert [pipeline.device(pipeline.run_configs[m]).type for m in options["models"]] == ["cpu", "cpu"]
