@@ -178,19 +178,20 @@ def test_rerun_after_finishing_recomputes_nothing(finished):
     assert {p: p.stat().st_mtime_ns for p in watched} == before
 
 
-def test_a_speed_only_setting_retrains_nothing(finished):
-    """`compile` changes how fast a model trains, not what it learns: only the report (which shows the
-    configuration) is rebuilt."""
+@pytest.mark.parametrize("setting, shown", [("compile=true", "compile: true"), ("eval_batch_size=7", "eval_batch_size: 7")])
+def test_a_speed_only_setting_retrains_nothing(setting, shown, finished):
+    """`compile` and `eval_batch_size` change how fast a model trains and is evaluated, not what it
+    learns: only the report (which shows the configuration) is rebuilt."""
     folder, config, _ = finished
     weights = folder / "timm_resnet10t" / "model.safetensors"
     before, steps_before = weights.stat().st_mtime_ns, json.loads((folder / "steps.json").read_text())
-    result = _xtl("run", "--config", str(config), "--train", "compile=true")
+    result = _xtl("run", "--config", str(config), "--train", setting)
     assert result.returncode == 0, result.stderr
     steps = json.loads((folder / "steps.json").read_text())
     assert {k: v for k, v in steps.items() if k != "report"} == {k: v for k, v in steps_before.items() if k != "report"}
     assert steps["report"]["fingerprint"] != steps_before["report"]["fingerprint"]
     assert weights.stat().st_mtime_ns == before
-    assert "compile: true" in (folder / "pipeline.yaml").read_text()
+    assert shown in (folder / "pipeline.yaml").read_text()
     restored = _xtl("run", "--config", str(config))  # back to the fixture's configuration
     assert restored.returncode == 0, restored.stderr
 

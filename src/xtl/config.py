@@ -9,8 +9,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from xtl.errors import XtlError
 
 
-# Settings that change how fast a model trains, not what it learns.
-SPEED_ONLY = ("compile",)
+# Settings that change how fast a model trains and is evaluated, not what it learns: `xtl run`
+# retrains nothing when only these change.
+SPEED_ONLY = ("compile", "eval_batch_size")
 
 
 @dataclass
