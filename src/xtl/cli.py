@@ -244,27 +244,76 @@ def _print_epochs(run) -> None:
     console.print(table)
 
 
+# every registered method, by family (a test pins this against xtl.explain.METHODS; importing it here
+# would load torch for `xtl --help`)
+METHOD_NAMES = (
+    "any model: saliency, integrated_gradients, smoothgrad, gradcam, gradcam++, layercam, scorecam, eigencam "
+    "(CAM methods: CNNs and ViTs); CNNs: lrp_epsilon, lrp_alpha_beta, lrp_zplus; ViTs: transformer_attribution, "
+    "lrp_rollout, partial_lrp, full_lrp, raw_attention, attention_rollout, attention_gradcam"
+)
+
+
 @app.command("explain")
 def explain_command(
-    runs: list[Path] = typer.Argument(..., help="One or more run directories (two or more: also side by side)."),
+    inputs: Optional[list[Path]] = typer.Argument(None, help="Run directories (two or more: also side by side); "
+                                                  "with --model: image files or folders of images.", show_default=False),
+    model: Optional[str] = typer.Option(None, help="Explain image files with this model: a run directory, a registry "
+                                        "name (xtl models), timm:NAME, torchvision:NAME or hf:REPO (pretrained head "
+                                        "kept, ImageNet class names)."),
+    method: Optional[list[str]] = typer.Option(None, help="A method; repeat for several. " + METHOD_NAMES + "."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: gradcam for CNNs, "
                                           "transformer_attribution for ViTs); those that don't apply to a model are skipped."),
-    images: Optional[int] = typer.Option(None, help="Explain the first N images of the split (default: all)."),
-    split: str = typer.Option("test", help="train, val or test."),
-    target: str = typer.Option("predicted", help="Explain the predicted or the true class."),
+    out: Optional[Path] = typer.Option(None, help="--model: folder of the overlays, raw maps (.npy), figures and "
+                                       "predictions.csv (default explanations/)."),
+    weights: Optional[Path] = typer.Option(None, help="--model NAME: a local weights file instead of the hub."),
+    images: Optional[int] = typer.Option(None, help="Runs: explain the first N images of the split (default: all)."),
+    split: str = typer.Option("test", help="Runs: train, val or test."),
+    target: str = typer.Option("predicted", help="Explain the predicted class, the true one (runs), or (--model) a "
+                               "class index or name."),
     batch_size: int = typer.Option(16, help="Images per explanation batch."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    list_methods: bool = typer.Option(False, "--list-methods", help="List every method: the models it applies to, "
+                                      "its options and its paper; then stop."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
-    """Explain runs' best models: maps of the split, galleries of correct and misclassified images."""
+    """Explain runs' best models (maps of a split, galleries), or image files with any model (--model).
+
+    xtl explain runs/quick/vit_s14_dinov2 --methods transformer_attribution,attention_rollout
+    xtl explain photo.jpg holiday/ --model timm:resnet50 --method gradcam --method integrated_gradients
+    """
+    chosen = [m.strip() for m in (methods or "").split(",") if m.strip()] + list(method or [])
+    if list_methods:
+        from xtl.explain import describe_methods
+
+        sys.stdout.write(describe_methods() + "\n")
+        return
+    if not inputs:
+        raise XtlError("give run directories, or image files with --model (xtl explain --help)")
+    if model is not None:
+        from xtl.explain.files import explain_files
+
+        folder = out or Path("explanations")
+        written = explain_files(inputs, model, chosen or None, folder, device=device, target=target,
+                                batch_size=batch_size, weights=weights)
+        console.print(f"{len(written)} image(s) explained: overlays, raw maps and figure.png per image in {folder}/, "
+                      f"top-5 predictions in {folder / 'predictions.csv'}")
+        return
+    for option, value in (("--out", out), ("--weights", weights)):
+        if value is not None:
+            raise XtlError(f"option {option} applies to image files with --model, not to run directories")
+    _explain_runs(inputs, chosen or None, images, split, target, batch_size, progress, device)
+
+
+def _explain_runs(runs: list[Path], chosen: list[str] | None, images: Optional[int], split: str, target: str,
+                  batch_size: int, progress: bool, device: Optional[str]) -> None:
+    """Maps of a split of each run, galleries of correct and misclassified images."""
     from xtl.explain.runner import compare_runs, explain_run
     from xtl.runs import RunDir
 
     if split not in ("train", "val", "test"):
         raise XtlError(f"option --split must be train, val or test, not '{split}'")
     if target not in ("predicted", "true"):
-        raise XtlError(f"option --target must be predicted or true, not '{target}'")
-    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+        raise XtlError(f"option --target must be predicted or true for run directories, not '{target}'")
     run_dirs = [RunDir(r) for r in runs]
     for run in run_dirs:
         run.read()

@@ -188,7 +188,7 @@ def _top5_bars(ax, probabilities: torch.Tensor, label: int, class_names: list[st
     ax.barh(range(len(classes))[::-1], probs.cpu().numpy(), color=colours)
     ax.set_yticks(range(len(classes))[::-1], [class_names[int(c)] for c in classes], fontsize=SMALL)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("probability (green: true class)", fontsize=SMALL)
+    ax.set_xlabel("probability (green: true class)" if label >= 0 else "probability", fontsize=SMALL)
     ax.tick_params(axis="x", labelsize=SMALL)
     if title:
         ax.set_title(title, fontsize=FONT)

@@ -1,0 +1,259 @@
+"""Explain image files with any model: `xtl explain photo.jpg --model timm:resnet50 --method gradcam`.
+
+For each image, in `out/<name>/`:
+- `<method>.png`: the map over the image (`xtl.explain.drawing`: signed methods zero-centred);
+- `<method>.npy`: the raw map on the method's own grid (float32, sign kept);
+- `figure.png`: the image, every method side by side (each tile names the class it explains) and
+  the model's top-5 probabilities;
+and `out/predictions.csv`: per image the top-5 classes with their probabilities and the class
+explained. Files of other methods from an earlier call are kept; a file is never half-written.
+
+The model is a run folder (its best model, class names and preprocessing), or a name of the
+registry (`xtl models`), `timm:NAME`, `torchvision:NAME` or `hf:REPO` with its pretrained head kept
+(ImageNet class names; a Hugging Face model's own labels). Images are resized so that the shorter
+side is the model's input size, then centre-cropped to a square.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from xtl.device import resolve_device
+from xtl.errors import XtlError
+from xtl.explain import METHODS, explain, methods_for
+from xtl.explain.base import get_method
+from xtl.io import atomic_path
+from xtl.models import ModelDescription, describe_model, inference_autocast
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class ImageModel:
+    """A model ready for image files: eval mode on its device, its description, preprocessing and class names."""
+
+    model: nn.Module
+    spec: ModelDescription
+    preprocess: object  # uint8 [B, 3, S, S] -> model input
+    class_names: list[str]
+    device: torch.device
+    source: str
+
+
+def image_paths(inputs: list[Path]) -> list[Path]:
+    """Image files given and the images in folders given (recursively, sorted); one line for a
+    path that does not exist or a folder without images."""
+    found: list[Path] = []
+    for path in map(Path, inputs):
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise XtlError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            found += inside
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise XtlError(f"image {path} does not exist")
+    return found
+
+
+def read_image(path: Path, size: int) -> torch.Tensor:
+    """uint8 [3, size, size]: shorter side resized to `size` (antialiased), centre crop; one line
+    naming the file when it is not an image."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
+
+    try:
+        with Image.open(path) as image:
+            tensor = pil_to_tensor(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise XtlError(f"image {path} cannot be read: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    return center_crop(resize(tensor, size, antialias=True), [size, size])
+
+
+def load_image_model(model: str, device: str | None = None, weights: str | Path | None = None) -> ImageModel:
+    """A run folder, or a registry / timm: / torchvision: / hf: name with its pretrained head kept."""
+    from xtl.runs import RunDir
+
+    path = Path(model)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        run = RunDir(path)
+        run.read()
+        where = resolve_device(device, run.config().accelerator)
+        net, spec = run.load_model(where)
+        return ImageModel(net.eval(), spec, run.preprocess(), list(run.class_names), where, str(path))
+    if path.exists() and ":" not in model:
+        raise XtlError(f"option --model: {path} is not a run folder (it has no config.yaml)")
+    from xtl.models import build_model, preprocessing
+
+    where = resolve_device(device)
+    net, spec = build_model(model, None, pretrained=True, weights=weights)
+    net = net.eval().to(where)
+    return ImageModel(net, spec, preprocessing(spec=spec), class_names_of(net), where, model)
+
+
+def class_names_of(model: nn.Module) -> list[str]:
+    """The class names of a pretrained head: a Hugging Face model's own labels, ImageNet's names for
+    1,000 (or timm's ImageNet-21k subsets) classes, else `class k`."""
+    from xtl.explain.base import logits_model
+
+    description = describe_model(model)
+    n = _out_features(model, description)
+    inner = getattr(model, "hf", model)
+    labels = getattr(getattr(inner, "config", None), "id2label", None)
+    if labels and n is not None and len(labels) == n:
+        return [str(labels[k]) for k in range(n)]
+    if n is not None:
+        names = _imagenet_names(logits_model(model), n)
+        if names is not None:
+            return names
+    return [f"class {k}" for k in range(n or 0)]
+
+
+def _out_features(model: nn.Module, description: ModelDescription) -> int | None:
+    from xtl.models import submodule
+
+    try:
+        head = submodule(model, description.classifier) if description.classifier else None
+    except (AttributeError, IndexError, TypeError):
+        head = None
+    return head.out_features if isinstance(head, nn.Linear) else None
+
+
+def _imagenet_names(model: nn.Module, n: int) -> list[str] | None:
+    try:  # timm knows its own label sets (1k, 21k, 12k, 22k) offline
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model) if hasattr(model, "pretrained_cfg") else ("imagenet-1k" if n == 1000 else None)
+        if subset:
+            info = ImageNetInfo(subset)
+            if info.num_classes() == n:  # "common newt, Triturus vulgaris" -> "common newt"
+                return [info.index_to_description(k).split(",")[0].strip() for k in range(n)]
+    except Exception:  # an older timm: torchvision's list below
+        pass
+    if n == 1000:
+        from torchvision.models import ResNet50_Weights
+
+        return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+    return None
+
+
+def parse_target(target: str, class_names: list[str]) -> int | None:
+    """--target for image files: `predicted` (None), a class index or a class name."""
+    if target == "predicted":
+        return None
+    if target.lstrip("-").isdigit():
+        k = int(target)
+        if not 0 <= k < len(class_names):
+            raise XtlError(f"option --target: class {k} does not exist (0 to {len(class_names) - 1})")
+        return k
+    lowered = [name.lower() for name in class_names]
+    if target.lower() in lowered:
+        return lowered.index(target.lower())
+    raise XtlError(f"option --target must be predicted, a class index or a class name of the model, not '{target}'")
+
+
+def unique_names(paths: list[Path]) -> list[str]:
+    """One folder name per image: its stem, with its parent folder's name (then a number) when stems repeat."""
+    stems = [p.stem for p in paths]
+    names = [f"{p.parent.name}_{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return out
+
+
+def explain_files(inputs: list[Path], model: str, methods: list[str] | None, out: Path, device: str | None = None,
+                  target: str = "predicted", batch_size: int = 8, weights: str | Path | None = None,
+                  loaded: ImageModel | None = None) -> list[Path]:
+    """Explain every image of `inputs` with every method in `methods` (default: the family's
+    default); returns the per-image folders written."""
+    if batch_size < 1:
+        raise XtlError(f"option --batch-size must be at least 1, not {batch_size}")
+    paths = image_paths(inputs)
+    for method in methods or []:
+        get_method(method)  # unknown names first, before any model is loaded
+    image_model = loaded or load_image_model(model, device, weights)
+    chosen = _applicable(image_model, methods)
+    explained = parse_target(target, image_model.class_names)
+    names = unique_names(paths)
+    size = image_model.spec.input_size
+    rows: list[dict] = []
+    folders = []
+    for start in range(0, len(paths), batch_size):
+        part = paths[start:start + batch_size]
+        images = torch.stack([read_image(p, size) for p in part])
+        x = image_model.preprocess(images.to(image_model.device))
+        with torch.no_grad(), inference_autocast(image_model.device):
+            probabilities = image_model.model(x).float().softmax(1).cpu()
+        explanations = {m: explain(image_model.model, x, explained, m, spec=image_model.spec) for m in chosen}
+        for i, path in enumerate(part):
+            folder = out / names[start + i]
+            _write_image_outputs(folder, images[i], probabilities[i], explanations, i, image_model.class_names, path)
+            folders.append(folder)
+            rows.append(_prediction_row(path, probabilities[i], explanations[chosen[0]].targets[i], image_model.class_names))
+    _write_predictions(out / "predictions.csv", rows)
+    return folders
+
+
+def _applicable(image_model: ImageModel, methods: list[str] | None) -> list[str]:
+    from xtl.explain.runner import DEFAULT_METHOD
+
+    family = image_model.spec.family
+    if not methods:
+        return [DEFAULT_METHOD.get(family, "saliency")]
+    chosen = [m for m in methods if family in METHODS[m].families]
+    if not chosen:
+        raise XtlError(f"option --method: none of {', '.join(methods)} applies to {family.upper()} model "
+                       f"{image_model.spec.name}; those that do: {', '.join(methods_for(family))}")
+    return chosen
+
+
+def _write_image_outputs(folder: Path, image: torch.Tensor, probabilities: torch.Tensor, explanations: dict,
+                         i: int, class_names: list[str], path: Path) -> None:
+    from xtl.explain import drawing
+    from xtl.explain.gallery import GalleryRow, render_gallery
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for method, e in explanations.items():
+        raw = e.raw[i].cpu().float().numpy()
+        with atomic_path(folder / f"{method}.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, raw)
+        drawing.save_overlay(folder / f"{method}.png", image, e.raw[i], signed=e.signed)
+    import textwrap
+
+    top = int(probabilities.argmax())
+    caption = textwrap.fill(path.name, 26) + "\n" + textwrap.fill(f"predicted: {class_names[top]} ({float(probabilities[top]):.2f})", 26)
+    row = GalleryRow(image=image.cpu(), label=-1, probabilities=probabilities,
+                     maps={m: e.raw[i].cpu() for m, e in explanations.items()},
+                     caption=caption,
+                     targets={m: int(e.targets[i]) for m, e in explanations.items()},
+                     signed={m: e.signed for m, e in explanations.items()})
+    render_gallery([row], class_names, folder / "figure.png", title=path.name)
+
+
+def _prediction_row(path: Path, probabilities: torch.Tensor, target: torch.Tensor, class_names: list[str]) -> dict:
+    values, classes = probabilities.topk(min(5, len(class_names)))
+    row = {"image": str(path), "explained": class_names[int(target)]}
+    for k, (p, c) in enumerate(zip(values.tolist(), classes.tolist()), start=1):
+        row[f"top{k}"] = class_names[c]
+        row[f"p{k}"] = f"{p:.4f}"
+    return row
+
+
+def _write_predictions(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
