@@ -32,7 +32,7 @@ def main() -> None:
         raise SystemExit("no runs given and no runs/quick/*/model.safetensors: run `make run` first")
     explorer = Explorer([RunDir(p) for p in folders], device="cpu")
     methods = explorer.methods
-    images = [explorer.runs[0].explainer.part.images[k] for k in range(args.images)]
+    images = [explorer.runs[0].loaded.part.images[k] for k in range(args.images)]
     explorer.answer(images[0], methods)  # warm-up
     per_model = {run.name: [] for run in explorer.runs}
     whole = []

@@ -31,20 +31,21 @@ from pathlib import Path
 
 import torch
 
-from xtl.explain.runner import RunExplainer, applicable_methods
+from xtl.explain.runner import applicable_methods
 from xtl.faithfulness.metrics import METRICS
 from xtl.faithfulness.cache import CACHE
 from xtl.faithfulness.results import ModelScores, grid_label
 from xtl.faithfulness.runner import resolve_grid, score_model
 from xtl.faithfulness.settings import REFERENCES, FaithfulnessSettings
 from xtl.faithfulness.tables import markdown_table
+from xtl.inference import LoadedRun
 from xtl.runs import RunDir
 
 METHODS = "gradcam,saliency,transformer_attribution,attention_rollout"
 VERDICT_METRICS = ("deletion", "insertion", "positive", "negative")
 
 
-def resolve(choice: str, explainer: RunExplainer, images: torch.Tensor) -> int | None:
+def resolve(choice: str, explainer: LoadedRun, images: torch.Tensor) -> int | None:
     grid = None if choice == "none" else choice if choice in ("native", "model") else int(choice)
     return resolve_grid(grid, explainer.model, explainer.spec, explainer.part.images, images[:1],
                         f"run {explainer.run.path}")
@@ -95,7 +96,7 @@ def main() -> None:
     for path in args.runs:
         run = RunDir(path)
         run.read()
-        explainer = RunExplainer(run, "test", args.device)
+        explainer = LoadedRun(run, "test", args.device)
         chosen = applicable_methods(explainer.spec.family, methods)
         n = min(args.images, len(explainer.part))
         images = explainer.preprocess(explainer.part.images[:n].to(explainer.device))

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from xtl.explain import explain
 from xtl.explain.gallery import overlay, pick_misclassified
-from xtl.explain.runner import RunExplainer, applicable_methods
+from xtl.explain.runner import applicable_methods
+from xtl.inference import LoadedRun
 from xtl.runs import RunDir, run_title
 
 DEFAULT_METHODS = ("gradcam", "saliency", "transformer_attribution", "attention_rollout")
@@ -41,26 +42,26 @@ class ServedRun:
 
     def __init__(self, run: RunDir, methods: list[str] | None, device: str | None) -> None:
         self.run = run
-        self.explainer = RunExplainer(run, "test", device)
+        self.loaded = LoadedRun(run, "test", device)
         self.name = run.path.name
-        self.title = run_title(self.name, self.explainer.spec.name)
-        self.methods = applicable_methods(self.explainer.spec.family, list(methods or DEFAULT_METHODS))
+        self.title = run_title(self.name, self.loaded.spec.name)
+        self.methods = applicable_methods(self.loaded.spec.family, list(methods or DEFAULT_METHODS))
         self.report = run.path.parent / "report" / "report.html"
         self._lock = threading.Lock()
 
     @property
     def class_names(self) -> list[str]:
-        return self.explainer.class_names
+        return self.loaded.class_names
 
     def metrics(self) -> dict:
         path = self.run.file("metrics.json")
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def misclassified(self, limit: int = 10) -> list[int]:
-        return pick_misclassified(self.explainer.part.labels, self.explainer.probabilities, limit=limit)
+        return pick_misclassified(self.loaded.part.labels, self.loaded.probabilities, limit=limit)
 
     def answer(self, image: torch.Tensor, methods: list[str], target: str) -> ModelAnswer:
-        e = self.explainer
+        e = self.loaded
         x = e.preprocess(image[None].to(e.device))
         with self._lock:
             with torch.no_grad():

@@ -31,7 +31,7 @@ def metrics_table(explorer: Explorer) -> str:
         accuracy = f"{m['accuracy']:.3f} [{m['accuracy_ci95'][0]:.3f}, {m['accuracy_ci95'][1]:.3f}]" if m else "-"
         auc = f"{m['roc_auc_macro_ovr']:.3f}" if m.get("roc_auc_macro_ovr") is not None else "-"
         report = f"[HTML report]({report_url(k)})" if run.report.is_file() else "none yet"
-        lines.append(f"| {run.name} | {run.explainer.spec.name} | {accuracy} | {auc} | {report} |")
+        lines.append(f"| {run.name} | {run.loaded.spec.name} | {accuracy} | {auc} | {report} |")
     return "\n".join(lines)
 
 
@@ -39,8 +39,8 @@ def pick_choices(explorer: Explorer) -> list[tuple[str, str]]:
     """(label, "run:position") for each run's misclassified gallery, then its test images."""
     choices = []
     for r, run in enumerate(explorer.runs):
-        part, names = run.explainer.part, run.class_names
-        predicted = run.explainer.probabilities.argmax(1)
+        part, names = run.loaded.part, run.class_names
+        predicted = run.loaded.probabilities.argmax(1)
         for pos in run.misclassified():
             label = f"{run.name}: misclassified #{pos}, {names[int(part.labels[pos])]} taken for {names[int(predicted[pos])]}"
             choices.append((label, f"{r}:{pos}"))
@@ -54,9 +54,9 @@ def picked_image(explorer: Explorer, value: str):
         run, pos = (int(v) for v in value.split(":"))
     except ValueError:
         raise UploadRefused("no such test image") from None
-    if not (0 <= run < len(explorer.runs) and 0 <= pos < len(explorer.runs[run].explainer.part)):
+    if not (0 <= run < len(explorer.runs) and 0 <= pos < len(explorer.runs[run].loaded.part)):
         raise UploadRefused("no such test image")
-    return explorer.runs[run].explainer.part.images[pos]
+    return explorer.runs[run].loaded.part.images[pos]
 
 
 def build(explorer: Explorer, limits: UploadLimits) -> gr.Blocks:

@@ -10,9 +10,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from xtl.device import resolve_device
 from xtl.errors import XtlError, sigterm_as_interrupt
-from xtl.evaluate.metrics import predict
 from xtl.explain import METHODS, explain, methods_for
 from xtl.explain.gallery import (
     GalleryRow,
@@ -21,6 +19,7 @@ from xtl.explain.gallery import (
     pick_misclassified,
     render_gallery,
 )
+from xtl.inference import LoadedRun
 from xtl.io import atomic_path
 from xtl.runs import RunDir, run_title
 
@@ -98,36 +97,12 @@ class PlainProgress:
               file=sys.stderr, flush=True)
 
 
-class RunExplainer:
-    """A run's best model, its data and predictions, ready to explain images of one split."""
-
-    def __init__(self, run: RunDir, split: str = "test", device: str | None = None) -> None:
-        self.run = run
-        self.device = resolve_device(device, run.config().accelerator)
-        self.model, self.spec = run.load_model(self.device)
-        self.preprocess = run.preprocess()
-        self.class_names = run.class_names
-        self.split_name = split
-        self.part = run.load_split()[split]
-        self.probabilities = self._saved_probabilities() if split == "test" else None
-        if self.probabilities is None:
-            self.probabilities = predict(self.model, self.part, self.preprocess, self.device).probabilities
-
-    def _saved_probabilities(self) -> torch.Tensor | None:
-        """The evaluation's own test probabilities (`predictions.csv`), if they match this split."""
-        import csv
-
-        path = self.run.file("predictions.csv")
-        if not path.is_file():
-            return None
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))[1:]
-        if [int(r[0]) for r in rows] != self.part.ids.tolist():
-            return None
-        return torch.tensor([[float(p) for p in r[3:]] for r in rows])
+class RunExplainer(LoadedRun):
+    """A loaded run (`xtl.inference.LoadedRun`: model, preprocessing, split, probabilities) that
+    explains images of its split: maps streamed to disk, gallery rows."""
 
     def explain_positions(self, positions: list[int], method: str, target: str = "predicted", **options):
-        images = self.preprocess(self.part.images[positions].to(self.device))
+        images = self.inputs(positions)
         targets = None if target == "predicted" else self.part.labels[positions].to(self.device)
         return explain(self.model, images, targets, method=method, **options)
 

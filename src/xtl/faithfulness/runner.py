@@ -33,7 +33,7 @@ from xtl.device import resolve_device
 from xtl.errors import XtlError, gpu_out_of_memory, sigterm_as_interrupt
 from xtl.explain import METHODS, explain
 from xtl.explain.base import upsample_and_normalise
-from xtl.explain.runner import RunExplainer, applicable_methods, read_stored_maps
+from xtl.explain.runner import applicable_methods, read_stored_maps
 from xtl.faithfulness.cache import CACHE, cache_folder, read_batch, write_batch
 from xtl.faithfulness.metrics import Curve
 from xtl.faithfulness.perturbation import check_grid_size, make_progress, predict_classes, random_maps, score_maps, uniform_maps
@@ -49,6 +49,7 @@ from xtl.faithfulness.results import (  # noqa: F401  (write_csv, read_rows, gri
 )
 from xtl.faithfulness.settings import DEFAULT_METHODS, REFERENCES, FaithfulnessSettings
 from xtl.faithfulness.tables import faithfulness_table, markdown_table, table_columns  # noqa: F401  (re-exported)
+from xtl.inference import LoadedRun
 from xtl.models import ModelSpec
 from xtl.runs import RunDir
 
@@ -241,16 +242,16 @@ def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n
         run.read()
     results = []
     for run in run_dirs:
-        explainer = RunExplainer(run, split, device)
-        chosen = _chosen_methods(explainer.spec.family, settings.methods, explainer.spec.name)
-        n = min(settings.n_images, len(explainer.part))
-        images = explainer.preprocess(explainer.part.images[:n].to(explainer.device))
-        cells = resolve_grid(settings.grid, explainer.model, explainer.spec, explainer.part.images, images[:1], f"run {run.path}")
-        scores = score_model(explainer.model, explainer.spec, images, explainer.part.labels[:n], chosen,
+        loaded = LoadedRun(run, split, device)
+        chosen = _chosen_methods(loaded.spec.family, settings.methods, loaded.spec.name)
+        n = min(settings.n_images, len(loaded.part))
+        images = loaded.inputs(slice(0, n))
+        cells = resolve_grid(settings.grid, loaded.model, loaded.spec, loaded.part.images, images[:1], f"run {run.path}")
+        scores = score_model(loaded.model, loaded.spec, images, loaded.part.labels[:n], chosen,
                              settings.with_grid(cells), progress, run.path.name,
-                             cache=run.file(CACHE) if resume else None, pixel_std=explainer.preprocess.std,
-                             stored=_stored_maps(run, split, chosen, explainer.part.ids[:n]))
-        result = ModelScores(run.path.name, explainer.spec.name, n, steps, baseline, scores, cells)
+                             cache=run.file(CACHE) if resume else None, pixel_std=loaded.preprocess.std,
+                             stored=_stored_maps(run, split, chosen, loaded.part.ids[:n]))
+        result = ModelScores(run.path.name, loaded.spec.name, n, steps, baseline, scores, cells)
         write_outputs(run.path, result)
         results.append(result)
     if len(results) > 1:

@@ -1,0 +1,55 @@
+"""A run loaded for inference: its best model on a device, the preprocessing it was trained with,
+one split of its data and the model's class probabilities on it.
+
+    loaded = LoadedRun(RunDir("runs/resnet34"), split="test")
+    x = loaded.inputs([0, 1, 2])              # preprocessed images of split positions, on the device
+    loaded.model(x), loaded.probabilities     # [N, classes]: the evaluation's own, or predicted once
+
+`xtl explain` (`xtl.explain.runner.RunExplainer` adds explaining to it), `xtl faithfulness` and the
+app all start from this. It sits on the run folder (`xtl.runs`) and the evaluation
+(`xtl.evaluate`, whose predictions it reuses), below explain and everything above it.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Sequence
+
+import torch
+
+from xtl.device import resolve_device
+from xtl.evaluate import read_predictions
+from xtl.evaluate.metrics import predict
+from xtl.runs import RunDir
+
+
+class LoadedRun:
+    """A run's best model (eval mode, on `device`), preprocessing, class names and one split."""
+
+    def __init__(self, run: RunDir, split: str = "test", device: str | None = None) -> None:
+        self.run = run
+        self.device = resolve_device(device, run.config().accelerator)
+        self.model, self.spec = run.load_model(self.device)
+        self.preprocess = run.preprocess()
+        self.class_names = run.class_names
+        self.split_name = split
+        self.part = run.load_split()[split]
+
+    @cached_property
+    def probabilities(self) -> torch.Tensor:
+        """[N, classes] of the split: the evaluation's own test probabilities (`predictions.csv`) where
+        they are of these images, else predicted now (once)."""
+        saved = self._saved_probabilities() if self.split_name == "test" else None
+        if saved is not None:
+            return saved
+        return predict(self.model, self.part, self.preprocess, self.device).probabilities
+
+    def inputs(self, positions: Sequence[int] | slice) -> torch.Tensor:
+        """The images at these positions of the split, preprocessed for the model, on its device."""
+        return self.preprocess(self.part.images[positions].to(self.device))
+
+    def _saved_probabilities(self) -> torch.Tensor | None:
+        if not self.run.file("predictions.csv").is_file():
+            return None
+        ids, _, probabilities = read_predictions(self.run)
+        return probabilities if ids.tolist() == self.part.ids.tolist() else None
