@@ -129,3 +129,39 @@ def test_corrupt_or_missing_weights_file_is_named(tmp_path):
         build_model("efficientnet_lite0", 10, weights=bad)
     with pytest.raises(XtlError, match="does not exist"):
         build_model("efficientnet_lite0", 10, weights=Path(tmp_path / "absent.pth"))
+
+
+@pytest.mark.parametrize("name, library, builder", [
+    ("timm:resnet14t", "timm", "create_model"),
+    ("torchvision:resnet18", "torchvision.models", "get_model"),
+    ("hf:", "transformers.AutoModelForImageClassification", "from_config"),
+], ids=["timm", "torchvision", "hf"])
+def test_resolving_a_hub_name_builds_once_and_on_the_meta_device(name, library, builder, monkeypatch, tmp_path):
+    """`xtl run` asks for a `timm:`/`torchvision:`/`hf:` model's spec about nine times: the name is
+    resolved once per process, from a model built on the meta device (no parameter memory)."""
+    import importlib
+
+    from xtl.models import hf, timm_models, torchvision_models
+
+    if name == "hf:":
+        from transformers import ViTConfig, ViTForImageClassification
+
+        ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "vit")
+        name = f"hf:{tmp_path / 'vit'}"
+    for resolver in (timm_models._spec_from_timm, torchvision_models._resolve, hf._resolve):
+        getattr(resolver, "cache_clear", lambda: None)()  # a fresh cache: other tests resolved names too
+    module_name, _, attr = library.rpartition(".") if library.startswith("transformers") else (library, "", "")
+    owner = getattr(importlib.import_module(module_name), attr) if attr else importlib.import_module(library)
+    real = getattr(owner, builder)
+    devices = []
+
+    def counted(*args, **kwargs):
+        model = real(*args, **kwargs)
+        devices.append({p.device.type for p in model.parameters()})
+        return model
+
+    monkeypatch.setattr(owner, builder, counted)
+    first, second = get_spec(name), get_spec(name)
+    assert first is second and devices == [{"meta"}]
+    assert first.classifier and first.target_layer is not None

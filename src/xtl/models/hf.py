@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -50,7 +51,10 @@ def _build(spec: ModelSpec, n_classes: int | None, pretrained: bool, weights_pat
     return new_head(HFClassifier(hf_model), spec.classifier, n_classes)
 
 
+@functools.lru_cache(maxsize=None)
 def _resolve(repo: str) -> ModelSpec:
+    """The description of a Hugging Face classifier, read once per process (a `xtl run` asks for it
+    many times); the layer names come from a model built on the meta device (`_last_block_norm`)."""
     from transformers import AutoConfig
 
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -98,11 +99,21 @@ def _timm_filter(model: nn.Module, state: dict) -> dict:
     return filter_fn(state, model) if filter_fn is not None else state
 
 
+@functools.lru_cache(maxsize=None)
 def _spec_from_timm(name: str, alias: str | None = None, input_size: int | None = None) -> ModelSpec:
+    """Read a timm model's description off an instance built once per process (a `xtl run` asks
+    for it many times), on the meta device: names and shapes only, no parameter memory."""
     import timm
+    import torch
 
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=10)
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, num_classes=10)
+        except (NotImplementedError, RuntimeError) as err:
+            if "Unknown model" in str(err):
+                raise
+            model = timm.create_model(name, pretrained=False, num_classes=10)  # its construction reads values
     except RuntimeError as err:
         raise XtlError(f"unknown model 'timm:{name}': {err}") from None
     cfg = model.pretrained_cfg

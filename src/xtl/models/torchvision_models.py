@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from torch import nn
@@ -36,13 +37,20 @@ register(ModelSpec(
 ))
 
 
+@functools.lru_cache(maxsize=None)
 def _resolve(name: str) -> ModelSpec:
-    """Guess the classifier and CAM layer of any torchvision classification model."""
+    """Guess the classifier and CAM layer of any torchvision classification model, from an instance
+    built once per process on the meta device (names and shapes only, no parameter memory)."""
+    import torch
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise XtlError(f"unknown model 'torchvision:{name}'")
-    model = torchvision.models.get_model(name, weights=None)
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(name, weights=None)
+    except (NotImplementedError, RuntimeError):  # its construction reads values (the RegNets)
+        model = torchvision.models.get_model(name, weights=None)
     classifier = _last_linear(model)
     is_vit = name.startswith(("vit_", "swin_", "maxvit"))
     target = "encoder.layers.-1.ln_1" if name.startswith("vit_") else _last_conv_parent(model)
