@@ -28,9 +28,11 @@ from xtl.explain.base import (
     resolve_targets,
     upsample_and_normalise,
 )
+from xtl.explain.drawing import overlay, save_overlay
 from xtl.models import ModelDescription, describe_model
 
-__all__ = ["METHODS", "ExplainMethod", "Explanation", "describe_methods", "explain", "methods_for", "register_method"]
+__all__ = ["METHODS", "ExplainMethod", "Explanation", "describe_methods", "explain", "methods_for", "overlay",
+           "register_method", "save_overlay"]
 
 _FAMILY_WORDS = {"cnn": "CNNs", "vit": "ViTs (timm, torchvision and Hugging Face VisionTransformers)", "other": "any model"}
 

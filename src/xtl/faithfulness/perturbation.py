@@ -364,6 +364,9 @@ def score_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, map
         if tuple(m.shape) != (n, *images.shape[-2:]):
             raise XtlError(f"maps '{name}' have shape {tuple(m.shape)}, not [B, H, W] = {(n, *images.shape[-2:])}")
     labels = labels.cpu().long()
+    from xtl.explain.base import logits_model
+
+    model = logits_model(model)  # a Hugging Face classifier as it comes: its .logits
     was_training = model.training
     model.eval()
     try:
