@@ -27,7 +27,7 @@ from xtl.device import resolve_device
 from xtl.errors import XtlError
 from xtl.explain import METHODS, explain, methods_for
 from xtl.explain.base import get_method
-from xtl.io import atomic_path
+from xtl.io import atomic_path, write_csv
 from xtl.models import ModelDescription, describe_model, inference_autocast
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -199,7 +199,7 @@ def explain_files(inputs: list[Path], model: str, methods: list[str] | None, out
             _write_image_outputs(folder, images[i], probabilities[i], explanations, i, image_model.class_names, path)
             folders.append(folder)
             rows.append(_prediction_row(path, probabilities[i], explanations[chosen[0]].targets[i], image_model.class_names))
-    _write_predictions(out / "predictions.csv", rows)
+    write_csv(out / "predictions.csv", rows)
     return folders
 
 
@@ -208,7 +208,7 @@ def _applicable(image_model: ImageModel, methods: list[str] | None) -> list[str]
 
     family = image_model.spec.family
     if not methods:
-        return [DEFAULT_METHOD.get(family, "saliency")]
+        return [DEFAULT_METHOD[family]]
     chosen = [m for m in methods if family in METHODS[m].families]
     if not chosen:
         raise XtlError(f"option --method: none of {', '.join(methods)} applies to {family.upper()} model "
@@ -247,13 +247,3 @@ def _prediction_row(path: Path, probabilities: torch.Tensor, target: torch.Tenso
         row[f"top{k}"] = class_names[c]
         row[f"p{k}"] = f"{p:.4f}"
     return row
-
-
-def _write_predictions(path: Path, rows: list[dict]) -> None:
-    import csv
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)

@@ -23,7 +23,7 @@ from xtl.inference import LoadedRun
 from xtl.io import atomic_path
 from xtl.runs import RunDir, run_title
 
-DEFAULT_METHOD = {"cnn": "gradcam", "vit": "transformer_attribution"}
+DEFAULT_METHOD = {"cnn": "gradcam", "vit": "transformer_attribution", "other": "saliency"}
 console = Console(stderr=True)
 
 

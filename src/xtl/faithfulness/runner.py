@@ -297,6 +297,9 @@ def model_grid(model: nn.Module, spec: ModelSpec, one_input: torch.Tensor) -> in
 
     if spec.family == "vit":
         return int(patch_grid(spec, one_input)[0])
+    if not spec.target_layer:
+        raise XtlError(f"option grid: 'model' is the model's patch grid or CAM layer, and {spec.name} has neither "
+                       "described; give a number of cells per side, native or none")
     with torch.inference_mode(), layer_outputs(submodule(model, spec.target_layer)) as outputs:
         model(one_input)
     return int(outputs[0].shape[-2])

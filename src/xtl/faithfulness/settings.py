@@ -22,6 +22,7 @@ DEFAULT_METHODS = {  # methods=None: these, where the model's family has them
     "cnn": ["gradcam", "gradcam++", "layercam", "saliency", "integrated_gradients", "lrp_epsilon"],
     "vit": ["transformer_attribution", "attention_rollout", "raw_attention", "gradcam", "saliency",
             "integrated_gradients"],
+    "other": ["saliency", "integrated_gradients", "smoothgrad"],  # no layer or patch grid described
 }
 SPLITS = ("train", "val", "test")
 

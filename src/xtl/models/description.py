@@ -141,6 +141,9 @@ def _torchvision_description(model: nn.Module) -> ModelDescription:
     if isinstance(model, VisionTransformer):
         return ModelDescription(name=name, family="vit", input_size=model.image_size, classifier="heads.head",
                                 target_layer="encoder.layers.-1.ln_1", patch_size=model.patch_size, prefix_tokens=1)
+    if type(model).__name__ in ("SwinTransformer", "MaxVit"):
+        # windowed attention: neither a CNN's feature maps at the last convolution nor a ViT's class token
+        return ModelDescription(name=name, family="other", classifier=last_linear(model))
     family = "cnn" if any(isinstance(m, nn.Conv2d) for m in model.modules()) else "other"
     return ModelDescription(name=name, family=family, classifier=last_linear(model),
                             target_layer=last_conv_parent(model) if family == "cnn" else "")

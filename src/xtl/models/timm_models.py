@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from torch import nn
 
 from xtl.errors import XtlError
+from xtl.models.description import _timm_description
 from xtl.models.registry import (
     ModelSpec,
     find_local_weights,
@@ -116,21 +118,11 @@ def _spec_from_timm(name: str, alias: str | None = None, input_size: int | None 
             model = timm.create_model(name, pretrained=False, num_classes=10)  # its construction reads values
     except RuntimeError as err:
         raise XtlError(f"unknown model 'timm:{name}': {err}") from None
-    cfg = model.pretrained_cfg
-    is_vit = hasattr(model, "blocks") and hasattr(model, "patch_embed")
-    if is_vit:
-        target = "blocks.-1.norm1"
-        patch = model.patch_embed.patch_size[0]
-    else:
-        target = model.feature_info[-1]["module"] if getattr(model, "feature_info", None) else ""
-        patch = None
-    return ModelSpec(
-        name=alias or f"timm:{name}", family="vit" if is_vit else "cnn", builder=_build, hub_id=name,
-        input_size=input_size or cfg.get("input_size", (3, 224, 224))[-1],
-        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
-        classifier=cfg.get("classifier", "head"), target_layer=target, patch_size=patch,
-        weights=f"timm {cfg.get('hf_hub_id') or name}",
-    )
+    described = _timm_description(model)  # the same reading as for any timm model given to explain()
+    fields = {**asdict(described), "name": alias or f"timm:{name}",
+              "input_size": input_size or described.input_size}
+    hub = model.pretrained_cfg.get("hf_hub_id") or name
+    return ModelSpec(**fields, builder=_build, hub_id=name, weights=f"timm {hub}")
 
 
 register(ModelSpec(

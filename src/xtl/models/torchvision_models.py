@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import asdict
 from pathlib import Path
 
 from torch import nn
 
 from xtl.errors import XtlError
+from xtl.models.description import _torchvision_description
 from xtl.models.registry import ModelSpec, load_weights, new_head, read_state_dict, register, register_prefix
 
 
@@ -51,27 +53,11 @@ def _resolve(name: str) -> ModelSpec:
             model = torchvision.models.get_model(name, weights=None)
     except (NotImplementedError, RuntimeError):  # its construction reads values (the RegNets)
         model = torchvision.models.get_model(name, weights=None)
-    classifier = _last_linear(model)
-    is_vit = name.startswith(("vit_", "swin_", "maxvit"))
-    target = "encoder.layers.-1.ln_1" if name.startswith("vit_") else _last_conv_parent(model)
-    return ModelSpec(
-        name=f"torchvision:{name}", family="vit" if is_vit else "cnn", builder=_build, hub_id=name,
-        classifier=classifier, target_layer=target,
-        patch_size=getattr(model, "patch_size", None), weights=f"torchvision {name} DEFAULT",
-    )
-
-
-def _last_linear(model: nn.Module) -> str:
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
+    described = _torchvision_description(model)  # the same reading as for any torchvision model given to explain()
+    if not described.classifier:
         raise XtlError(f"{type(model).__name__} has no Linear classifier")
-    return names[-1]
-
-
-def _last_conv_parent(model: nn.Module) -> str:
-    """The top-level feature block that holds the last convolution (layer4, features, ...)."""
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    return convs[-1].rsplit(".", 1)[0] if convs else ""
+    return ModelSpec(**{**asdict(described), "name": f"torchvision:{name}"}, builder=_build, hub_id=name,
+                     weights=f"torchvision {name} DEFAULT")
 
 
 register_prefix("torchvision", _resolve)
