@@ -235,10 +235,8 @@ def evaluate_command(
 
 def _print_epochs(run) -> None:
     """The per-epoch training and validation table (paper Table 1)."""
-    from xtl.evaluate.figures import read_csv
-
     table = Table("epoch", "train loss", "train acc", "val loss", "val acc", "seconds", title=f"{run.path.name}: epochs")
-    for e in read_csv(run.file("history_epochs.csv")):
+    for e in run.history("epochs"):
         table.add_row(f"{e['epoch']:.0f}", f"{e['train_loss']:.4f}", f"{e['train_accuracy']:.4f}",
                       f"{e['val_loss']:.4f}", f"{e['val_accuracy']:.4f}", f"{e['seconds']:.1f}")
     console.print(table)

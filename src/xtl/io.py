@@ -1,15 +1,22 @@
-"""Atomic file writes: a reader never sees a half-written file."""
+"""Reading and writing files: every write is atomic (a reader never sees a half-written file).
+
+Text, JSON and YAML (`write_text`, `write_json`, `write_yaml`, `read_yaml`), CSV (`write_csv`,
+`read_csv`: every CSV xtl writes or reads goes through these two) and matplotlib figures
+(`save_figure`).
+"""
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import json
 import os
 import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -94,6 +101,33 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 def write_yaml(path: str | os.PathLike, data: Any) -> None:
     write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """`rows` (dicts) as CSV with a header, atomically; `columns`: the header and its order (default: the
+    first row's keys). Without rows or columns the file is empty. Lines end in a newline alone (no \\r)."""
+    rows = list(rows)
+    columns = list(columns if columns is not None else rows[0] if rows else [])
+    buffer = io.StringIO()
+    if columns:
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def read_csv(path: str | os.PathLike, floats: bool = False, text: Collection[str] = (),
+             missing_ok: bool = False) -> list[dict[str, Any]]:
+    """The rows of a CSV with a header, as dicts in column order: strings, or with `floats` every
+    value as a float except the columns named in `text`. `missing_ok`: no file reads as no rows."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if floats:
+        return [{k: v if k in text else float(v) for k, v in row.items()} for row in rows]
+    return rows
 
 
 class _Loader(yaml.SafeLoader):

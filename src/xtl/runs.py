@@ -24,7 +24,7 @@ import xtl
 from xtl.config import RunConfig
 from xtl.data import PAPER_MEAN, PAPER_STD, Preprocess, Split, SplitSpec, load_split
 from xtl.errors import XtlError
-from xtl.io import read_yaml, write_yaml
+from xtl.io import read_csv, read_yaml, write_yaml
 from xtl.models import ModelSpec, build_model, get_spec
 
 FORMAT_VERSION = 1
@@ -134,9 +134,11 @@ class RunDir:
                 recorded = None
             if recorded is not None:
                 return int(recorded)
-        from xtl.evaluate.figures import read_csv
+        return best_epoch_of(self.history("epochs"))
 
-        return best_epoch_of(read_csv(self.file("history_epochs.csv")))
+    def history(self, kind: str = "epochs") -> list[dict[str, float]]:
+        """`history_<kind>.csv` ("epochs" or "batches") as rows of floats; none before training wrote it."""
+        return read_csv(self.file(f"history_{kind}.csv"), floats=True, missing_ok=True)
 
     def load_model(self, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
         """The best model of the run, in eval mode."""

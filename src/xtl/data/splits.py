@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -13,7 +11,7 @@ import torch
 
 from xtl.data.sources import Source, images_to_uint8, open_source
 from xtl.errors import XtlError
-from xtl.io import write_text
+from xtl.io import write_csv
 
 SPLIT_NAMES = ("train", "val", "test")
 PAPER_POOL, PAPER_VAL_FRACTION, PAPER_TEST = 5000, 0.1, 2000
@@ -73,13 +71,10 @@ class Split:
 
     def save_ids(self, path: str | Path) -> None:
         """Write split, id, label and source key of every image as CSV."""
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["split", "id", "label", "class", "key"])
-        for name, part in self.parts.items():
-            for i, label, key in zip(part.ids.tolist(), part.labels.tolist(), part.keys):
-                writer.writerow([name, i, label, self.class_names[label], key])
-        write_text(path, buf.getvalue())
+        rows = [{"split": name, "id": i, "label": label, "class": self.class_names[label], "key": key}
+                for name, part in self.parts.items()
+                for i, label, key in zip(part.ids.tolist(), part.labels.tolist(), part.keys)]
+        write_csv(path, rows, ["split", "id", "label", "class", "key"])
 
 
 def choose_ids(labels_train: np.ndarray, labels_test: np.ndarray, spec: SplitSpec) -> dict[str, np.ndarray]:

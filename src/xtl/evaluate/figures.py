@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def read_csv(path: Path) -> list[dict[str, float]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def plot_training_curves(batches: list[dict], epochs: list[dict], path: Path, title: str) -> None:

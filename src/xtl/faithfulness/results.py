@@ -11,8 +11,6 @@ metrics only) that of the true class's maps, and `<column>_std` the std over ima
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import torch
 
 from xtl.faithfulness.figures import plot_curves
 from xtl.faithfulness.metrics import METRICS, Curve
-from xtl.io import write_text
+from xtl.io import read_csv, write_csv
 
 ACCURACY_METRICS = [m.name for m in METRICS.values() if m.quantity == "accuracy"]
 TEXT_COLUMNS = {"run", "model", "method", "baseline", "grid"}
@@ -91,16 +89,6 @@ def write_combined(directory: Path, results: list[ModelScores]) -> None:
     plot_curves(results, directory / "figures" / "faithfulness_combined.png")
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
-
-
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a faithfulness CSV with numbers as numbers."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [{k: v if k in TEXT_COLUMNS else float(v) for k, v in row.items()} for row in rows]
+    """Rows of a faithfulness CSV with numbers as numbers (`write_csv`, `xtl.io`'s, writes them)."""
+    return read_csv(path, floats=True, text=TEXT_COLUMNS)

@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 
 from xtl.errors import XtlError
-from xtl.evaluate.figures import read_csv
 from xtl.evaluate.metrics import McNemar, mcnemar, paired_correctness
 from xtl.runs import RunDir, best_epoch_of, run_title
 
@@ -30,7 +29,7 @@ class ModelResult:
         if not path.is_file():
             raise XtlError(f"run directory {run.path} has no metrics.json; run `xtl evaluate {run.path}`")
         return cls(run, data["run"], data["derived"], data.get("versions", {}), json.loads(path.read_text()),
-                   read_csv(run.file("history_epochs.csv")))
+                   run.history("epochs"))
 
     @property
     def name(self) -> str:

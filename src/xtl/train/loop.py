@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import time
@@ -19,7 +17,7 @@ from xtl.config import RunConfig
 from xtl.data import Preprocess, Split
 from xtl.device import resolve_device
 from xtl.errors import XtlError, gpu_out_of_memory, sigterm_as_interrupt
-from xtl.io import atomic_path, write_text
+from xtl.io import atomic_path, write_csv
 from xtl.models import build_model, native_bf16, submodule
 from xtl.models.trunk import TrunkSplit, split_model
 from xtl.runs import RunDir, improves, model_preprocess
@@ -446,12 +444,3 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> Train
 def write_history(run: RunDir, state: TrainState) -> None:
     write_csv(run.file("history_batches.csv"), state.batches)
     write_csv(run.file("history_epochs.csv"), state.epochs)
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    write_text(path, buf.getvalue())
