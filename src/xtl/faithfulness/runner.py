@@ -59,11 +59,13 @@ console = Console(stderr=True)
 # ----------------------------------------------------------------------------- one model, one batch of images
 
 
-def score_model(model: nn.Module, spec: ModelSpec, images: torch.Tensor, labels: torch.Tensor, methods: list[str],
+def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, labels: torch.Tensor, methods: list[str],
                 settings: FaithfulnessSettings | None = None, progress: bool | Progress = False, title: str = "",
                 cache: Path | None = None, pixel_std: Sequence[float] | None = None,
                 stored: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[MethodScores]:
     """Explain `images` with each method, score the maps and the random/uniform references.
+
+    `model`: any classifier (see `xtl.explain.explain`); `spec`: its description, or None.
 
     `settings`: how (default `FaithfulnessSettings()`); its grid must be cells per side or None
     (`settings.with_grid`). The images go through in batches of `settings.explain_batch_size`. With
@@ -77,6 +79,9 @@ def score_model(model: nn.Module, spec: ModelSpec, images: torch.Tensor, labels:
     them: an image whose stored target is the class predicted here is scored on its stored map
     instead of being explained again (the same computation; its explain time counts as 0 here).
     """
+    from xtl.models import describe_model
+
+    spec = describe_model(model, spec)  # None: the attached description, or what inspection tells
     settings = settings or FaithfulnessSettings()
     grid = settings.cells
     check_grid_size(grid, tuple(images.shape[-2:]))
