@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -58,10 +59,23 @@ def _assert_xavier_head(head, fan_in, fan_out):
 @pytest.mark.parametrize("name", ["alexnet", "resnet34", "efficientnet_lite0", "vit_b16_in21k", "timm:resnet10t"])
 def test_every_family_builds_with_a_new_head_and_a_hookable_layer(name):
     model, spec = build_model(name, n_classes=7, pretrained=name == "efficientnet_lite0")
-    assert submodule(model, spec.target_layer) is not None
     _assert_xavier_head(submodule(model, spec.classifier), submodule(model, spec.classifier).in_features, 7)
-    with torch.no_grad():
+    with torch.no_grad(), _hooked(model, spec.target_layer) as seen:
         assert model.eval()(torch.zeros(1, 3, spec.input_size, spec.input_size)).shape == (1, 7)
+    assert len(seen) == 1 and seen[0].shape[0] == 1 and seen[0].ndim in (3, 4)  # the layer's maps (B, C, H, W) or tokens
+
+
+@contextlib.contextmanager
+def _hooked(model, path):
+    """The outputs of the layer at `path` during the forward passes inside the block: a hook on it fires."""
+    seen = []
+    layer = submodule(model, path)
+    assert isinstance(layer, torch.nn.Module), path
+    handle = layer.register_forward_hook(lambda module, args, output: seen.append(output))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def test_registry_lists_the_paper_models_and_prefixes():
@@ -102,9 +116,9 @@ def test_hugging_face_vit_from_a_local_directory(tmp_path):
     ViTForImageClassification(config).save_pretrained(tmp_path / "tiny-vit")
     model, spec = build_model(f"hf:{tmp_path / 'tiny-vit'}", n_classes=3)
     assert spec.family == "vit" and spec.patch_size == 8 and spec.input_size == 32
-    assert submodule(model, spec.target_layer) is not None
-    with torch.no_grad():
+    with torch.no_grad(), _hooked(model, spec.target_layer) as seen:
         assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    assert len(seen) == 1 and seen[0].shape == (2, 1 + 4 * 4, 32)  # the CLS token and 4 x 4 patches of width 32
 
 
 def test_unknown_model_is_named():
@@ -164,4 +178,4 @@ def test_resolving_a_hub_name_builds_once_and_on_the_meta_device(name, library, 
     monkeypatch.setattr(owner, builder, counted)
     first, second = get_spec(name), get_spec(name)
     assert first is second and devices == [{"meta"}]
-    assert first.classifier and first.target_layer is not None
+    assert first.classifier and first.target_layer

@@ -157,10 +157,31 @@ def test_the_reported_best_epoch_is_the_one_whose_weights_were_saved(cifar, tmp_
     assert last_epoch_note("cnn", result.epochs, None) is None  # the history replays the same rule
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(cifar, tmp_path):
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(cifar, tmp_path, monkeypatch):
+    """A real divergence in epoch 2 (the learning rate jumps to 1e30 after epoch 1): epoch 1's
+    checkpoint and weights are kept, finite, and the kept model evaluates."""
+    monkeypatch.setattr(train_loop, "make_scheduler", lambda optimizer, config, steps_per_epoch: (
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step < steps_per_epoch else 1e33)))
+    config = _tiny_config(cifar, epochs=2, lr=1e-3, warmup_epochs=0.0, optimizer="adam", grad_clip=None, schedule="constant")
+    data, run = load_split(config.source, split_spec(config)), RunDir(tmp_path / "run")
+    with pytest.raises(XtlError, match=r"^training loss became (nan|inf) at epoch 2, batch \d; the last good checkpoint "
+                                       r"is kept in "):
+        finetune(config, data, run, progress=False)
+    checkpoint = torch.load(run.last_checkpoint, weights_only=True)
+    assert checkpoint["state"]["epoch"] == 1 and len(checkpoint["state"]["epochs"]) == 1
+    assert all(torch.isfinite(v.float()).all() for v in checkpoint["model"].values())
+    saved = load_file(str(run.weights_path))  # epoch 1's weights: the best so far, and the checkpoint's
+    assert all(torch.equal(saved[k], checkpoint["model"][k]) for k in saved)
+    assert evaluate(run, data, device="cpu")["best_epoch"] == 1  # and the kept model evaluates
+
+
+def test_nan_loss_in_the_first_epoch_says_that_nothing_is_kept(cifar, tmp_path):
     config = _tiny_config(cifar, epochs=2, lr=1e30, warmup_epochs=0.0, optimizer="adam", grad_clip=None, schedule="constant")
-    with pytest.raises(XtlError, match="training loss became"):
-        finetune(config, load_split(config.source, split_spec(config)), RunDir(tmp_path / "run"), progress=False)
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(XtlError, match=r"^training loss became (nan|inf) at epoch 1, batch \d; no epoch had finished, "
+                                       r"so no checkpoint is kept; try a lower --lr$"):
+        finetune(config, load_split(config.source, split_spec(config)), run, progress=False)
+    assert not run.last_checkpoint.exists() and not run.weights_path.exists()
 
 
 def test_two_process_ddp_fine_tune_on_the_cpu(cifar, tmp_path):

@@ -327,10 +327,9 @@ class StepReadout:
         self.pending = None
         loss, correct = stats.tolist()
         if not math.isfinite(loss):
-            raise XtlError(
-                f"training loss became {loss} at epoch {self.epoch + 1}, batch {step + 1}; "
-                f"the last good checkpoint is kept in {self.run.path}; try a lower --lr"
-            )
+            kept = (f"the last good checkpoint is kept in {self.run.path}" if self.state.epoch
+                    else "no epoch had finished, so no checkpoint is kept")
+            raise XtlError(f"training loss became {loss} at epoch {self.epoch + 1}, batch {step + 1}; {kept}; try a lower --lr")
         images_per_s = n * self.world_size / max(seconds, 1e-9)
         self.totals = [self.totals[0] + loss * n, self.totals[1] + correct, self.totals[2] + n]
         self.state.batches.append({
