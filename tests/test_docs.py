@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
-import pytest
 
 from conftest import IMAGENET_SAMPLE, REPO
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from xtl.errors import XtlError
-from xtl.models.description import IMAGENET_MEAN, IMAGENET_STD, ModelDescription  # noqa: F401  (re-exported)
+from xtl.models.description import IMAGENET_MEAN, IMAGENET_STD, ModelDescription  # noqa: F401  (re-exported: hf.py, efficientnet_lite.py)
 
 # builder(spec, n_classes, pretrained, weights_path) -> model with a fresh `n_classes` head
 Builder = Callable[["ModelSpec", int, bool, "Path | None"], nn.Module]
