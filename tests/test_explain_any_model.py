@@ -212,7 +212,7 @@ def test_every_method_is_listed_with_its_families_options_and_reference():
         for option in method.option_defaults():
             assert f"{option}=" in method.summary()
     assert "Selvaraju et al." in METHODS["gradcam"].summary() and "Chefer" in METHODS["transformer_attribution"].summary()
-    assert "[VIT;" in METHODS["transformer_attribution"].summary()
+    assert "[ViT;" in METHODS["transformer_attribution"].summary() and "[any model;" in METHODS["saliency"].summary()
 
 
 def test_an_explanation_saves_and_loads_itself(tmp_path, resnet):

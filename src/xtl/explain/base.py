@@ -97,7 +97,8 @@ class ExplainMethod:
 
     def summary(self) -> str:
         """One paragraph: families, options with defaults, reference (for help() and --list-methods)."""
-        families = ", ".join(f.upper() if f != "other" else "any model" for f in sorted(self.families))
+        families = ("any model" if {"cnn", "vit", "other"} <= self.families
+                    else ", ".join({"cnn": "CNN", "vit": "ViT", "other": "other"}[f] for f in sorted(self.families)))
         options = ", ".join(f"{k}={v!r}" for k, v in self.option_defaults().items()) or "none"
         doc = (type(self).__doc__ or "").strip().split("\n\n")[0]
         doc = " ".join(line.strip() for line in doc.splitlines())
