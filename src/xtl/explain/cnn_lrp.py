@@ -107,18 +107,24 @@ class LrpMethod(ExplainMethod):
 
 @register_method
 class LrpEpsilon(LrpMethod):
+    """LRP with Zennit's EpsilonGammaBox: epsilon rule in dense layers, gamma in convolutions, the box (z^B) rule at the input."""
+
     name = "lrp_epsilon"
     reference = "Bach et al. 2015 (LRP); EpsilonGammaBox composite of Zennit (Anders et al. 2021), Montavon et al. 2019"
 
 
 @register_method
 class LrpAlphaBeta(LrpMethod):
+    """LRP with Zennit's EpsilonAlpha2Beta1Flat: alpha=2, beta=1 in convolutions, epsilon in dense layers, flat at the input."""
+
     name = "lrp_alpha_beta"
     reference = "Bach et al. 2015 (LRP alpha2-beta1); Zennit's EpsilonAlpha2Beta1Flat composite"
 
 
 @register_method
 class LrpZPlus(LrpMethod):
+    """LRP with the z+ rule in every convolution and dense layer (deep Taylor decomposition)."""
+
     name = "lrp_zplus"
     reference = "Montavon et al., Explaining nonlinear classification decisions with deep Taylor decomposition, 2017"
 

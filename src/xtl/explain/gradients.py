@@ -24,6 +24,7 @@ class SaliencyMap(ExplainMethod):
     """Simonyan et al. 2014: |d logit_target / d input|."""
 
     name = "saliency"
+    reference = "Simonyan, Vedaldi & Zisserman, Deep Inside Convolutional Networks, ICLR Workshop 2014"
 
     def attribute(
         self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelSpec, **options
@@ -38,6 +39,7 @@ class IntegratedGradientsMap(ExplainMethod):
     summed over the colour channels with its sign (evidence for and against the class)."""
 
     name = "integrated_gradients"
+    reference = "Sundararajan, Taly & Yan, Axiomatic Attribution for Deep Networks, ICML 2017"
     signed = True
 
     def attribute(
@@ -78,6 +80,7 @@ class SmoothGrad(ExplainMethod):
     deviation is `stdev` times each image's value range (the paper's noise level)."""
 
     name = "smoothgrad"
+    reference = "Smilkov et al., SmoothGrad: removing noise by adding noise, 2017"
 
     def attribute(
         self,
