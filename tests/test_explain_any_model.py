@@ -209,6 +209,7 @@ def test_every_method_is_listed_with_its_families_options_and_reference():
     text = describe_methods()
     for name, method in METHODS.items():
         assert name in text and name in explain.__doc__
+        assert method.reference and (type(method).__doc__ or "").strip(), name
         for option in method.option_defaults():
             assert f"{option}=" in method.summary()
     assert "Selvaraju et al." in METHODS["gradcam"].summary() and "Chefer" in METHODS["transformer_attribution"].summary()
