@@ -60,3 +60,27 @@ def test_predictions_and_a_runs_history_go_through_the_same_csv(tmp_path):
     assert run.history("epochs") == []  # before training wrote it
     write_csv(run.file("history_epochs.csv"), [{"epoch": 1, "val_loss": 0.5}])
     assert run.history("epochs") == [{"epoch": 1.0, "val_loss": 0.5}]
+
+
+def _backend_after(code: str) -> str:
+    import subprocess
+    import sys
+
+    script = code + "\nfrom xtl.io import pyplot\nimport matplotlib\npyplot()\nprint(matplotlib.get_backend().lower())"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "MPLBACKEND": "svg"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_figures_select_agg_once_and_keep_a_backend_chosen_before():
+    """Every figure module takes pyplot from `xtl.io.pyplot` (none selects a backend itself): Agg
+    unless pyplot was already imported with another backend, e.g. by a notebook."""
+    from pathlib import Path
+
+    import xtl
+
+    src = Path(xtl.__file__).parent
+    assert [p.relative_to(src).as_posix() for p in src.rglob("*.py") if "matplotlib.use(" in p.read_text()] == ["io.py"]
+    assert _backend_after("") == "agg"  # whatever MPLBACKEND says
+    assert _backend_after("import matplotlib; matplotlib.use('pdf'); import matplotlib.pyplot") == "pdf"

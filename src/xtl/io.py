@@ -2,7 +2,7 @@
 
 Text, JSON and YAML (`write_text`, `write_json`, `write_yaml`, `read_yaml`), CSV (`write_csv`,
 `read_csv`: every CSV xtl writes or reads goes through these two) and matplotlib figures
-(`save_figure`).
+(`pyplot`: the one place the backend is chosen; `save_figure`).
 """
 
 from __future__ import annotations
@@ -150,10 +150,24 @@ def parse_yaml_scalar(text: str) -> Any:
     return yaml.load(text, Loader=_Loader) if text.strip() else ""
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
-    """Save a matplotlib figure atomically and close it."""
+def pyplot():
+    """`matplotlib.pyplot`, for every figure xtl draws: on the first call, if nothing imported pyplot
+    before, the Agg backend is selected (files only: no window, no display needed); a backend chosen
+    before (a notebook's) is kept, as figures are only ever saved."""
+    import sys
+
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
+    """Save a matplotlib figure atomically and close it."""
+    plt = pyplot()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)

@@ -7,15 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from xtl.data.splits import Split
-from xtl.io import save_figure
+from xtl.io import pyplot, save_figure
 
 
 def plot_class_distribution(split: Split, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     counts = split.summary()
     names = split.class_names
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 4))

@@ -6,21 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from xtl.io import save_figure
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from xtl.io import pyplot, save_figure
 
 
 def plot_training_curves(batches: list[dict], epochs: list[dict], path: Path, title: str) -> None:
     """Per-batch loss and accuracy (raw and smoothed) with per-epoch validation points."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     steps = np.array([b["step"] for b in batches])
     per_epoch = max(1, len(batches) // max(1, len(epochs)))
@@ -43,7 +34,7 @@ def plot_training_curves(batches: list[dict], epochs: list[dict], path: Path, ti
 
 
 def plot_confusion_matrix(confusion: list[list[int]], class_names: list[str], path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     matrix = np.array(confusion)
     n = len(class_names)
     fig, ax = plt.subplots(figsize=(max(5, 0.55 * n + 2), max(4.5, 0.5 * n + 1.5)))
@@ -64,7 +55,7 @@ def plot_confusion_matrix(confusion: list[list[int]], class_names: list[str], pa
 
 def plot_per_class_accuracy(per_class: dict[str, float], path: Path, title: str) -> None:
     """Per-class test accuracy, sorted from best to worst."""
-    plt = _plt()
+    plt = pyplot()
     names = list(per_class)
     values = [per_class[k] for k in names]
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 2), 4))

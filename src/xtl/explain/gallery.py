@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from xtl.explain import drawing
-from xtl.io import save_figure
+from xtl.io import pyplot, save_figure
 
 COLORMAP = drawing.UNSIGNED_CMAP  # unsigned maps; signed ones: drawing.SIGNED_CMAP
 FONT = 10  # captions, titles, tile labels (points at the saved size)
@@ -78,15 +78,6 @@ def pick_misclassified(labels: torch.Tensor, probabilities: torch.Tensor, limit:
     return wrong[torch.argsort(confidence, descending=True)][:limit].tolist()
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
     """RGB [H, W, 3] float in [0, 1] at the map's size, an unsigned map over the image. Kept for older
     callers; new code uses `xtl.explain.drawing.overlay` (uint8, signed maps, any map size)."""
@@ -121,7 +112,7 @@ def draw_tile(ax, image: torch.Tensor, heatmap: torch.Tensor, signed: bool, labe
 
 def gallery_figure(rows: list[GalleryRow], class_names: list[str], title: str):
     """The gallery as a matplotlib figure (`render_gallery` saves it)."""
-    plt = _plt()
+    plt = pyplot()
     if not rows:
         fig, ax = plt.subplots(figsize=(6, 1.5))
         ax.axis("off")

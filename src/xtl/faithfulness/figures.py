@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xtl.faithfulness.metrics import METRICS
-from xtl.io import save_figure
+from xtl.io import pyplot, save_figure
 
 if TYPE_CHECKING:
     from xtl.faithfulness.results import ModelScores
@@ -16,11 +16,7 @@ Y_LABEL = {"probability": "probability of the explained class", "accuracy": "acc
 
 
 def plot_curves(results: list["ModelScores"], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     metrics = list(METRICS.values())
     fig, axes = plt.subplots(len(results), len(metrics), figsize=(4.2 * len(metrics), 3.6 * len(results)),
                              squeeze=False)
