@@ -99,6 +99,38 @@ def test_config_without_validation_images_is_refused(tmp_path, cifar):
     _one_line_error(_xtl("run", "--train", "val_size=0", "--show-config"), "option --train", "key 'val_size'", ">= 1")
 
 
+def test_config_checks_come_from_the_one_settings_toolkit(tmp_path):
+    """xtl run's keys and its `train` keys are checked by the same rules and say so the same way."""
+    from xtl.errors import XtlError
+
+    path = tmp_path / "c.yaml"
+    cases = [
+        ("explain_target: guessed\n", "key 'explain_target' must be one of predicted, true, not 'guessed'"),
+        ("explain_images: 0\n", "key 'explain_images' must be >= 1 or null (all), not 0"),
+        ("train: {lr: .nan}\n", "key 'lr' must be a finite number, not nan"),
+        ("train: {seed: -3}\n", "key 'seed' must be >= 0, not -3"),
+        ("per_model: {efficientnet_lite0: {label_smoothing: .inf}}\n", "key 'label_smoothing' must be a finite number, not inf"),
+        ("train: {learning_rate: 1}\n", "key 'train': unknown key(s) learning_rate; known: accelerator, augment, "),
+        ("explain_imgaes: 3\n", "unknown key(s) explain_imgaes; known: device, explain_batch_size, "),
+    ]
+    for text, message in cases:
+        path.write_text(text)
+        with pytest.raises(XtlError, match="^" + re.escape(f"{path}: {message}")):
+            load_config(path)
+    with pytest.raises(XtlError, match="^" + re.escape("option --explain-target must be one of predicted, true, not 'x'")):
+        load_config(None, {"explain_target": "x"})
+
+
+@pytest.mark.parametrize("name", ["quick", "paper"])
+def test_a_preset_name_means_the_same_recipe_in_finetune_and_run(name):
+    """`xtl finetune --preset quick|paper` and `xtl run --preset quick|paper` fine-tune each model alike."""
+    from xtl.config import preset
+
+    config = load_config(None, {"preset": name})
+    for model in config.models:
+        assert config.run_config(model) == preset(name, model, source=config.source), model
+
+
 def test_broken_or_missing_config_file_is_named(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("models: [a, b\n")

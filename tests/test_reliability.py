@@ -12,6 +12,7 @@ import csv
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -622,6 +623,31 @@ def test_a_bad_run_config_names_the_key():
         RunConfig.from_dict({"model": "timm:resnet10t", "label_smoothing": 1.5}, where="run.yaml")
     with pytest.raises(XtlError, match=r"^run\.yaml: key 'val_size' must be >= 1 .*validation.*, not 0$"):
         RunConfig.from_dict({"model": "timm:resnet10t", "split": "random", "val_size": 0}, where="run.yaml")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", float("nan"), "key 'lr' must be a finite number, not nan"),
+    ("weight_decay", float("inf"), "key 'weight_decay' must be a finite number, not inf"),
+    ("grad_clip", float("-inf"), "key 'grad_clip' must be a finite number, not -inf"),
+    ("seed", -1, "key 'seed' must be >= 0, not -1"),
+    ("test_size", -5, "key 'test_size' must be >= 0, not -5"),
+    ("bn_momentum", 1.5, "key 'bn_momentum' must be in [0, 1], not 1.5"),
+    ("split", "halves", "key 'split' must be one of paper, random, not 'halves'"),
+], ids=["nan", "inf", "minus_inf", "negative_seed", "negative_size", "momentum", "choice"])
+def test_a_meaningless_number_in_a_run_config_names_the_key(key, value, message):
+    """One settings toolkit (xtl.settings) checks both configurations: NaN and infinities, negative
+    seeds and sizes, fractions outside [0, 1] are refused in one line naming the key."""
+    with pytest.raises(XtlError, match=f"^run\\.yaml: {re.escape(message)}$"):
+        RunConfig.from_dict({"model": "timm:resnet10t", key: value}, where="run.yaml")
+    with pytest.raises(XtlError, match=f"^{re.escape(message.replace(f'key {key!r}', 'option --' + key.replace('_', '-')))}$"):
+        RunConfig(model="timm:resnet10t", **{key: value})
+
+
+def test_a_whole_number_where_a_number_is_declared_is_kept_as_a_float():
+    config = RunConfig.from_dict({"model": "timm:resnet10t", "lr": 1, "grad_clip": 2, "warmup_epochs": 0}, where="run.yaml")
+    assert (config.lr, config.grad_clip, config.warmup_epochs) == (1.0, 2.0, 0.0)
+    assert all(isinstance(v, float) for v in (config.lr, config.grad_clip, config.warmup_epochs))
+    assert isinstance(config.epochs, int)
 
 
 def test_a_split_with_no_validation_image_is_refused_before_training(tiny_folder, tmp_path):

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
 from xtl.errors import XtlError
+from xtl.settings import Rule, check_known, check_settings, check_types, label  # noqa: F401  (check_types, label: re-exported)
 
 
 # Settings that change how fast a model trains and is evaluated, not what it learns: `xtl run`
 # retrains nothing when only these change.
 SPEED_ONLY = ("compile", "eval_batch_size")
+
+
+# What each setting may hold beyond its type (xtl.settings); every number must also be finite.
+_POSITIVE, _NOT_NEGATIVE = Rule(above=0), Rule(at_least=0)
+RULES: dict[str, Rule] = {
+    "normalization": Rule(choices=("model", "paper")),
+    "split": Rule(choices=("paper", "random")),
+    "optimizer": Rule(choices=("adam", "adamw")),
+    "schedule": Rule(choices=("cosine", "constant")),
+    **dict.fromkeys(("lr", "head_lr", "batch_size", "epochs", "devices", "num_nodes", "eval_batch_size"), _POSITIVE),
+    **dict.fromkeys(("weight_decay", "warmup_epochs", "patience", "freeze_blocks", "head_epochs", "seed",
+                     "train_size", "val_size", "test_size"), _NOT_NEGATIVE),
+    "grad_clip": Rule(at_least=0, note="0: no clipping"),
+    "label_smoothing": Rule(at_least=0, below=1),
+    "bn_momentum": Rule(at_least=0, at_most=1),
+    "input_size": Rule(at_least=16),
+}
 
 
 @dataclass
@@ -65,36 +82,11 @@ class RunConfig:
         self.validate()
 
     def validate(self, where: str = "option") -> None:
-        """Types, choices and ranges; `where` is "option" (CLI) or the config file the values came from."""
-        check_types(self, where)
-
-        def key(name: str) -> str:
-            return label(name, where)
-
-        choices = {
-            "normalization": ("model", "paper"),
-            "split": ("paper", "random"),
-            "optimizer": ("adam", "adamw"),
-            "schedule": ("cosine", "constant"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise XtlError(f"{key(name)} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
-        positive = ("lr", "head_lr", "batch_size", "epochs", "devices", "num_nodes", "eval_batch_size")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise XtlError(f"{key(name)} must be > 0, not {getattr(self, name)}")
-        for name in ("weight_decay", "warmup_epochs", "label_smoothing", "patience", "freeze_blocks", "head_epochs"):
-            if getattr(self, name) < 0:
-                raise XtlError(f"{key(name)} must be >= 0, not {getattr(self, name)}")
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise XtlError(f"{key('grad_clip')} must be >= 0 (0: no clipping), not {self.grad_clip}")
-        if not 0 <= self.label_smoothing < 1:
-            raise XtlError(f"{key('label_smoothing')} must be in [0, 1), not {self.label_smoothing}")
+        """Types, choices and ranges (`RULES`, xtl.settings); `where` is "option" (CLI) or the config
+        file the values came from."""
+        check_settings(self, RULES, where)
         if self.split == "random" and self.val_size is not None and self.val_size < 1:
-            raise XtlError(f"{key('val_size')} must be >= 1 (validation picks the best epoch), not {self.val_size}")
-        if self.input_size is not None and self.input_size < 16:
-            raise XtlError(f"{key('input_size')} must be >= 16, not {self.input_size}")
+            raise XtlError(f"{label('val_size', where)} must be >= 1 (validation picks the best epoch), not {self.val_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,60 +97,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> "RunConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise XtlError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_known(data, (f.name for f in fields(cls)), where)
         config = cls.__new__(cls)
         config.__dict__.update(cls().__dict__)
         config.__dict__.update(data)
         config.validate(where)
         return config
-
-
-def check_types(obj: Any, where: str = "option") -> None:
-    """Every field of the dataclass `obj` holds a value of its annotated type (ints pass as floats)."""
-    hints = get_type_hints(type(obj))
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if not _fits(value, hints[f.name]):
-            raise XtlError(f"{label(f.name, where)} must be {_type_name(hints[f.name])}, not {value!r}")
-
-
-def label(name: str, where: str) -> str:
-    """How an error names a setting: `option --batch-size` on the CLI, `FILE: key 'batch_size'` in a file."""
-    return f"option --{name.replace('_', '-')}" if where == "option" else f"{where}: key '{name}'"
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (Union, UnionType):
-        return any(_fits(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
-    if origin is dict:
-        return isinstance(value, dict)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _type_name(hint: Any) -> str:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, UnionType):
-        named = [_type_name(a) for a in args if a is not type(None)]
-        return " or ".join(named) + (" or null" if type(None) in args else "")
-    if origin is dict:
-        return "a mapping"
-    if origin in (list, tuple):
-        return f"a list of {_type_name(args[0])}" if args else "a list"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(hint, str(hint))
 
 
 # The quick recipe's frozen blocks for the models it was measured on (BENCHMARKS.md); other models
@@ -170,6 +114,11 @@ def _is_vit(model: str) -> bool:
     from xtl.models import get_spec
 
     return get_spec(model).family == "vit"
+
+
+# The recipes `xtl finetune --preset` names; `xtl run`'s presets of the same names (quick, paper)
+# fine-tune with these (xtl.pipeline.config.TRAINING_PRESET).
+PRESETS = ("paper", "default", "quick")
 
 
 def preset(name: str, model: str, **overrides: Any) -> RunConfig:
@@ -208,6 +157,6 @@ def preset(name: str, model: str, **overrides: Any) -> RunConfig:
                 freeze_blocks=QUICK_FROZEN_BLOCKS.get(model, 0),
             )
     else:
-        raise XtlError(f"option --preset must be one of paper, default, quick, not '{name}'")
+        Rule(choices=PRESETS).check("preset", name, "option")
     base.update({k: v for k, v in overrides.items() if v is not None})
     return RunConfig(model=model, preset=name, **base)

@@ -9,9 +9,10 @@ from typing import Any
 
 import yaml
 
-from xtl.config import RunConfig, check_types, label, preset as training_preset
+from xtl.config import RunConfig, preset as training_preset
 from xtl.errors import XtlError
 from xtl.io import read_yaml
+from xtl.settings import Rule, check_known, check_settings, label
 
 PRESETS = ("quick", "paper", "offline-full")
 # What each pipeline preset fine-tunes with (xtl.config.preset names).
@@ -19,6 +20,18 @@ TRAINING_PRESET = {"quick": "quick", "paper": "paper", "offline-full": "default"
 QUICK_METHODS = ["gradcam", "transformer_attribution", "attention_rollout", "saliency"]
 FULL_METHODS = QUICK_METHODS + ["integrated_gradients", "lrp_epsilon"]
 FAITHFULNESS_BASELINES = ("zero", "mean", "blur", "road")  # xtl.faithfulness.BASELINES, without importing torch
+
+
+# What each key may hold beyond its type (xtl.settings); `faithfulness_grid`, `device`, the models and
+# the methods have their own checks in `PipelineConfig.validate`.
+RULES: dict[str, Rule] = {
+    "preset": Rule(choices=PRESETS),
+    "explain_target": Rule(choices=("predicted", "true")),
+    "faithfulness_baseline": Rule(choices=FAITHFULNESS_BASELINES),
+    **dict.fromkeys(("explain_batch_size", "gallery_size", "faithfulness_images", "faithfulness_steps",
+                     "faithfulness_batch_size"), Rule(at_least=1)),
+    "explain_images": Rule(at_least=1, none="all"),
+}
 
 
 @dataclass
@@ -56,31 +69,19 @@ class PipelineConfig:
         return Path(self.runs_dir) / (self.name or self.preset)
 
     def validate(self, where: str = "option") -> None:
-        check_types(self, where)
-        if self.preset not in PRESETS:
-            raise XtlError(f"{label('preset', where)} must be one of {', '.join(PRESETS)}, not '{self.preset}'")
+        check_settings(self, RULES, where)
         if not self.models:
             raise XtlError(f"{label('models', where)} must name at least one model")
         if len(set(self.models)) != len(self.models):
             raise XtlError(f"{label('models', where)} names a model twice: {', '.join(self.models)}")
-        if self.explain_target not in ("predicted", "true"):
-            raise XtlError(f"{label('explain_target', where)} must be predicted or true, not '{self.explain_target}'")
-        if self.faithfulness_baseline not in FAITHFULNESS_BASELINES:
-            raise XtlError(f"{label('faithfulness_baseline', where)} must be one of {', '.join(FAITHFULNESS_BASELINES)}, "
-                           f"not '{self.faithfulness_baseline}'")
         grid = self.faithfulness_grid
         if grid is not None and not (grid in ("model", "native", "none") or (isinstance(grid, int) and grid >= 1)):
             raise XtlError(f"{label('faithfulness_grid', where)} must be a number >= 1, model, native or none (pixels), "
                            f"not {grid!r}")
-        for key in ("explain_batch_size", "gallery_size", "faithfulness_images", "faithfulness_steps", "faithfulness_batch_size"):
-            if getattr(self, key) < 1:
-                raise XtlError(f"{label(key, where)} must be >= 1, not {getattr(self, key)}")
         if self.device is not None:
             from xtl.device import resolve_device
 
             resolve_device(self.device, option=label("device", where))
-        if self.explain_images is not None and self.explain_images < 1:
-            raise XtlError(f"{label('explain_images', where)} must be >= 1 or null (all), not {self.explain_images}")
         for model, overrides in self.per_model.items():
             if model not in self.models:
                 raise XtlError(f"{label('per_model', where)} names {model}, which is not in models ({', '.join(self.models)})")
@@ -98,9 +99,7 @@ class PipelineConfig:
         if banned:
             raise XtlError(f"{label('train', where)}: set {', '.join(banned)} with the keys 'models' and 'preset'")
         known = {f.name for f in fields(RunConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise XtlError(f"{label('train', where)}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'model', 'preset'}))}")
+        check_known(overrides, known, label("train", where), listed=known - {"model", "preset"})
         config = training_preset(TRAINING_PRESET[self.preset], model)
         merged = {**config.to_dict(), **overrides}
         return RunConfig.from_dict(merged, where=where if where != "option" else "option --train")
@@ -140,7 +139,8 @@ def preset_config(name: str) -> PipelineConfig:
             preset="offline-full", train={"split": "paper"}, explain_methods=list(FULL_METHODS), explain_images=None,
             faithfulness_images=500, faithfulness_steps=10,
         )
-    raise XtlError(f"option --preset must be one of {', '.join(PRESETS)}, not '{name}'")
+    RULES["preset"].check("preset", name, "option")
+    raise AssertionError(name)  # every name in PRESETS has its defaults above
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -169,13 +169,9 @@ def load_config(path: Path | None = None, options: dict[str, Any] | None = None)
     file_values = read_config_file(path) if path is not None else {}
     where = str(path) if path is not None else "option"
     options = {k: v for k, v in (options or {}).items() if v is not None}
-    known = {f.name for f in fields(PipelineConfig)}
-    unknown = sorted(set(file_values) - known)
-    if unknown:
-        raise XtlError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    check_known(file_values, (f.name for f in fields(PipelineConfig)), where)
     name = options.get("preset", file_values.get("preset", "quick"))
-    if not isinstance(name, str) or name not in PRESETS:
-        raise XtlError(f"{label('preset', where if 'preset' not in options else 'option')} must be one of {', '.join(PRESETS)}, not {name!r}")
+    RULES["preset"].check("preset", name, where if "preset" not in options else "option")
     config = preset_config(name)
     config = _merged(config, file_values)
     config.validate(where)
