@@ -77,7 +77,9 @@ def test_frozen_blocks_stay_bit_identical_and_the_rest_trains(cifar, tiny_split,
 def test_cached_training_equals_training_the_tail_on_the_whole_model(cifar, tiny_split, tmp_path):
     """Without augmentation, training on cached trunk outputs is the same computation as training the
     frozen-trunk model on images: the same weights come out."""
-    base = {**TINY, "freeze_blocks": 4, "augment": False}
+    # lr 1e-4: Adam moves a weight by about lr whatever its gradient's size, so at 1e-3 a gradient near 0
+    # whose sign the rounding flips sends the two runs apart within an epoch for some initialisations
+    base = {**TINY, "freeze_blocks": 4, "augment": False, "lr": 1e-4}
     cached = finetune(RunConfig(source=str(cifar), **base), tiny_split, RunDir(tmp_path / "cached"), progress=False)
     plain = finetune(RunConfig(source=str(cifar), **{**base, "cache_frozen": False}), tiny_split,
                      RunDir(tmp_path / "plain"), progress=False)
@@ -85,7 +87,7 @@ def test_cached_training_equals_training_the_tail_on_the_whole_model(cifar, tiny
     for key in a:
         # equal up to float32 summation order (the trunk runs on batches of another size when caching)
         torch.testing.assert_close(a[key], b[key], rtol=1e-2, atol=1e-3)
-    assert [round(e["val_loss"], 2) for e in cached.epochs] == [round(e["val_loss"], 2) for e in plain.epochs]
+    assert [round(e["val_loss"], 3) for e in cached.epochs] == [round(e["val_loss"], 3) for e in plain.epochs]
 
 
 def test_lp_ft_head_phase_touches_only_the_head(cifar, tiny_split):
