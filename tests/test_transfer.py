@@ -85,8 +85,12 @@ def test_cached_training_equals_training_the_tail_on_the_whole_model(cifar, tiny
                      RunDir(tmp_path / "plain"), progress=False)
     a, b = load_file(str(tmp_path / "cached" / "model.safetensors")), load_file(str(tmp_path / "plain" / "model.safetensors"))
     for key in a:
-        # equal up to float32 summation order (the trunk runs on batches of another size when caching)
-        torch.testing.assert_close(a[key], b[key], rtol=1e-2, atol=1e-3)
+        # equal up to float32 summation order (the trunk runs on batches of another size when caching):
+        # a weight whose gradient is near 0 can have its Adam step's sign flipped by the rounding (one
+        # step is about lr), so allow a few such weights per tensor, and none far off
+        close = torch.isclose(a[key].float(), b[key].float(), rtol=1e-2, atol=1e-3)
+        assert close.float().mean() >= 0.99, (key, int((~close).sum()), close.numel())
+        assert (a[key].float() - b[key].float()).abs().max() <= 5e-3, key
     assert [round(e["val_loss"], 3) for e in cached.epochs] == [round(e["val_loss"], 3) for e in plain.epochs]
 
 
