@@ -190,8 +190,12 @@ def _train_and_evaluate(config, run, spec, resume: bool, evaluate: bool, progres
     from xtl.data import load_split
     from xtl.data.figures import plot_class_distribution
     from xtl.evaluate import evaluate as evaluate_run
+    from xtl.device import check_training_hardware
     from xtl.train import finetune
+    from xtl.train.loop import resolve_precision
 
+    # before the data is read: devices or nodes beyond the machine would wait forever (finetune checks too)
+    check_training_hardware(resolve_precision(config)[0], config.devices, config.num_nodes)
     data = load_split(config.source, spec)
     finetune(config, data, run, resume=resume, progress=progress)
     if not _is_global_zero():

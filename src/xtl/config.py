@@ -28,7 +28,12 @@ RULES: dict[str, Rule] = {
     "label_smoothing": Rule(at_least=0, below=1),
     "bn_momentum": Rule(at_least=0, at_most=1),
     "input_size": Rule(at_least=16),
+    "precision": Rule(choices=("auto", *("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+                                          "32", "16", "bf16", "64"))),  # PRECISIONS
 }
+# Lightning Fabric's precisions (a test pins them against Lightning's own list; its transformer-engine
+# ones need NVIDIA's package, not installed with xtl), and `auto` (xtl.train.loop.resolve_precision)
+PRECISIONS = RULES["precision"].choices
 
 
 @dataclass

@@ -62,3 +62,40 @@ def check_accelerator(accelerator: str, option: str = "option --accelerator") ->
     if accelerator != "auto":
         resolve_device(accelerator, option=option)
     return accelerator
+
+
+def launched_for_nodes() -> bool:
+    """True when a launcher (torchrun, SLURM, or by hand: WORLD_SIZE and MASTER_ADDR) set up the
+    processes of several nodes; without one, Lightning waits forever for the other nodes."""
+    import os
+
+    return ("WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ) or "SLURM_NTASKS" in os.environ
+
+
+def check_training_hardware(accelerator: str, devices: int, num_nodes: int) -> None:
+    """Fine-tuning's `--devices` and `--num-nodes`, checked against this machine before any work:
+    beyond it, Lightning's processes wait forever for peers that never come. `accelerator` is the
+    one fine-tuning resolves to (cpu, cuda or mps)."""
+    import os
+
+    if num_nodes > 1 and not launched_for_nodes():
+        raise XtlError(f"option --num-nodes {num_nodes}: several nodes need a launcher on each node (torchrun "
+                       "--nnodes, or SLURM), which sets WORLD_SIZE and MASTER_ADDR; without one the run would wait "
+                       "forever for the other nodes. On one machine use --num-nodes 1")
+    world = os.environ.get("WORLD_SIZE")
+    if world is not None and world.isdigit() and int(world) != devices * num_nodes:
+        raise XtlError(f"options --devices {devices} x --num-nodes {num_nodes} make {devices * num_nodes} processes, "
+                       f"but the launcher started WORLD_SIZE={world}; give the launcher's --nproc-per-node and --nnodes")
+    if accelerator in ("cuda", "gpu"):
+        count = torch.cuda.device_count()
+        if devices > count:
+            raise XtlError(f"option --devices {devices}: this machine has {count} CUDA GPU(s) that PyTorch can use; "
+                           f"give --devices {max(count, 1)} or fewer")
+    elif accelerator == "mps":
+        if devices > 1:
+            raise XtlError(f"option --devices {devices}: an Apple GPU (MPS) is one device; give --devices 1")
+    else:
+        count = os.cpu_count() or 1
+        if devices > count:
+            raise XtlError(f"option --devices {devices}: on the CPU each device is a process and this machine has "
+                           f"{count} CPU core(s); give --devices {count} or fewer")

@@ -15,7 +15,7 @@ from torch import nn
 
 from xtl.config import RunConfig
 from xtl.data import Preprocess, Split
-from xtl.device import resolve_device
+from xtl.device import check_training_hardware, resolve_device
 from xtl.errors import XtlError, gpu_out_of_memory, sigterm_as_interrupt
 from xtl.io import atomic_path, write_csv
 from xtl.models import build_model, native_bf16, submodule
@@ -54,16 +54,21 @@ def make_fabric(config: RunConfig):
     from lightning.fabric import Fabric
 
     accelerator, precision = resolve_precision(config)
+    check_training_hardware(accelerator, config.devices, config.num_nodes)  # beyond the machine: a hang
     multi = config.devices > 1 or config.num_nodes > 1
     # Lightning announces "Using bfloat16 Automatic Mixed Precision (AMP)" on stderr; the run records
     # its precision in config.yaml instead (and a one-line error must stay one line)
     from lightning_utilities.core import rank_zero
 
     rank_zero.log.setLevel(logging.WARNING)  # the logger Lightning's packages last installed there
-    return Fabric(
-        accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes,
-        strategy="ddp" if multi else "auto", precision=precision,
-    )
+    try:
+        return Fabric(
+            accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes,
+            strategy="ddp" if multi else "auto", precision=precision,
+        )
+    except (ValueError, RuntimeError) as err:  # Lightning's own refusals of a combination
+        raise XtlError(f"options --accelerator {accelerator} --devices {config.devices} --num-nodes {config.num_nodes} "
+                       f"--precision {precision}: {str(err).splitlines()[0]}") from None
 
 
 def finetune(config: RunConfig, split: Split, run: RunDir, resume: bool = False, progress: bool = True) -> TrainState:
