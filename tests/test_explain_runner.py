@@ -33,7 +33,7 @@ def test_maps_stream_in_shards_and_resume_without_recomputing(cnn_run):
                         progress=False)
     # transformer_attribution does not apply to a CNN and is skipped
     assert sorted(p.name for p in paths["maps"].iterdir()) == ["gradcam", "saliency"]
-    shards = sorted((paths["maps"] / "gradcam").iterdir())
+    shards = sorted((paths["maps"] / "gradcam").glob("*/batch_*.safetensors"))  # one set: <key>/
     assert len(shards) == 3  # 20 images in batches of 8
     last = load_file(str(shards[-1]))
     assert last["raw"].shape[0] == 4 and last["ids"].tolist() == RunDir(cnn_run.path).load_split()["test"].ids[16:20].tolist()

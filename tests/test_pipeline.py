@@ -186,9 +186,9 @@ def test_run_writes_every_step(finished):
                      f"figures/gallery_misclassified_{methods}.png", "figures/training_curves.png"):
             assert (run / name).is_file(), run / name
     maps = folder / "timm_resnet10t" / "explanations" / "test"
-    assert len(list((maps / "gradcam").glob("*.safetensors"))) == 2  # 16 images in batches of 8
+    assert len(list((maps / "gradcam").glob("*/batch_*.safetensors"))) == 2  # 16 images in batches of 8, one set
     assert not (maps / "transformer_attribution").exists()  # a ViT method, skipped for the CNN
-    assert len(list((folder / "timm_vit_tiny_patch16_224" / "explanations" / "test" / "transformer_attribution").glob("*"))) == 2
+    assert len(list((folder / "timm_vit_tiny_patch16_224" / "explanations" / "test" / "transformer_attribution").glob("*/batch_*"))) == 2
     vit = yaml.safe_load((folder / "timm_vit_tiny_patch16_224" / "config.yaml").read_text())["run"]
     assert vit["lr"] == 3e-4 and vit["epochs"] == 2  # per-model over train over the preset
     for name in ("pipeline.yaml", "steps.json", "data.json", "faithfulness_combined.csv", "report/report.html",

@@ -306,8 +306,11 @@ def _write_run(path: Path, model: str, family: str, right: list[bool], ids: list
     if maps is not None:
         from safetensors.numpy import save_file
 
-        folder = path / "explanations" / "test" / "attention_rollout"
-        folder.mkdir(parents=True)
+        from xtl.explain.stored import open_set, set_info
+
+        save_file({"weight": np.zeros(1, dtype=np.float32)}, str(path / "model.safetensors"))  # stored maps are of these
+        info = set_info(RunDir(path), "test", "attention_rollout", "predicted", 8, None, images="test images")
+        folder = open_set(RunDir(path), info)
         for k, start in enumerate(range(0, len(maps), 8)):
             part = maps[start:start + 8].astype(np.float32)
             save_file({"raw": part, "targets": np.zeros(len(part), dtype=np.int64),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from xtl.explain.gallery import (
     pick_misclassified,
     render_gallery,
 )
+from xtl.explain.stored import chosen_set, drop_overlapping, images_digest, open_set, set_info, shard_files
 from xtl.inference import LoadedRun
 from xtl.io import atomic_path
 from xtl.runs import RunDir, run_title
@@ -27,13 +29,15 @@ DEFAULT_METHOD = {"cnn": "gradcam", "vit": "transformer_attribution", "other": "
 console = Console(stderr=True)
 
 
-def read_stored_maps(run: RunDir, method: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """What `explain_run` stored for `method` (explanations/<split>/<method>/batch_*.safetensors), in
-    shard order: raw maps [N, h, w] on the method's grid, the classes they explain [N] and the images'
-    ids [N]; None when there are none or they cannot be read."""
+def read_stored_maps(run: RunDir, method: str, split: str = "test", target: str | None = None,
+                     images: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """What `explain_run` stored for `method`, in shard order from the split's first image: raw maps
+    [N, h, w] on the method's grid, the classes they explain [N] and the images' ids [N]; None when
+    there are none or they cannot be read. One set of maps (`xtl.explain.stored.chosen_set`): of the
+    run's current weights, of `images` (`images_digest`) where given, of `target` where there is one."""
     from safetensors.torch import load_file
 
-    shards = sorted((Path(run.path) / "explanations" / split / method).glob("batch_*.safetensors"))
+    shards = shard_files(chosen_set(run, method, split, target, images))
     try:
         parts = [load_file(str(s)) for s in shards]
         return tuple(torch.cat([p[key] for p in parts]) for key in ("raw", "targets", "ids")) if parts else None
@@ -41,15 +45,16 @@ def read_stored_maps(run: RunDir, method: str, split: str = "test") -> tuple[tor
         return None
 
 
-def stored_maps_for(run: RunDir, method: str, split: str, ids: list[int]) -> dict[int, tuple[torch.Tensor, int]]:
-    """The maps `explain_run` stored for `method` of the images `ids`: image id -> (raw map [h, w],
-    the class it explains). Reads each shard's ids and only the rows wanted; images without a readable
-    stored map are left out (the caller computes those)."""
+def stored_maps_for(run: RunDir, method: str, split: str, ids: list[int], target: str | None = None,
+                    images: str | None = None) -> dict[int, tuple[torch.Tensor, int]]:
+    """The maps `explain_run` stored for `method` of the images `ids` (one set, as `read_stored_maps`
+    chooses it): image id -> (raw map [h, w], the class it explains). Reads each shard's ids and only
+    the rows wanted; images without a readable stored map are left out (the caller computes those)."""
     from safetensors import safe_open
 
     wanted = {int(i) for i in ids}
     found: dict[int, tuple[torch.Tensor, int]] = {}
-    for shard in sorted((Path(run.path) / "explanations" / split / method).glob("batch_*.safetensors")):
+    for shard in shard_files(chosen_set(run, method, split, target, images)):
         if len(found) == len(wanted):
             break
         try:
@@ -106,11 +111,26 @@ class RunExplainer(LoadedRun):
         targets = None if target == "predicted" else self.part.labels[positions].to(self.device)
         return explain(self.model, images, targets, method=method, **options)
 
-    def stream(self, methods: list[str], n_images: int | None, batch_size: int, target: str, progress: bool) -> Path:
-        """Raw maps of the first `n_images` of the split, one shard per batch; finished shards are kept."""
+    @cached_property
+    def images_digest(self) -> str:
+        """A hash of the split's ids, labels and images: part of the key of stored maps."""
+        return images_digest(self.part)
+
+    def stream(self, methods: list[str], n_images: int | None, batch_size: int, target: str, progress: bool,
+               options: dict[str, dict] | None = None) -> Path:
+        """Raw maps of the first `n_images` of the split, one shard per batch, in a folder per method
+        keyed by everything they depend on (`xtl.explain.stored`); finished shards of the same key
+        are kept and reused, maps of other settings or weights never. `options`: method -> options."""
         out = self.run.path / "explanations" / self.split_name
         n = len(self.part) if n_images is None else min(n_images, len(self.part))
         batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+        names = [f"batch_{k:05d}_{positions[0]}-{positions[-1]}.safetensors" for k, positions in enumerate(batches)]
+        options = options or {}
+        folders = {}
+        for method in methods:
+            info = set_info(self.run, self.split_name, method, target, batch_size, options.get(method), self.images_digest)
+            folders[method] = open_set(self.run, info)
+            drop_overlapping(folders[method], names)
         lines = PlainProgress(f"explain {self.run.path.name}", "+".join(methods), n, enabled=not sys.stderr.isatty())
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       disable=not progress, console=console) as bar, \
@@ -119,10 +139,10 @@ class RunExplainer(LoadedRun):
             # batch by batch, every method on each: "images done" means done by every method
             for k, positions in enumerate(batches):
                 for method in methods:
-                    shard = out / method / f"batch_{k:05d}_{positions[0]}-{positions[-1]}.safetensors"
+                    shard = folders[method] / names[k]
                     if not shard.is_file():
                         try:
-                            self._write_shard(shard, positions, method, target)
+                            self._write_shard(shard, positions, method, target, options.get(method) or {})
                         except torch.cuda.OutOfMemoryError:
                             raise XtlError(f"out of GPU memory explaining {self.run.path} with {method} and --batch-size "
                                            f"{batch_size}; try a smaller --batch-size (finished shards are kept)") from None
@@ -130,10 +150,10 @@ class RunExplainer(LoadedRun):
                 lines.update(positions[-1] + 1)
         return out
 
-    def _write_shard(self, shard: Path, positions: list[int], method: str, target: str) -> None:
+    def _write_shard(self, shard: Path, positions: list[int], method: str, target: str, options: dict) -> None:
         from safetensors.torch import save_file
 
-        result = self.explain_positions(positions, method, target)
+        result = self.explain_positions(positions, method, target, **options)
         tensors = {
             "raw": result.raw.cpu().contiguous(),
             "targets": result.targets.cpu().contiguous(),
@@ -150,7 +170,7 @@ class RunExplainer(LoadedRun):
             return [], []
         wanted = (self.probabilities[positions].argmax(1) if target == "predicted" else self.part.labels[positions]).tolist()
         ids = [int(i) for i in self.part.ids[positions].tolist()]
-        stored = stored_maps_for(self.run, method, self.split_name, ids)
+        stored = stored_maps_for(self.run, method, self.split_name, ids, target, self.images_digest)
         maps: list[torch.Tensor | None] = [None] * len(positions)
         targets = [int(t) for t in wanted]
         for k, image_id in enumerate(ids):

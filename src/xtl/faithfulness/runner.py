@@ -34,6 +34,7 @@ from xtl.errors import XtlError, gpu_out_of_memory, sigterm_as_interrupt
 from xtl.explain import METHODS, explain
 from xtl.explain.base import upsample_and_normalise
 from xtl.explain.runner import applicable_methods, read_stored_maps
+from xtl.explain.stored import images_digest
 from xtl.faithfulness.cache import CACHE, cache_folder, read_batch, write_batch
 from xtl.faithfulness.metrics import Curve
 from xtl.faithfulness.perturbation import check_grid_size, make_progress, predict_classes, random_maps, score_maps, uniform_maps
@@ -255,7 +256,7 @@ def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n
         scores = score_model(loaded.model, loaded.spec, images, loaded.part.labels[:n], chosen,
                              settings.with_grid(cells), progress, run.path.name,
                              cache=run.file(CACHE) if resume else None, pixel_std=loaded.preprocess.std,
-                             stored=_stored_maps(run, split, chosen, loaded.part.ids[:n]))
+                             stored=_stored_maps(run, split, chosen, loaded.part.ids[:n], images_digest(loaded.part)))
         result = ModelScores(run.path.name, loaded.spec.name, n, steps, baseline, scores, cells)
         write_outputs(run.path, result)
         results.append(result)
@@ -264,13 +265,16 @@ def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n
     return results
 
 
-def _stored_maps(run: RunDir, split: str, methods: list[str], ids) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _stored_maps(run: RunDir, split: str, methods: list[str], ids,
+                 images: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The maps `xtl explain` stored for these images in this order (its first images are the same
-    ones), per method: (raw maps, targets); methods without such maps are left out."""
+    ones), per method: (raw maps, targets); one set of the run's current weights and of the split
+    `images` (`xtl.explain.stored.images_digest`), of the predicted class where there is one
+    (each map's class is checked against the prediction); methods without such maps are left out."""
     found = {}
     ids = torch.as_tensor(ids)
     for method in methods:
-        stored = read_stored_maps(run, method, split)
+        stored = read_stored_maps(run, method, split, target="predicted", images=images)
         if stored is None:
             continue
         raw, targets, stored_ids = stored

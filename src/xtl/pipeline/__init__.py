@@ -180,7 +180,7 @@ class Pipeline:
         from xtl.explain.runner import explain_run
 
         run, c = self.runs[model], self.config
-        shutil.rmtree(run.path / "explanations", ignore_errors=True)  # maps of other settings must not be resumed
+        # stored maps are keyed by their settings and weights (xtl.explain.stored): a killed step resumes
         explain_run(run, c.explain_methods, "test", c.explain_images, c.explain_batch_size, c.explain_target,
                     device=self.device(self.run_configs[model]), progress=self.progress, gallery_size=c.gallery_size)
 
