@@ -34,14 +34,15 @@ class LoadedRun:
         self.class_names = run.class_names
         self.split_name = split
         self.part = run.load_split()[split]
+        # read now, so that a damaged predictions.csv is named before any work
+        self._saved = self._saved_probabilities() if split == "test" else None
 
     @cached_property
     def probabilities(self) -> torch.Tensor:
         """[N, classes] of the split: the evaluation's own test probabilities (`predictions.csv`) where
         they are of these images, else predicted now (once)."""
-        saved = self._saved_probabilities() if self.split_name == "test" else None
-        if saved is not None:
-            return saved
+        if self._saved is not None:
+            return self._saved
         return predict(self.model, self.part, self.preprocess, self.device).probabilities
 
     def inputs(self, positions: Sequence[int] | slice) -> torch.Tensor:

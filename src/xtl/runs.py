@@ -14,11 +14,14 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 import xtl
 from xtl.config import RunConfig
@@ -96,14 +99,46 @@ class RunDir:
         })
 
     def read(self) -> dict[str, Any]:
-        if not self.config_path.is_file():
+        """config.yaml, checked to hold what the commands read from it (one line naming it if not)."""
+        if not self.config_path.exists():
             raise XtlError(f"run directory {self.path} has no config.yaml (not an xtl run)")
-        data = read_yaml(self.config_path)
-        if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
-            found = data.get("format_version") if isinstance(data, dict) else None
-            raise XtlError(
-                f"run directory {self.path} has format version {found}; this xtl {xtl.__version__} reads {FORMAT_VERSION}"
-            )
+        try:
+            data = read_yaml(self.config_path)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise self.damaged(self.config_path, _reason(err), CONFIG_TODO) from None
+        if not isinstance(data, dict):
+            why = "empty" if data is None else f"{_kind(data)}, not a mapping"
+            raise self.damaged(self.config_path, why, CONFIG_TODO)
+        if "format_version" not in data:
+            raise self.damaged(self.config_path, "no format_version", CONFIG_TODO)
+        if data["format_version"] != FORMAT_VERSION:
+            raise XtlError(f"run directory {self.path} has format version {data['format_version']}; "
+                           f"this xtl {xtl.__version__} reads {FORMAT_VERSION}")
+        problem = _check_shape(data, CONFIG_SHAPE)
+        if problem:
+            raise self.damaged(self.config_path, problem, CONFIG_TODO)
+        return data
+
+    def damaged(self, path: Path, why: str, todo: str) -> XtlError:
+        """The one-line error of a run-folder file that cannot be read back: the file, why, what to do
+        (`todo` may name the run as {run})."""
+        return XtlError(f"run folder file {path} is damaged ({why}); {todo.format(run=self.path)}")
+
+    def metrics(self) -> dict[str, Any]:
+        """metrics.json, as `xtl evaluate` wrote it (checked to hold the numbers the commands show)."""
+        path = self.file("metrics.json")
+        if not path.is_file():
+            raise XtlError(f"run directory {self.path} has no metrics.json; run `xtl evaluate {self.path}`")
+        try:
+            text = path.read_bytes()
+            if not text.strip():
+                raise self.damaged(path, "empty", EVALUATE_TODO)
+            data = json.loads(text)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise self.damaged(path, _reason(err, "JSON"), EVALUATE_TODO) from None
+        problem = _check_shape(data, METRICS_SHAPE)
+        if problem:
+            raise self.damaged(path, problem, EVALUATE_TODO)
         return data
 
     def config(self) -> RunConfig:
@@ -138,7 +173,21 @@ class RunDir:
 
     def history(self, kind: str = "epochs") -> list[dict[str, float]]:
         """`history_<kind>.csv` ("epochs" or "batches") as rows of floats; none before training wrote it."""
-        return read_csv(self.file(f"history_{kind}.csv"), floats=True, missing_ok=True)
+        path = self.file(f"history_{kind}.csv")
+        todo = "delete it (the run's training history is then left out) or fine-tune the run again"
+        try:
+            rows = read_csv(path, floats=True, missing_ok=True)
+        except TypeError:  # csv gives None for a missing value, a list for extra ones
+            raise self.damaged(path, "rows of the wrong length", todo) from None
+        except (OSError, UnicodeDecodeError, ValueError, csv.Error) as err:
+            raise self.damaged(path, _reason(err, "CSV of numbers"), todo) from None
+        if path.is_file() and not rows and path.stat().st_size == 0:
+            raise self.damaged(path, "empty", todo)
+        missing = [c for c in HISTORY_COLUMNS.get(kind, ()) if rows and c not in rows[0]]
+        if missing or any(None in row or None in row.values() for row in rows):
+            why = f"no column {missing[0]}" if missing else "rows of the wrong length"
+            raise self.damaged(path, why, todo)
+        return rows
 
     def load_model(self, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
         """The best model of the run, in eval mode."""
@@ -150,8 +199,72 @@ class RunDir:
         model, spec = build_model(
             config.model, len(self.class_names), pretrained=False, input_size=config.input_size
         )
-        load_run_weights(model, self.weights_path, config.model)
+        try:
+            load_run_weights(model, self.weights_path, config.model)
+        except XtlError as err:
+            raise XtlError(f"{err}; {WEIGHTS_TODO.format(run=self.path)}") from None
         return model.to(device).eval(), spec
+
+
+CONFIG_TODO = ("it cannot be rebuilt from the run's other files: restore it from a copy, or fine-tune again "
+               "into a new folder (`xtl run`: pass --force)")
+EVALUATE_TODO = "run `xtl evaluate {run}` again"
+WEIGHTS_TODO = "the run's model cannot be used: restore it from a copy, or fine-tune again (`xtl run`: pass --force)"
+# What the commands read from config.yaml and metrics.json: key -> type, or a nested shape.
+CONFIG_SHAPE: dict[str, Any] = {
+    "run": {"model": str, "source": str},
+    "derived": {"class_names": list, "n_classes": int, "input_size": int, "mean": list, "std": list,
+                "split_sizes": {"train": int, "val": int, "test": int}},
+}
+METRICS_SHAPE: dict[str, Any] = {
+    "n_images": int, "accuracy": float, "accuracy_ci95": list, "roc_auc_macro_ovr": float,
+    "per_class_accuracy": dict, "confusion_matrix": list, "class_names": list, "model": str,
+}
+HISTORY_COLUMNS = {
+    "epochs": ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"),
+    "batches": ("epoch", "images_per_s"),
+}
+
+
+def _check_shape(data: Any, shape: dict[str, Any], where: str = "") -> str | None:
+    """What is wrong with `data` against `shape` (a missing key, a value of the wrong type), or None."""
+    if not isinstance(data, dict):
+        return f"{_kind(data)}{f' at {where}' if where else ''}, not a mapping"
+    for key, kind in shape.items():
+        name = f"{where}.{key}" if where else key
+        if key not in data:
+            return f"no key {name}"
+        if isinstance(kind, dict):
+            problem = _check_shape(data[key], kind, name)
+            if problem:
+                return problem
+            continue
+        value = data[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else (
+            isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
+        if not ok:
+            return f"key {name} is {_kind(value)}, not {'a number' if kind is float else _kind(kind())}"
+    return None
+
+
+def _kind(value: Any) -> str:
+    """`a list`, `an empty file`: what a value read from a file is, for messages."""
+    if value is None:
+        return "empty"
+    names = {dict: "a mapping", list: "a list", str: "text", bool: "true/false", int: "an integer", float: "a number"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _reason(err: BaseException, expected: str = "YAML") -> str:
+    """Why a file could not be read, in a few words."""
+    if isinstance(err, UnicodeDecodeError):
+        return "binary, not text"
+    if isinstance(err, IsADirectoryError):
+        return "a folder, not a file"
+    if isinstance(err, OSError):
+        return f"cannot be read: {err.strerror or err}"
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"not {expected}: {first}"
 
 
 def run_title(run_name: str, model: str) -> str:

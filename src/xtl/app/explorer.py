@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 
@@ -54,8 +53,7 @@ class ServedRun:
         return self.loaded.class_names
 
     def metrics(self) -> dict:
-        path = self.run.file("metrics.json")
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return self.run.metrics() if self.run.file("metrics.json").is_file() else {}
 
     def misclassified(self, limit: int = 10) -> list[int]:
         return pick_misclassified(self.loaded.part.labels, self.loaded.probabilities, limit=limit)

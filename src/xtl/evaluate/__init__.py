@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import torch
 
 from xtl.data import Split
@@ -18,7 +20,7 @@ from xtl.evaluate.metrics import (
 from xtl.device import resolve_device
 from xtl.errors import XtlError
 from xtl.io import read_csv, write_csv, write_json
-from xtl.runs import RunDir
+from xtl.runs import EVALUATE_TODO, RunDir
 
 __all__ = ["McNemar", "Predictions", "bootstrap_ci", "compute_metrics", "evaluate", "mcnemar", "paired_correctness",
            "predict", "read_predicted", "read_predictions"]
@@ -52,27 +54,48 @@ def write_predictions(run: RunDir, pred: Predictions, class_names: list[str]) ->
     write_csv(run.file("predictions.csv"), rows, columns)
 
 
-def _prediction_rows(run: RunDir) -> list[list[str]]:
-    """predictions.csv's rows as lists of strings in column order (the class columns follow the first three)."""
+def _prediction_rows(run: RunDir) -> tuple[list[int], list[int], list[int], list[list[float]]]:
+    """predictions.csv's columns: ids, labels, predicted classes and probabilities (the class columns
+    follow the first three), checked against the run's classes (one line naming the file if not)."""
     path = run.file("predictions.csv")
     if not path.is_file():
         raise XtlError(f"run directory {run.path} has no predictions.csv; run `xtl evaluate {run.path}`")
-    return [list(row.values()) for row in read_csv(path)]
+    n_classes = len(run.class_names)
+    columns = ["id", "label", "predicted"]
+    try:
+        rows = read_csv(path)
+        if not rows:
+            raise ValueError("no rows" if path.stat().st_size else "empty")
+        header = list(rows[0])
+        if header[:3] != columns or len(header) != 3 + n_classes:
+            raise ValueError(f"columns {', '.join(map(str, header[:4]))}{', ...' if len(header) > 4 else ''}, "
+                             f"not id, label, predicted and {n_classes} class probabilities")
+        values = [list(row.values()) for row in rows]
+        ids, labels, predicted = ([int(r[k]) for r in values] for k in range(3))
+        probabilities = [[float(p) for p in r[3:]] for r in values]
+    except UnicodeDecodeError:
+        raise run.damaged(path, "binary, not text", EVALUATE_TODO) from None
+    except (TypeError, csv.Error):  # csv gives None for a missing value, a list for extra ones
+        raise run.damaged(path, "rows of the wrong length", EVALUATE_TODO) from None
+    except ValueError as err:
+        raise run.damaged(path, str(err).splitlines()[0], EVALUATE_TODO) from None
+    if any(not 0 <= k < n_classes for k in labels + predicted):
+        raise run.damaged(path, f"a class index outside 0..{n_classes - 1}", EVALUATE_TODO)
+    return ids, labels, predicted, probabilities
 
 
 def read_predictions(run: RunDir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, labels, probabilities) of the run's test images, as `evaluate` wrote them."""
-    rows = _prediction_rows(run)
-    ids = torch.tensor([int(r[0]) for r in rows], dtype=torch.long)
-    labels = torch.tensor([int(r[1]) for r in rows], dtype=torch.long)
-    return ids, labels, torch.tensor([[float(p) for p in r[3:]] for r in rows])
+    ids, labels, _, probabilities = _prediction_rows(run)
+    return (torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
+            torch.tensor(probabilities, dtype=torch.float32))
 
 
 def read_predicted(run: RunDir) -> tuple[list[int], list[int], list[int]]:
     """(ids, labels, predicted classes) of the run's test images, the predicted class as `evaluate`
     wrote it (not re-derived from the rounded probabilities, which can tie)."""
-    rows = _prediction_rows(run)
-    return [int(r[0]) for r in rows], [int(r[1]) for r in rows], [int(r[2]) for r in rows]
+    ids, labels, predicted, _ = _prediction_rows(run)
+    return ids, labels, predicted
 
 
 def write_figures(run: RunDir, metrics: dict, epochs: list[dict]) -> None:

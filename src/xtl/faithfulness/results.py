@@ -18,6 +18,7 @@ import torch
 
 from xtl.faithfulness.figures import plot_curves
 from xtl.faithfulness.metrics import METRICS, Curve
+from xtl.errors import XtlError
 from xtl.io import read_csv, write_csv
 
 ACCURACY_METRICS = [m.name for m in METRICS.values() if m.quantity == "accuracy"]
@@ -90,5 +91,16 @@ def write_combined(directory: Path, results: list[ModelScores]) -> None:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a faithfulness CSV with numbers as numbers (`write_csv`, `xtl.io`'s, writes them)."""
-    return read_csv(path, floats=True, text=TEXT_COLUMNS)
+    """Rows of a faithfulness CSV with numbers as numbers (`write_csv`, `xtl.io`'s, writes them); a
+    damaged file is one line naming it."""
+    try:
+        rows = read_csv(path, floats=True, text=TEXT_COLUMNS)
+    except (OSError, ValueError, TypeError) as err:  # TypeError: csv's None for a missing value
+        why = ("binary, not text" if isinstance(err, UnicodeDecodeError) else "rows of the wrong length"
+               if isinstance(err, TypeError) else f"not a CSV of scores: {str(err).splitlines()[0]}")
+        raise XtlError(f"faithfulness table {path} is damaged ({why}); delete it and run `xtl faithfulness` "
+                       "(or the same `xtl run`) again") from None
+    if any("method" not in row for row in rows):
+        raise XtlError(f"faithfulness table {path} is damaged (no column method); delete it and run "
+                       "`xtl faithfulness` (or the same `xtl run`) again")
+    return rows

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
 from rich.console import Console
 
 from xtl.config import RunConfig
@@ -58,10 +59,15 @@ class StepLog:
     def load(cls, path: Path) -> "StepLog":
         if not path.is_file():
             return cls(path)
+        todo = "delete it (finished work is found again) or pass --force"
         try:
-            return cls(path, json.loads(path.read_text()))
-        except json.JSONDecodeError:
-            raise XtlError(f"step log {path} is corrupt; delete it (finished work is found again) or pass --force") from None
+            steps = json.loads(path.read_bytes())
+        except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+            why = "binary, not text" if isinstance(err, UnicodeDecodeError) else "not JSON"
+            raise XtlError(f"step log {path} is damaged ({why}); {todo}") from None
+        if not isinstance(steps, dict) or not all(isinstance(v, dict) for v in steps.values()):
+            raise XtlError(f"step log {path} is damaged (not a mapping of steps); {todo}")
+        return cls(path, steps)
 
     def done(self, key: str, print_: str) -> bool:
         return self.steps.get(key, {}).get("fingerprint") == print_
@@ -252,7 +258,14 @@ def _claim_folder(folder: Path, config: PipelineConfig, force: bool, console: Co
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if saved.is_file():
-        before = read_yaml(saved) or {}
+        try:
+            before = read_yaml(saved)
+        except (OSError, ValueError, yaml.YAMLError):  # UnicodeDecodeError is a ValueError
+            before = None
+        if not isinstance(before, dict):  # only this message reads it: steps.json says what is done
+            console.print(f"{saved} is damaged; it is written anew (steps.json keeps the finished steps)",
+                          markup=False, highlight=False)
+            before = {}
         now = config.to_dict()
         changed = sorted(k for k in now if before.get(k) != now[k])
         if changed:
@@ -262,11 +275,9 @@ def _claim_folder(folder: Path, config: PipelineConfig, force: bool, console: Co
 
 
 def _print_results(pipeline: Pipeline, console: Console) -> None:
-    import json as _json
-
     out = Console(width=None if sys.stdout.isatty() else 150)
     for model, run in pipeline.runs.items():
-        m = _json.loads(run.file("metrics.json").read_text())
+        m = run.metrics()
         low, high = m["accuracy_ci95"]
         out.print(f"{model}: test accuracy {m['accuracy']:.3f} [{low:.3f}, {high:.3f}], ROC-AUC {m['roc_auc_macro_ovr']:.3f}")
     if not pipeline.ran:

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 import xtl
+from xtl.errors import XtlError
 from xtl.io import atomic_path, write_text
 from xtl.report.findings import (
     ModelResult,
@@ -153,7 +154,13 @@ def _data_context(folder: Path | None, results: list[ModelResult], figures: Figu
     first = results[0]
     info = {}
     if folder is not None and (folder / "data.json").is_file():
-        info = json.loads((folder / "data.json").read_text())
+        try:
+            info = json.loads((folder / "data.json").read_bytes())
+        except ValueError:  # not JSON, or binary (UnicodeDecodeError)
+            info = None
+        if not isinstance(info, dict):
+            raise XtlError(f"run folder file {folder / 'data.json'} is damaged (not a JSON mapping); delete it "
+                           "and run the same `xtl run` again (its data step writes it anew)")
     figure = figures.add(folder / "figures" / "class_distribution.png", "class_distribution.png",
                          FOLDER_FIGURES["class_distribution"]) if folder else None
     if figure is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -25,11 +24,7 @@ class ModelResult:
     @classmethod
     def read(cls, run: RunDir) -> "ModelResult":
         data = run.read()
-        path = run.file("metrics.json")
-        if not path.is_file():
-            raise XtlError(f"run directory {run.path} has no metrics.json; run `xtl evaluate {run.path}`")
-        return cls(run, data["run"], data["derived"], data.get("versions", {}), json.loads(path.read_text()),
-                   run.history("epochs"))
+        return cls(run, data["run"], data["derived"], data.get("versions", {}), run.metrics(), run.history("epochs"))
 
     @property
     def name(self) -> str:
@@ -284,7 +279,7 @@ def paired_comparisons(results: list[ModelResult]) -> list[Paired]:
     pairs = []
     for i in range(len(results)):
         for j in range(i + 1, len(results)):
-            missing = [f"{names[k]} has no predictions.csv" for k in (i, j) if isinstance(predicted[k], XtlError)]
+            missing = [f"{names[k]} has no usable predictions.csv" for k in (i, j) if isinstance(predicted[k], XtlError)]
             if missing:
                 pairs.append(Paired(names[i], names[j], None, reason="; ".join(missing)))
             else:

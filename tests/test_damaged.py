@@ -1,0 +1,166 @@
+"""Damaged run folders and output locations (issue 15): every file a command reads back from a run
+folder, damaged in each way (deleted, empty, binary, of the wrong shape, missing keys), is one line
+naming it and what to do (or, where the file is optional, the command does without it); a finished
+`xtl run` step whose output was deleted redoes itself; an output path that cannot be one is one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import tiny_run
+from xtl.runs import RunDir
+
+pytestmark = pytest.mark.xdist_group("damaged")
+
+BINARY = bytes(range(256)) * 8  # not UTF-8, not YAML, not JSON, not CSV, not safetensors
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, cifar) -> Path:
+    """A 3-class folder of real CIFAR-10 images: 20 train and 8 test per class."""
+    folder = tmp_path_factory.mktemp("data")
+    for part, n in (("train", 20), ("test", 8)):
+        for name in ("cat", "dog", "ship"):
+            (folder / part / name).mkdir(parents=True)
+            for f in sorted((cifar / part / name).iterdir())[:n]:
+                shutil.copy(f, folder / part / name / f.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data) -> RunDir:
+    """A real tiny fine-tuned and evaluated CNN run (random init, one epoch, 24 test images)."""
+    return tiny_run(tmp_path_factory.mktemp("runs") / "cnn", data, "timm:resnet10t", 32)
+
+
+def xtl(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`xtl ARGS` in this process, as the console script runs it: (exit status, stdout, stderr).
+    An exception other than the CLI's own exit (a traceback) fails the test."""
+    from xtl.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["xtl", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(code: int, err: str, *fragments: str) -> str:
+    """Exit status 2 and one line `error: ...` on stderr holding every fragment."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+# ============================================================================= damaged run-folder files
+
+# The ways a file is damaged. `shape`: of the wrong shape for what it holds; `keys`: the right
+# shape with what the commands read missing or mistyped.
+def _damage(path: Path, damage: str) -> None:
+    if damage == "deleted":
+        path.unlink()
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "binary":
+        path.write_bytes(BINARY)
+    elif damage == "folder":
+        path.unlink()
+        path.mkdir()
+    elif path.suffix == ".yaml":
+        data = yaml.safe_load(path.read_text())
+        if damage == "shape":
+            path.write_text(yaml.safe_dump([data["run"], data["derived"]]))
+        else:
+            del data["derived"]["class_names"]
+            path.write_text(yaml.safe_dump(data))
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps(list(data.items())) if damage == "shape" else json.dumps({**data, "accuracy": "high"}))
+    elif path.suffix == ".csv":
+        lines = path.read_text().splitlines()
+        if damage == "shape":  # rows cut short, as a copy stopped midway leaves them
+            path.write_text("\n".join([lines[0]] + [line[: len(line) // 2] for line in lines[1:]]) + "\n")
+        else:  # another table's header
+            path.write_text("name,value\n" + "\n".join(f"x{k},{k}" for k in range(3)) + "\n")
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        import torch
+
+        if damage == "shape":
+            path.write_bytes(path.read_bytes()[:200])  # cut short
+        else:
+            save_file({"weight": torch.zeros(3)}, str(path))
+    else:
+        raise AssertionError((path, damage))
+
+
+# What each command reads back: (file, [damages]) -> the commands and what each says. "ok": the file is
+# optional for that command (it does without); otherwise fragments of the one line.
+DAMAGED = "is damaged"
+CASES = [
+    # config.yaml: every command reads it first
+    *[("config.yaml", damage, command, (DAMAGED, "fine-tune again"))
+      for damage in ("empty", "binary", "shape", "keys", "folder")
+      for command in ("evaluate", "explain", "compare", "faithfulness", "serve")],
+    *[("config.yaml", "deleted", command, ("has no config.yaml",)) for command in ("evaluate", "compare", "serve")],
+    # metrics.json: compare's table, the app's page (evaluate writes it anew: its damage does not matter there)
+    *[("metrics.json", damage, command, (DAMAGED, "run `xtl evaluate"))
+      for damage in ("empty", "binary", "shape", "keys") for command in ("compare", "serve")],
+    ("metrics.json", "deleted", "compare", ("has no metrics.json", "run `xtl evaluate")),
+    ("metrics.json", "deleted", "serve", "ok"),
+    ("metrics.json", "binary", "evaluate", "ok"),
+    # predictions.csv: the test split's probabilities of explain, faithfulness and the app; compare's McNemar
+    *[("predictions.csv", damage, command, (DAMAGED, "run `xtl evaluate"))
+      for damage in ("empty", "binary", "shape", "keys") for command in ("explain", "faithfulness", "serve")],
+    ("predictions.csv", "deleted", "explain", "ok"),  # predicted anew
+    # model.safetensors: every command that runs the model
+    *[("model.safetensors", damage, command, ("model.safetensors", "fine-tune again"))
+      for damage in ("empty", "binary", "shape", "keys") for command in ("evaluate", "explain", "faithfulness", "serve")],
+    *[("model.safetensors", "deleted", command, ("has no model.safetensors",)) for command in ("evaluate", "serve")],
+    # the training history: evaluate's figures and table, compare's table
+    *[(name, damage, command, (DAMAGED, "fine-tune the run again"))
+      for name in ("history_epochs.csv", "history_batches.csv") for damage in ("empty", "binary", "shape", "keys")
+      for command in (("evaluate", "compare") if name == "history_epochs.csv" else ("evaluate",))],
+    ("history_epochs.csv", "deleted", "compare", "ok"),
+]
+
+
+def _command(command: str, run: Path, tmp_path: Path, monkeypatch) -> list:
+    if command == "serve":  # the app is built (every model loaded, the page made); nothing listens
+        import uvicorn
+
+        monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+        return ["serve", run]
+    return {
+        "evaluate": ["evaluate", run],
+        "explain": ["explain", run, "--methods", "saliency", "--images", 4, "--batch-size", 4, "--no-progress"],
+        "compare": ["compare", run, "--out", tmp_path / "compare"],
+        "faithfulness": ["faithfulness", run, "--methods", "saliency", "--images", 2, "--steps", 2,
+                         "--explain-batch-size", 2, "--no-progress"],
+    }[command]
+
+
+@pytest.mark.parametrize("name, damage, command, expected", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+def test_a_damaged_run_folder_file_is_one_line_naming_it(name, damage, command, expected, run, tmp_path,
+                                                         monkeypatch, capsys):
+    copy = Path(shutil.copytree(run.path, tmp_path / "cnn"))
+    _damage(copy / name, damage)
+    code, out, err = xtl(monkeypatch, capsys, *_command(command, copy, tmp_path, monkeypatch))
+    if expected == "ok":
+        assert code == 0, err
+        return
+    line = one_line(code, err, *expected)
+    assert str(copy / name) in line or f"run directory {copy}" in line, line
+    assert not list(copy.rglob("*.tmp"))
