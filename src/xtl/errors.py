@@ -56,6 +56,41 @@ def sigterm_as_interrupt(on_interrupt: Callable[[], str | None] | None = None) -
 
 
 @contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends (main thread only), then deliver the signal as it
+    would have been delivered (`sigterm_as_interrupt`'s handler, Ctrl-C's KeyboardInterrupt): for
+    writes that belong together and are quick (an epoch's weights and checkpoint), so that what an
+    interrupt's message says is kept is on disk. A second signal inside the block is not held: it
+    interrupts at once (atomic writes keep the previous files; the message must say so)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
+    held: list[int] = []
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+    def hold(signum, frame):
+        held.append(signum)
+        if len(held) > 1:  # asked twice: now
+            restore()
+            signal.raise_signal(signum)
+
+    for s in signals:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        if len(held) <= 1:
+            restore()
+            if held:
+                signal.raise_signal(held[0])
+
+
+@contextmanager
 def gpu_out_of_memory(message: Callable[[], str]) -> Iterator[None]:
     """Turn CUDA's out-of-memory error into one line, `message()`, after freeing the cached memory."""
     import torch

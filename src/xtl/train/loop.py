@@ -16,7 +16,7 @@ from torch import nn
 from xtl.config import RunConfig
 from xtl.data import Preprocess, Split
 from xtl.device import check_training_hardware, resolve_device
-from xtl.errors import XtlError, gpu_out_of_memory, sigterm_as_interrupt
+from xtl.errors import XtlError, gpu_out_of_memory, interrupts_deferred, sigterm_as_interrupt
 from xtl.io import atomic_path, write_csv
 from xtl.models import build_model, native_bf16, submodule
 from xtl.models.trunk import TrunkSplit, split_model
@@ -124,9 +124,12 @@ def _train_epochs(fabric, model, optimizer, scheduler, inputs, config, state, ru
     model, optimizer = fabric.setup(model, optimizer)
 
     bar = TrainProgress(enabled=progress and fabric.is_global_zero)
-    # SIGTERM unwinds like Ctrl-C: the epoch in progress is dropped, finished ones stay for --resume
+    # SIGTERM unwinds like Ctrl-C: the epoch in progress is dropped, finished ones stay for --resume.
+    # The message counts the epochs the checkpoint on disk holds (what --resume continues from).
+    on_disk = {"epochs": state.epoch}
+
     def kept() -> str | None:
-        return (f"{state.epoch} finished epoch(s) kept in {run.path}; `xtl finetune --resume` (or the same "
+        return (f"{on_disk['epochs']} finished epoch(s) kept in {run.path}; `xtl finetune --resume` (or the same "
                 "`xtl run`) continues" if fabric.is_global_zero else None)
 
     with bar, sigterm_as_interrupt(kept), out_of_memory_message(config, run, state):
@@ -160,10 +163,12 @@ def _train_epochs(fabric, model, optimizer, scheduler, inputs, config, state, ru
             state.epoch = epoch + 1
             if fabric.is_global_zero:
                 raw = _unwrap(model)
-                if improved:
-                    save_weights(raw, run.weights_path, epoch=state.best_epoch)
-                save_checkpoint(run.last_checkpoint, raw, optimizer, scheduler, state)
-                write_history(run, state)
+                with interrupts_deferred():  # an interrupt now waits for the epoch's files (a second one does not)
+                    if improved:
+                        save_weights(raw, run.weights_path, epoch=state.best_epoch)
+                    save_checkpoint(run.last_checkpoint, raw, optimizer, scheduler, state)
+                    on_disk["epochs"] = state.epoch
+                    write_history(run, state)
             fabric.barrier()
     return state
 
