@@ -23,6 +23,7 @@ from PIL import Image
 from rich.console import Console
 
 import xtl.data.fallback as fallback
+import xtl.hub
 import xtl.models.timm_models as timm_models
 from xtl.data import SplitSpec, decode_image, load_split, open_source
 from xtl.errors import XtlError
@@ -40,6 +41,7 @@ def no_shared(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("XTL_DATA_CACHE", raising=False)
     monkeypatch.setattr(fallback, "_announced", set())
     monkeypatch.setattr(timm_models, "_said", set())
+    monkeypatch.setattr(xtl.hub, "_checked", {})  # which hosts answered: asked afresh
     assert not Path(DEFAULT).exists()
     return work
 
@@ -169,12 +171,12 @@ def _one_line(error: Exception, start: str, end: str) -> None:
 
 
 def test_offline_without_shared_is_one_line_saying_what_to_provide(no_shared, offline, tmp_path, monkeypatch, capsys):
-    """The real torchvision download runs into the cut network (urllib's URLError)."""
+    """The download server is tried first (one connection, `xtl.hub`), and found cut off."""
     with pytest.raises(XtlError) as err:
         open_source(DEFAULT)
     message = str(err.value)
     _one_line(err.value, "no CIFAR-10 here: ../shared/data/cifar10 is missing and the download to "
-                         "~/.cache/xtl failed (URLError: <urlopen error [Errno -3] Temporary failure",
+                         "~/.cache/xtl failed (www.cs.toronto.edu: gaierror: [Errno -3] Temporary failure",
               "no network?); pass --source DIR (an image folder DIR/{train,test}/<class>/*) "
               "or connect once to download it")
     # through the command line: that line, exit status 2, no traceback, nothing else

@@ -23,7 +23,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from xtl.data.sources import Source, _torchvision_source, data_cache_dir
+from xtl.data.sources import DownloadFailed, Source, _torchvision_source, data_cache_dir
 from xtl.errors import XtlError
 
 DEFAULT_SOURCE = "../shared/data/cifar10"
@@ -36,12 +36,11 @@ def fallback_source(spec: str = DEFAULT_SOURCE) -> Source:
     cache = shown_path(data_cache_dir())
     try:
         source = _torchvision_source("cifar10", FALLBACK, folder_order=True)
-    except XtlError:
-        raise
-    except (OSError, RuntimeError, EOFError, tarfile.TarError) as err:  # URLError is an OSError
+    except (DownloadFailed, OSError, RuntimeError, EOFError, tarfile.TarError) as err:  # URLError is an OSError
+        reason = err.reason if isinstance(err, DownloadFailed) else short_reason(err)
         raise XtlError(
             f"no CIFAR-10 here: {spec} is missing and the download to {cache} failed "
-            f"({short_reason(err)}; no network?); pass --source DIR (an image folder DIR/{{train,test}}/<class>/*) "
+            f"({reason}; no network?); pass --source DIR (an image folder DIR/{{train,test}}/<class>/*) "
             "or connect once to download it"
         ) from None
     source.spec = f"{FALLBACK} in {cache} ({spec} not found)"

@@ -17,6 +17,7 @@ where it is absent, CIFAR-10 comes from torchvision instead (`xtl.data.fallback`
 from __future__ import annotations
 
 import os
+import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,14 +180,27 @@ def _folder_partition(root: Path, part: str, class_names: list[str]) -> Partitio
 def _hf_source(name: str, spec: str) -> Source:
     import datasets
 
+    offline = None
+    if not os.path.isdir(name):
+        from xtl.hub import hf_hub_check
+
+        offline = hf_hub_check()  # offline: the cache is read, and a missing data set fails at once
     try:
         if os.path.isdir(name):
             loaded = datasets.load_from_disk(name)
         else:
             loaded = datasets.load_dataset(name)
-    except FileNotFoundError as err:
-        raise XtlError(f"data source {spec}: {err}") from None
     except Exception as err:  # the hub raises many types; all mean "cannot load"
+        from xtl.hub import is_offline_error
+
+        if offline is not None and (is_offline_error(err) or isinstance(err, FileNotFoundError)):
+            raise XtlError(
+                f"data source {spec} could not be downloaded from the Hugging Face hub (not in the local cache, "
+                f"and {offline}; no network?); pass --source DIR (an image folder DIR/{{train,test}}/<class>/*, "
+                "or hf:DIR for a data set saved with save_to_disk) or connect once to download it"
+            ) from None
+        if isinstance(err, FileNotFoundError):
+            raise XtlError(f"data source {spec}: {err}") from None
         raise XtlError(f"data source {spec} cannot be loaded: {type(err).__name__}: {err}") from None
     if not isinstance(loaded, datasets.DatasetDict):
         raise XtlError(f"data source {spec} must have train and test splits")
@@ -222,6 +236,25 @@ def _first_column(ds, candidates, feature_type, spec) -> str:
 # ----------------------------------------------------------------------------- torchvision
 
 
+class DownloadFailed(XtlError):
+    """A data set that could not be downloaded, in one line; `reason` says why."""
+
+    def __init__(self, spec: str, root: Path, reason: str) -> None:
+        from xtl.data.fallback import shown_path
+
+        self.reason = reason
+        super().__init__(
+            f"data source {spec} is not in {shown_path(root)} and could not be downloaded ({reason}; no network?); "
+            "pass --source DIR (an image folder DIR/{train,test}/<class>/*) or connect once to download it"
+        )
+
+
+def _short(err: BaseException) -> str:
+    from xtl.data.fallback import short_reason
+
+    return short_reason(err)
+
+
 def data_cache_dir() -> Path:
     """Where downloaded data sets go: $XTL_DATA_CACHE, else ~/.cache/xtl."""
     return Path(os.environ.get("XTL_DATA_CACHE") or Path.home() / ".cache" / "xtl")
@@ -243,10 +276,21 @@ def _torchvision_source(name: str, spec: str, folder_order: bool = False) -> Sou
     if name not in datasets_by_name:
         raise XtlError(f"data source {spec}: torchvision source must be one of {', '.join(datasets_by_name)}")
     root = data_cache_dir()
+    dataset = datasets_by_name[name]
+    url, folder = getattr(dataset, "url", None), getattr(dataset, "base_folder", None)
+    if url and folder and not (root / folder).is_dir():  # to be downloaded: can it be?
+        from xtl.hub import unreachable
+
+        reason = unreachable(url)
+        if reason is not None:
+            raise DownloadFailed(spec, root, f"{reason}")
     partitions = {}
     class_names: list[str] = []
     for part in PARTITIONS:
-        ds = datasets_by_name[name](root=str(root), train=part == "train", download=True)
+        try:
+            ds = dataset(root=str(root), train=part == "train", download=True)
+        except (OSError, RuntimeError, EOFError, tarfile.TarError) as err:  # URLError is an OSError
+            raise DownloadFailed(spec, root, _short(err)) from None
         class_names = list(ds.classes)
         data = ds.data  # uint8 [N, H, W, 3]
         labels = np.asarray(ds.targets, dtype=np.int64)

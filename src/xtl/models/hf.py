@@ -38,6 +38,7 @@ def _build(spec: ModelSpec, n_classes: int | None, pretrained: bool, weights_pat
 
     source = str(weights_path) if weights_path is not None else spec.hub_id
     labels = {} if n_classes is None else {"num_labels": n_classes}
+    offline = _hub_check(source)
     try:
         if pretrained or weights_path is not None:
             hf_model = AutoModelForImageClassification.from_pretrained(
@@ -47,6 +48,8 @@ def _build(spec: ModelSpec, n_classes: int | None, pretrained: bool, weights_pat
             config = AutoConfig.from_pretrained(source, **labels)
             hf_model = AutoModelForImageClassification.from_config(config, attn_implementation="eager")
     except OSError as err:
+        if offline is not None:
+            _offline_failed(spec.name, "weights", offline)
         raise XtlError(f"model {spec.name} cannot be loaded from {source}: {str(err).splitlines()[0]}") from None
     return new_head(HFClassifier(hf_model), spec.classifier, n_classes)
 
@@ -57,9 +60,14 @@ def _resolve(repo: str) -> ModelSpec:
     many times); the layer names come from a model built on the meta device (`_last_block_norm`)."""
     from transformers import AutoConfig
 
+    offline = _hub_check(repo)
     try:
         config = AutoConfig.from_pretrained(repo)
     except (OSError, ValueError) as err:
+        from xtl.hub import is_offline_error
+
+        if offline is not None and is_offline_error(err):
+            _offline_failed(f"hf:{repo}", "configuration", offline)
         raise XtlError(f"unknown model 'hf:{repo}': {str(err).splitlines()[0]}") from None
     is_vit = config.model_type in _VIT_TYPES
     mean, std = _normalisation(repo, is_vit)
@@ -72,6 +80,24 @@ def _resolve(repo: str) -> ModelSpec:
         target_layer=target,
         patch_size=getattr(config, "patch_size", None) if is_vit else None,
         weights=f"Hugging Face {repo}" if not os.path.isdir(repo) else f"local {repo}",
+    )
+
+
+def _hub_check(source: str) -> str | None:
+    """None for a local folder or where the hub can be reached; else why not (the Hugging Face
+    libraries are then offline: cached models load, missing ones fail at once; `xtl.hub`)."""
+    if os.path.isdir(source):
+        return None
+    from xtl.hub import hf_hub_check
+
+    return hf_hub_check()
+
+
+def _offline_failed(name: str, what: str, reason: str) -> None:
+    raise XtlError(
+        f"model {name}: its {what} could not be downloaded from the Hugging Face hub (not in the local cache, "
+        f"and {reason}; no network?); pass a local model folder (hf:DIR, saved with save_pretrained; "
+        "or --weights DIR) or connect once to download it"
     )
 
 

@@ -35,6 +35,7 @@ def _build(spec: ModelSpec, n_classes: int, pretrained: bool, weights_path: Path
         if weights_path is not None:
             _say_weights_source(spec, weights_path)
     use_hub = pretrained and weights_path is None
+    offline = _hub_check(spec.hub_id) if use_hub else None  # seconds, not a minute of retries, offline
     try:
         model = timm.create_model(spec.hub_id, pretrained=use_hub, **kwargs)
     except RuntimeError as err:
@@ -44,7 +45,7 @@ def _build(spec: ModelSpec, n_classes: int, pretrained: bool, weights_path: Path
     except _hub_errors() as err:  # offline: huggingface_hub's errors are OSErrors (LocalEntryNotFoundError, ...)
         if not use_hub:
             raise
-        _hub_failed(spec, err)
+        _hub_failed(spec, err, offline)
     if use_hub:
         _say_weights_source(spec, None)
     new_head(model, spec.classifier, n_classes)
@@ -80,18 +81,48 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return (OSError, httpx.HTTPError)
 
 
-def _hub_failed(spec: ModelSpec, err: BaseException) -> None:
-    """A failed hub download as one line that says what to provide instead."""
+def _hub_check(model_name: str) -> str | None:
+    """None where the hub that holds `model_name`'s weights can be reached, else why not (the
+    Hugging Face hub: its libraries then go offline, so cached weights still load; `xtl.hub`)."""
+    import timm
+    from xtl.hub import hf_hub_check, unreachable
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except Exception:  # noqa: BLE001  (an unknown name is reported by create_model)
+        cfg = None
+    url = getattr(cfg, "url", None) if cfg is not None else None
+    if cfg is not None and not getattr(cfg, "hf_hub_id", None) and url:
+        return None if _torch_hub_cached(url) else unreachable(url)
+    return hf_hub_check()
+
+
+def _torch_hub_cached(url: str) -> bool:
+    import os
+    from urllib.parse import urlsplit
+
+    import torch
+
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlsplit(url).path)))
+
+
+def _hub_failed(spec: ModelSpec, err: BaseException, offline: str | None = None) -> None:
+    """A failed hub download as one line that says what to provide instead (`offline`: why the
+    hub could not be reached, when a check before the download found that)."""
     from xtl.data.fallback import short_reason
 
-    reason = short_reason(err)
+    reason = f"not in the local cache, and {offline}" if offline else short_reason(err)
     if spec.name == "vit_s14_dinov2":
         provide = f"put {DINOV2_FILE} in $XTL_WEIGHTS_DIR or ../shared/weights, or connect once to download it"
     else:
-        provide = (f"pass a local weights file (--weights FILE; in xtl run --per-model {spec.name}.weights=FILE) "
-                   "or connect once to download them")
+        provide = f"{weights_option(spec.name)} or connect once to download them"
     raise XtlError(f"the weights of {spec.name} could not be downloaded from the timm hub ({spec.hub_id}: "
                    f"{reason}; no network?); {provide}") from None
+
+
+def weights_option(model_name: str) -> str:
+    """How to give a model local weights instead of the hub's, in words."""
+    return f"pass a local weights file (--weights FILE; in xtl run --per-model {model_name}.weights=FILE)"
 
 
 def _timm_filter(model: nn.Module, state: dict) -> dict:
