@@ -69,10 +69,12 @@ def _check_download(spec: ModelSpec):
     weights = torchvision.models.get_model_weights(spec.hub_id).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / _weights_file(weights)
     if not cached.is_file():
+        from xtl.data.fallback import shown_path
+
         reason = unreachable(weights.url)
         if reason is not None:
-            _download_failed(spec, weights, f"not in {cached.parent}, and {reason}")
-        _say(f"weights: {spec.name} from torchvision's {weights} (downloaded once to {cached.parent})")
+            _download_failed(spec, weights, f"not in {shown_path(cached.parent)}, and {reason}")
+        _say(f"weights: {spec.name} from torchvision's {weights} (downloaded once to {shown_path(cached.parent)})")
     return weights
 
 
