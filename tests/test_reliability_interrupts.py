@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import tiny_run
 from xtl.config import RunConfig
 from xtl.data import load_split
 from xtl.runs import RunDir, split_spec
@@ -94,3 +98,47 @@ def test_a_second_interrupt_while_the_checkpoint_is_written_stops_at_once_and_sa
     epochs = _epochs_trained(monkeypatch)
     finetune(config, tiny_split, run, resume=True, progress=False)
     assert epochs == [0, 1]
+
+
+# ----------------------------------------------------------------------------- xtl evaluate
+
+# `xtl evaluate` in a real process whose figure writes are slowed (inside the atomic write, after its
+# temporary file exists), so that the test's SIGTERM lands during one
+SLOW_FIGURES = """
+import sys, time
+from contextlib import contextmanager
+from pathlib import Path
+import xtl.io
+real = xtl.io.atomic_path
+
+@contextmanager
+def slow(path):
+    with real(path) as tmp:
+        yield tmp
+        if Path(path).suffix == ".png":
+            time.sleep(60)
+
+xtl.io.atomic_path = slow
+from xtl.cli import main
+sys.argv = ["xtl", "evaluate", sys.argv[1], "--device", "cpu"]
+main()
+"""
+
+
+def test_sigterm_during_evaluate_leaves_no_temporary_file_and_says_what_was_written(cifar, tmp_path):
+    run = tiny_run(tmp_path / "run", cifar, "timm:resnet10t", 32)
+    before = run.file("predictions.csv").read_text()
+    process = subprocess.Popen([sys.executable, "-c", SLOW_FIGURES, str(run.path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while not list(run.path.rglob(".*.png.*.tmp")):  # a figure's temporary file
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)  # while a figure is being written
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip() == (f"interrupted: metrics.json, predictions.csv written in {run.path} (the other files as "
+                              "they were, none half-written); the same command evaluates again")
+    assert not _temporary_files(run.path)
+    assert run.file("predictions.csv").read_text() == before  # the same weights: the same predictions

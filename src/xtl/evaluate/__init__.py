@@ -18,7 +18,7 @@ from xtl.evaluate.metrics import (
     predict,
 )
 from xtl.device import resolve_device
-from xtl.errors import XtlError
+from xtl.errors import XtlError, sigterm_as_interrupt
 from xtl.io import read_csv, write_csv, write_json
 from xtl.runs import EVALUATE_TODO, RunDir
 
@@ -27,7 +27,19 @@ __all__ = ["McNemar", "Predictions", "bootstrap_ci", "compute_metrics", "evaluat
 
 
 def evaluate(run: RunDir, split: Split | None = None, device: str | None = None) -> dict:
-    """Evaluate the run's best model on its test split and write metrics, predictions and figures."""
+    """Evaluate the run's best model on its test split and write metrics, predictions and figures.
+    SIGTERM unwinds like Ctrl-C (no temporary file is left); the message names what was written."""
+    written: list[str] = []
+
+    def kept() -> str:
+        return (f"{', '.join(written) or 'nothing'} written in {run.path} (the other files as they were, none "
+                "half-written); the same command evaluates again")
+
+    with sigterm_as_interrupt(kept):
+        return _evaluate(run, split, device, written)
+
+
+def _evaluate(run: RunDir, split: Split | None, device: str | None, written: list[str]) -> dict:
     config = run.config()
     device = resolve_device(device, config.accelerator)
     split = split or run.load_split()
@@ -40,8 +52,11 @@ def evaluate(run: RunDir, split: Split | None = None, device: str | None = None)
     metrics["epochs_trained"] = len(epochs)
     metrics["images_per_s_train"] = _median_throughput(run.history("batches"))
     write_json(run.file("metrics.json"), metrics)
+    written.append("metrics.json")
     write_predictions(run, pred, split.class_names)
+    written.append("predictions.csv")
     write_figures(run, metrics, epochs)
+    written.append("the figures")
     return metrics
 
 
