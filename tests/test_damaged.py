@@ -6,6 +6,7 @@ naming it and what to do (or, where the file is optional, the command does witho
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -61,6 +62,13 @@ def one_line(code: int, err: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+def last_line(code: int, err: str, *fragments: str) -> str:
+    """`one_line` for a command that printed progress before: its last line is the only error."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len([line for line in lines if line.startswith("error: ")]) == 1 and "Traceback" not in err, err
+    return one_line(code, lines[-1], *fragments)
 
 
 # ============================================================================= damaged run-folder files
@@ -164,3 +172,114 @@ def test_a_damaged_run_folder_file_is_one_line_naming_it(name, damage, command, 
     line = one_line(code, err, *expected)
     assert str(copy / name) in line or f"run directory {copy}" in line, line
     assert not list(copy.rglob("*.tmp"))
+
+
+# ============================================================================= `xtl run`: damaged or deleted outputs
+
+PIPELINE = {
+    "name": "p", "runs_dir": "runs", "models": ["timm:resnet10t"],
+    "train": {"pretrained": False, "input_size": 32, "split": "random", "train_size": 40, "val_size": 10,
+              "test_size": 24, "stratified": True, "batch_size": 20, "epochs": 1},
+    "explain_methods": ["saliency"], "explain_images": 4, "explain_batch_size": 4, "gallery_size": 2,
+    "faithfulness_images": 2, "faithfulness_steps": 2, "faithfulness_batch_size": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, data) -> Path:
+    """A finished one-model `xtl run` in `<folder>/runs/p`, run from `<folder>` (runs_dir is relative,
+    so a copy of the folder is the same configuration)."""
+    from xtl.pipeline import load_config, run_pipeline
+
+    base = tmp_path_factory.mktemp("pipeline")
+    config_file = base / "pipeline.yaml"
+    config_file.write_text(yaml.safe_dump({**PIPELINE, "source": str(data)}))
+    cwd = Path.cwd()
+    try:
+        import os
+
+        os.chdir(base)
+        run_pipeline(load_config(config_file), progress=False)
+    finally:
+        os.chdir(cwd)
+    return base
+
+
+def _copy_pipeline(pipeline: Path, tmp_path: Path, monkeypatch) -> Path:
+    shutil.copytree(pipeline, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "runs" / "p"
+
+
+def test_a_finished_pipeline_reruns_nothing(pipeline, tmp_path, monkeypatch, capsys):
+    _copy_pipeline(pipeline, tmp_path, monkeypatch)
+    code, _, err = xtl(monkeypatch, capsys, "run", "--config", "pipeline.yaml", "--no-progress")
+    assert code == 0 and "nothing to do" in err, err
+
+
+# a deleted output -> the step that wrote it, and the steps redone after it
+DELETED = [
+    ("timm_resnet10t/model.safetensors", "timm:resnet10t: fine-tune", {"finetune:timm:resnet10t", "evaluate:timm:resnet10t",
+                                                                       "explain:timm:resnet10t", "faithfulness", "report"}),
+    ("timm_resnet10t/metrics.json", "timm:resnet10t: evaluate", {"evaluate:timm:resnet10t", "explain:timm:resnet10t",
+                                                                 "faithfulness", "report"}),
+    ("timm_resnet10t/figures/gallery_misclassified_saliency.png", "timm:resnet10t: explain",
+     {"explain:timm:resnet10t", "report"}),
+    ("timm_resnet10t/explanations/test", "timm:resnet10t: explain", {"explain:timm:resnet10t", "report"}),
+    ("timm_resnet10t/faithfulness.csv", "faithfulness", {"faithfulness", "report"}),
+    ("faithfulness_combined.csv", "faithfulness", {"faithfulness", "report"}),
+    ("data.json", "data: split and class distribution", {"data", "report"}),
+    ("figures/class_distribution.png", "data: split and class distribution", {"data", "report"}),
+    ("report/report.html", "report", {"report"}),
+]
+
+
+@pytest.mark.parametrize("deleted, step, redone", DELETED, ids=[d[0] for d in DELETED])
+def test_a_finished_step_whose_output_was_deleted_is_done_again(deleted, step, redone, pipeline, tmp_path,
+                                                                 monkeypatch, capsys):
+    folder = _copy_pipeline(pipeline, tmp_path, monkeypatch)
+    before = json.loads((folder / "steps.json").read_text())
+    target = folder / deleted
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    code, _, err = xtl(monkeypatch, capsys, "run", "--config", "pipeline.yaml", "--no-progress")
+    assert code == 0, err
+    assert "nothing to do" not in err
+    assert re.search(rf"(^|\n){re.escape(step)}( \([^\n]*\))?: {re.escape(deleted)} is missing; doing it again\n", err), err
+    assert target.exists()
+    after = json.loads((folder / "steps.json").read_text())
+    assert {k for k in after if after[k]["finished"] != before[k]["finished"] or after[k] != before[k]} == redone
+    assert json.loads((folder / "timm_resnet10t" / "metrics.json").read_text())["n_images"] == 24
+    code, _, err = xtl(monkeypatch, capsys, "run", "--config", "pipeline.yaml", "--no-progress")
+    assert code == 0 and "nothing to do" in err, err
+
+
+@pytest.mark.parametrize("damage", ["empty", "binary", "list", "entry"])
+def test_a_damaged_step_log_is_one_line(damage, pipeline, tmp_path, monkeypatch, capsys):
+    folder = _copy_pipeline(pipeline, tmp_path, monkeypatch)
+    log = Path("runs/p/steps.json")
+    log.write_bytes({"empty": b"", "binary": BINARY, "list": b"[1, 2]", "entry": b'{"data": [1]}'}[damage])
+    code, _, err = xtl(monkeypatch, capsys, "run", "--config", "pipeline.yaml", "--no-progress")
+    why = {"empty": "empty", "binary": "binary, not text", "list": "not a mapping of steps", "entry": "not a mapping of steps"}
+    one_line(code, err, f"step log {log} is damaged ({why[damage]}); delete it", "--force")
+
+
+@pytest.mark.parametrize("damage", ["empty", "binary", "list", "folder_mapping"])
+def test_a_damaged_pipeline_yaml_is_written_anew(damage, pipeline, tmp_path, monkeypatch, capsys):
+    """pipeline.yaml only tells which settings changed since the last run (steps.json says what is
+    done): a damaged one is named, written anew, and no finished step is redone."""
+    folder = _copy_pipeline(pipeline, tmp_path, monkeypatch)
+    saved = Path("runs/p/pipeline.yaml")
+    saved.write_bytes({"empty": b"", "binary": BINARY, "list": b"- 1\n- 2\n", "folder_mapping": b"a: [\n"}[damage])
+    code, _, err = xtl(monkeypatch, capsys, "run", "--config", "pipeline.yaml", "--no-progress")
+    assert code == 0, err
+    assert f"{saved} is damaged; it is written anew" in " ".join(err.split()), err
+    assert "nothing to do" in err
+    assert yaml.safe_load(saved.read_text())["name"] == "p"
+
+
+def test_a_damaged_data_json_is_one_line(pipeline, tmp_path, monkeypatch, capsys):
+    folder = _copy_pipeline(pipeline, tmp_path, monkeypatch)
+    (folder / "data.json").write_bytes(BINARY)
+    (folder / "report" / "report.html").unlink()  # the report reads data.json again
+    code, _, err = xtl(monkeypatch, capsys, "run", "--config", "pipeline.yaml", "--no-progress")
+    last_line(code, err, "run folder file runs/p/data.json is damaged (not a JSON mapping); delete it")

@@ -133,7 +133,7 @@ class RunDir:
             text = path.read_bytes()
             if not text.strip():
                 raise self.damaged(path, "empty", EVALUATE_TODO)
-            data = json.loads(text)
+            data = json.loads(text.decode())
         except (OSError, UnicodeDecodeError, ValueError) as err:
             raise self.damaged(path, _reason(err, "JSON"), EVALUATE_TODO) from None
         problem = _check_shape(data, METRICS_SHAPE)

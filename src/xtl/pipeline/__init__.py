@@ -61,9 +61,10 @@ class StepLog:
             return cls(path)
         todo = "delete it (finished work is found again) or pass --force"
         try:
-            steps = json.loads(path.read_bytes())
+            steps = json.loads(path.read_bytes().decode())
         except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
-            why = "binary, not text" if isinstance(err, UnicodeDecodeError) else "not JSON"
+            why = ("binary, not text" if isinstance(err, UnicodeDecodeError) else "a folder, not a file"
+                   if isinstance(err, IsADirectoryError) else "empty" if path.stat().st_size == 0 else "not JSON")
             raise XtlError(f"step log {path} is damaged ({why}); {todo}") from None
         if not isinstance(steps, dict) or not all(isinstance(v, dict) for v in steps.values()):
             raise XtlError(f"step log {path} is damaged (not a mapping of steps); {todo}")
@@ -72,9 +73,16 @@ class StepLog:
     def done(self, key: str, print_: str) -> bool:
         return self.steps.get(key, {}).get("fingerprint") == print_
 
-    def finish(self, key: str, print_: str, seconds: float) -> None:
+    def finish(self, key: str, print_: str, seconds: float, outputs: list[str] = ()) -> None:
         self.steps[key] = {"fingerprint": print_, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if outputs:
+            self.steps[key]["outputs"] = list(outputs)
         write_json(self.path, self.steps)
+
+    def outputs(self, key: str) -> list[str]:
+        """The files a finished step wrote (relative to the folder), as `finish` recorded them."""
+        found = self.steps.get(key, {}).get("outputs", [])
+        return [p for p in found if isinstance(p, str)] if isinstance(found, list) else []
 
 
 class Pipeline:
@@ -87,20 +95,34 @@ class Pipeline:
         self.run_configs = {m: config.run_config(m) for m in config.models}
         self.runs = {m: RunDir(self.folder / model_folder(m)) for m in config.models}
         self.ran: list[str] = []
+        self.redoing: str | None = None  # why the step running now is done again, if it was done before
         self._splits: dict[str, Any] = {}
+        self._explained: dict[str, list[Path]] = {}  # the files each model's explain step wrote
 
     # ------------------------------------------------------------------ plumbing
 
-    def step(self, key: str, inputs: Any, work: Callable[[], None], what: str, output: Path | None = None) -> None:
-        """Run `work` unless the log has it done for the same `inputs` (and its `output` still exists)."""
+    def step(self, key: str, inputs: Any, work: Callable[[], None], what: str,
+             outputs: Callable[[], list[Path]] = lambda: [], after: tuple[str, ...] = ()) -> None:
+        """Run `work` unless the log has it done for the same `inputs`, with every output it wrote still
+        there (`outputs()` after the work, recorded in the log) and none of the steps it uses (`after`)
+        redone in this run; a step whose output is missing says so and redoes itself."""
         print_ = fingerprint(inputs)
-        if self.log.done(key, print_) and (output is None or output.exists()):
-            self.console.print(f"[dim]{what}: done already[/dim]")
-            return
+        self.redoing = None
+        if self.log.done(key, print_):
+            recorded = [self.folder / p for p in self.log.outputs(key)] or outputs()
+            missing = [p for p in recorded if not p.exists()]
+            redone = [k for k in after if k in self.ran]
+            if not missing and not redone:
+                self.console.print(f"[dim]{what}: done already[/dim]")
+                return
+            self.redoing = (f"{_relative(missing[0], self.folder)} is missing" if missing
+                            else f"step {redone[0]} was redone")
+            self.console.print(f"{what}: {self.redoing}; doing it again", markup=False, highlight=False)
         self.console.rule(what)
         start = time.perf_counter()
         work()
-        self.log.finish(key, print_, time.perf_counter() - start)
+        written = [_relative(p, self.folder) for p in outputs()]
+        self.log.finish(key, print_, time.perf_counter() - start, written)
         self.ran.append(key)
 
     def split(self, config: RunConfig):
@@ -121,20 +143,30 @@ class Pipeline:
 
     def run(self) -> Path:
         first = self.run_configs[self.config.models[0]]
-        self.step("data", [first.source, split_spec(first).__dict__], lambda: self.data(first), "data: split and class distribution")
+        figures = self.folder / "figures"
+        self.step("data", [first.source, split_spec(first).__dict__], lambda: self.data(first), "data: split and class distribution",
+                  outputs=lambda: [self.folder / "data.json", figures / "class_distribution.png"])
         for model, run in self.runs.items():
             config = self.run_configs[model]
             trained = fingerprint(config.learning_settings())
-            self.step(f"finetune:{model}", trained, lambda: self.finetune(model), f"{model}: fine-tune ({self.sizes(config)})")
-            self.step(f"evaluate:{model}", trained, lambda: self.evaluate(model), f"{model}: evaluate")
-            self.step(f"explain:{model}", [trained, self.explain_settings()], lambda: self.explain(model), f"{model}: explain")
+            self.step(f"finetune:{model}", trained, lambda: self.finetune(model), f"{model}: fine-tune ({self.sizes(config)})",
+                      outputs=lambda: [run.config_path, run.weights_path])
+            self.step(f"evaluate:{model}", trained, lambda: self.evaluate(model), f"{model}: evaluate",
+                      outputs=lambda: [run.file("metrics.json"), run.file("predictions.csv")], after=(f"finetune:{model}",))
+            self.step(f"explain:{model}", [trained, self.explain_settings()], lambda: self.explain(model), f"{model}: explain",
+                      outputs=lambda: self._explained.get(model, []), after=(f"finetune:{model}", f"evaluate:{model}"))
         trained_all = [fingerprint(c.learning_settings()) for c in self.run_configs.values()]
+        every = tuple(f"{step}:{m}" for m in self.runs for step in ("finetune", "evaluate"))
         if len(self.runs) > 1:
-            self.step("compare", [trained_all, self.explain_settings()], self.compare, "side by side: same images, every model")
-        self.step("faithfulness", [trained_all, self.faithfulness_settings()], self.faithfulness, "faithfulness")
+            self.step("compare", [trained_all, self.explain_settings()], self.compare, "side by side: same images, every model",
+                      outputs=lambda: [p for p in (figures / "compare_correct.png", figures / "compare_misclassified.png")
+                                       if p.is_file()], after=every)
+        self.step("faithfulness", [trained_all, self.faithfulness_settings()], self.faithfulness, "faithfulness",
+                  outputs=lambda: [self.folder / "faithfulness_combined.csv",
+                                   *[r.file("faithfulness.csv") for r in self.runs.values()]], after=every)
         report = self.folder / "report" / "report.html"
         upstream = {k: v for k, v in self.log.steps.items() if k != "report"}
-        self.step("report", [upstream, self.config.to_dict()], self.report, "report", output=report)
+        self.step("report", [upstream, self.config.to_dict()], self.report, "report", outputs=lambda: [report])
         return report
 
     def sizes(self, config: RunConfig) -> str:
@@ -167,6 +199,9 @@ class Pipeline:
                                "pass --force to train again or --name for a new folder")
             for stale in ("metrics.json", "predictions.csv"):
                 run.file(stale).unlink(missing_ok=True)
+        if self.redoing and not run.weights_path.is_file():
+            # the last checkpoint is of a finished run: resuming it would train nothing and keep no model
+            run.last_checkpoint.unlink(missing_ok=True)
         finetune(config, self.split(config), run, resume=True, progress=self.progress)
 
     def evaluate(self, model: str) -> None:
@@ -187,8 +222,9 @@ class Pipeline:
 
         run, c = self.runs[model], self.config
         # stored maps are keyed by their settings and weights (xtl.explain.stored): a killed step resumes
-        explain_run(run, c.explain_methods, "test", c.explain_images, c.explain_batch_size, c.explain_target,
-                    device=self.device(self.run_configs[model]), progress=self.progress, gallery_size=c.gallery_size)
+        paths = explain_run(run, c.explain_methods, "test", c.explain_images, c.explain_batch_size, c.explain_target,
+                            device=self.device(self.run_configs[model]), progress=self.progress, gallery_size=c.gallery_size)
+        self._explained[model] = [paths["maps"], paths["correct"], paths["misclassified"]]
 
     def compare(self) -> None:
         from xtl.evaluate import read_predictions
@@ -235,6 +271,13 @@ class Pipeline:
         path = build_report(list(self.runs.values()), self.folder / "report", folder=self.folder,
                             config=self.config.to_dict(), title=self.config.title)
         self.console.print(f"report: {path}")
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return str(Path(path).relative_to(folder))
+    except ValueError:
+        return str(path)
 
 
 def run_pipeline(config: PipelineConfig, force: bool = False, progress: bool = True,

@@ -155,7 +155,7 @@ def _data_context(folder: Path | None, results: list[ModelResult], figures: Figu
     info = {}
     if folder is not None and (folder / "data.json").is_file():
         try:
-            info = json.loads((folder / "data.json").read_bytes())
+            info = json.loads((folder / "data.json").read_bytes().decode())
         except ValueError:  # not JSON, or binary (UnicodeDecodeError)
             info = None
         if not isinstance(info, dict):
