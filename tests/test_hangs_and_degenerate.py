@@ -83,3 +83,95 @@ def test_the_precisions_are_lightnings_own():
     assert set(PRECISIONS) == {"auto"} | lightning | set(typing.get_args(_PRECISION_INPUT_STR_ALIAS))
     with pytest.raises(XtlError, match="^run.yaml: key 'precision' must be one of auto, "):
         RunConfig.from_dict({"precision": "fp8"}, "run.yaml")
+
+
+# ----------------------------------------------------------------------------- degenerate inputs
+
+
+def _one_class_folder(tmp_path: Path, cifar: Path) -> Path:
+    import shutil
+
+    for part, n in (("train", 12), ("test", 4)):
+        dest = tmp_path / "one" / part / "cat"
+        dest.mkdir(parents=True)
+        for f in sorted((cifar / part / "cat").iterdir())[:n]:
+            shutil.copy(f, dest / f.name)
+    return tmp_path / "one"
+
+
+def _tiny_config(source: Path, **overrides) -> RunConfig:
+    options = dict(source=str(source), model="timm:resnet10t", pretrained=False, input_size=32, split="random",
+                   train_size=9, val_size=3, test_size=3, batch_size=4, epochs=1, patience=0, warmup_epochs=0.0,
+                   accelerator="cpu")
+    options.update(overrides)
+    return RunConfig(**options)
+
+
+def _finetune(config: RunConfig, path: Path, spec=None):
+    from xtl.data import load_split
+    from xtl.runs import RunDir, split_spec
+    from xtl.train import finetune
+
+    data = load_split(config.source, spec or split_spec(config))
+    return finetune(config, data, RunDir(path), progress=False), RunDir(path)
+
+
+def test_a_data_set_of_one_class_is_refused_before_training(cifar, tmp_path):
+    folder = _one_class_folder(tmp_path, cifar)
+    with pytest.raises(XtlError) as caught:
+        _finetune(_tiny_config(folder), tmp_path / "run")
+    assert str(caught.value) == (f"option --source: data source {folder} has 1 class (cat); a classifier needs "
+                                 "at least 2")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_data_set_of_one_class_is_one_line_from_the_cli(cifar, tmp_path):
+    folder = _one_class_folder(tmp_path, cifar)
+    result = _xtl("finetune", "--source", folder, *TINY_CLI, "--train-size", 8, "--val-size", 2, "--test-size", 2,
+                  "--runs-dir", tmp_path / "runs", "--name", "r")
+    _one_line(result, "option --source", "has 1 class (cat); a classifier needs at least 2")
+
+
+@pytest.mark.parametrize("option, field", [("--train-size", "train_size"), ("--test-size", "test_size")])
+def test_an_empty_training_or_test_split_is_refused(option, field, tiny_folder, tmp_path):
+    with pytest.raises(XtlError) as caught:
+        _tiny_config(tiny_folder, **{field: 0})
+    reason = "an empty training split trains nothing" if field == "train_size" else "the best model is evaluated on it"
+    assert str(caught.value) == f"option {option} must be >= 1 ({reason}), not 0"
+    # a split that is empty anyway (here cut by hand) is refused before any epoch, naming the option
+    from xtl.data import SplitSpec
+
+    spec = SplitSpec("random", **{"train_size": 9, "val_size": 3, "test_size": 3, field: 0})
+    with pytest.raises(XtlError) as caught:
+        _finetune(_tiny_config(tiny_folder), tmp_path / "run", spec)
+    part = "training" if field == "train_size" else "test"
+    assert str(caught.value).startswith(f"option {option}: the {part} split of {tiny_folder} is empty")
+    assert not (tmp_path / "run" / "history_epochs.csv").exists()
+
+
+def test_an_empty_split_from_the_cli_exits_2_not_0(tiny_folder, tmp_path):
+    result = _xtl("finetune", "--source", tiny_folder, *TINY_CLI, "--train-size", 0, "--runs-dir", tmp_path / "runs")
+    _one_line(result, "option --train-size must be >= 1")
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"model": "efficientnet_lite0", "freeze_blocks": 2, "cache_frozen": True},
+    {"model": "efficientnet_lite0", "freeze_blocks": 2, "cache_frozen": False},
+], ids=["plain", "frozen_cached", "frozen_uncached"])
+def test_a_last_training_batch_of_one_image_is_dropped(overrides, tiny_folder, tmp_path):
+    # 9 images in batches of 4: 4, 4 and 1; the one image's BatchNorm (1 x 1 at the end of a 32 px
+    # network) cannot train on a single value per channel
+    config = _tiny_config(tiny_folder, epochs=2, **overrides)
+    state, run = _finetune(config, tmp_path / "run")
+    assert state.epoch == 2
+    assert [b["epoch"] for b in state.batches] == [1, 1, 2, 2]
+    assert all(torch.isfinite(torch.tensor(b["loss"])) for b in state.batches)
+    assert run.weights_path.is_file()
+
+
+def test_a_batch_of_one_image_that_batchnorm_cannot_train_on_is_one_line(tiny_folder, tmp_path):
+    with pytest.raises(XtlError) as caught:
+        _finetune(_tiny_config(tiny_folder, batch_size=1), tmp_path / "run")
+    assert str(caught.value).startswith("option --batch-size 1: a BatchNorm layer of timm:resnet10t sees one value "
+                                        "per channel")

@@ -92,6 +92,10 @@ class RunConfig:
         check_settings(self, RULES, where)
         if self.split == "random" and self.val_size is not None and self.val_size < 1:
             raise XtlError(f"{label('val_size', where)} must be >= 1 (validation picks the best epoch), not {self.val_size}")
+        for name, reason in (("train_size", "an empty training split trains nothing"),
+                             ("test_size", "the best model is evaluated on it")):
+            if getattr(self, name) == 0:
+                raise XtlError(f"{label(name, where)} must be >= 1 ({reason}), not 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

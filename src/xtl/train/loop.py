@@ -73,11 +73,12 @@ def make_fabric(config: RunConfig):
 
 def finetune(config: RunConfig, split: Split, run: RunDir, resume: bool = False, progress: bool = True) -> TrainState:
     """Fine-tune `config.model` on `split`, keeping the best model (lowest val loss) in `run`."""
-    if len(split["val"]) == 0:  # e.g. 10 % of a tiny training pool rounds to none
-        raise XtlError(f"option --val-size: the validation split of {split.source} is empty; validation picks "
-                       "the best epoch, so give --val-size 1 or more")
+    check_split(split)
     fabric = make_fabric(config)
     fabric.launch()
+    if len(split["train"]) < fabric.world_size:
+        raise XtlError(f"option --train-size: {len(split['train'])} training image(s) for {fabric.world_size} "
+                       "devices; give at least one per device")
     fabric.seed_everything(config.seed, verbose=False)
     model, spec = build_model(
         config.model, split.n_classes, pretrained=config.pretrained, weights=config.weights, input_size=config.input_size
@@ -93,7 +94,7 @@ def finetune(config: RunConfig, split: Split, run: RunDir, resume: bool = False,
         split.save_ids(run.file("split.csv"))
     preprocess = model_preprocess(config)
     optimizer = make_optimizer(model, config)
-    steps_per_epoch = math.ceil(len(split["train"]) / (config.batch_size * fabric.world_size))
+    steps_per_epoch = epoch_batches(len(split["train"]), config.batch_size, fabric.world_size)[1]
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     state = TrainState()
     if resume and run.last_checkpoint.is_file():
@@ -285,15 +286,15 @@ def train_one_epoch(fabric, model, optimizer, scheduler, train: "ModelInputs", c
         parts.freeze()  # the frozen blocks keep their BatchNorm statistics
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
     order = torch.randperm(len(train), generator=generator)
-    order = order[fabric.global_rank :: fabric.world_size]
-    n_batches = math.ceil(len(order) / config.batch_size)
+    per_device, n_batches = epoch_batches(len(train), config.batch_size, fabric.world_size)
+    order = order[fabric.global_rank :: fabric.world_size][:per_device]
     bar.start_epoch(epoch + 1, config.epochs, n_batches)
     readout = StepReadout(epoch, state, bar, fabric.world_size, run)
     for step in range(n_batches):
         idx = order[step * config.batch_size : (step + 1) * config.batch_size]
         labels = train.part.labels[idx].to(fabric.device, non_blocking=True)
         x = train(idx, fabric.device, augment=config.augment, generator=generator)
-        with fabric.autocast():
+        with fabric.autocast(), one_image_batches(config, len(idx)):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -307,6 +308,53 @@ def train_one_epoch(fabric, model, optimizer, scheduler, train: "ModelInputs", c
     readout.flush()
     sums = fabric.all_reduce(torch.tensor(readout.totals, device=fabric.device), reduce_op="sum")
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+
+
+def check_split(split: Split) -> None:
+    """Data no classifier can be trained and evaluated on, refused before any work, naming the option
+    that cut it: one class, or an empty training, validation or test split."""
+    names = split.class_names
+    if len(names) < 2:
+        raise XtlError(f"option --source: data source {split.source} has {len(names)} class"
+                       f"{'' if len(names) == 1 else 'es'} ({', '.join(names)}); a classifier needs at least 2")
+    for part, word, option, why in (
+        ("train", "training", "--train-size", "nothing would train"),
+        ("val", "validation", "--val-size", "validation picks the best epoch"),  # e.g. 10 % of a tiny pool rounds to none
+        ("test", "test", "--test-size", "the best model is evaluated on it"),
+    ):
+        if len(split[part]) == 0:
+            raise XtlError(f"option {option}: the {word} split of {split.source} is empty; {why}, so give {option} "
+                           "1 or more")
+
+
+def epoch_batches(n_images: int, batch_size: int, world_size: int) -> tuple[int, int]:
+    """(images, batches) per device of a training epoch. Every device takes as many images (a DDP step
+    waits for all of them), and a last batch of a single image is left out: BatchNorm cannot train on
+    one image where a layer's output is 1 x 1 (a different image each epoch: the order is reshuffled)."""
+    per_device = n_images // world_size
+    if batch_size > 1 and per_device > 1 and per_device % batch_size == 1:
+        per_device -= 1
+    return per_device, math.ceil(per_device / batch_size)
+
+
+class one_image_batches:
+    """BatchNorm's error on a batch of one image (one value per channel) as one line naming the option:
+    `--batch-size 1`, or a training split of one image per device."""
+
+    def __init__(self, config: RunConfig, n: int) -> None:
+        self.config, self.n = config, n
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if kind is ValueError and "Expected more than 1 value per channel" in str(err):
+            option = (f"--batch-size {self.config.batch_size}" if self.config.batch_size == 1
+                      else "--train-size: one training image per device")
+            raise XtlError(f"option {option}: a BatchNorm layer of {self.config.model} sees one value per channel "
+                           f"in a batch of {self.n} image and cannot train on it; give --batch-size 2 or more (or a "
+                           "larger --input-size)") from None
+        return False
 
 
 class StepReadout:
