@@ -269,3 +269,197 @@ def test_finetune_offline_is_one_line_exit_2_and_no_run_folder(case, really_offl
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "no network?" in err[0], err
     assert not runs.exists()
     assert really_offline["sleeps"] == 0
+
+
+# ----------------------------------------------------------------------------- a failed first start
+
+
+def cli_code(monkeypatch, capsys, *args: str) -> tuple[int, list[str]]:
+    """Exit status and stderr lines of `xtl ARGS` (0 when it returns without exiting)."""
+    from xtl import cli
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["xtl", *args])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+TINY = ("--model", "timm:resnet10t", "--random-init", "--split", "random", "--train-size", "6", "--val-size", "3",
+        "--test-size", "3", "--input-size", "32", "--batch-size", "3", "--epochs", "1", "--no-progress")
+
+
+def fail_after_the_config_is_written(monkeypatch):
+    import xtl.train.loop as loop
+
+    def make_optimizer(*args, **kwargs):
+        raise XtlError("the start failed (simulated, after config.yaml and split.csv were written)")
+
+    monkeypatch.setattr(loop, "make_optimizer", make_optimizer)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_failed_first_start_leaves_nothing_and_the_fixed_command_starts(resume, tiny_folder, tmp_path, monkeypatch,
+                                                                          capsys):
+    """Before, the failed start's config.yaml blocked the fixed command ("already exists") and
+    `--resume` reused its settings."""
+    monkeypatch.chdir(tmp_path)
+    command = ("finetune", *TINY, "--source", "data", "--runs-dir", "runs", "--name", "first", "--no-evaluate",
+               *(["--resume"] if resume else []))
+    with monkeypatch.context() as patched:
+        fail_after_the_config_is_written(patched)
+        code, err = cli_code(monkeypatch, capsys, *command)
+    assert (code, err) == (2, ["error: the start failed (simulated, after config.yaml and split.csv were written)"])
+    assert not (tmp_path / "runs").exists()  # the run folder and the runs directory it made are gone
+    code, err = cli_code(monkeypatch, capsys, *command)  # the same command, now that the start succeeds
+    assert code == 0, err
+    from xtl.runs import RunDir
+
+    run = RunDir(tmp_path / "runs" / "first")
+    assert run.last_checkpoint.is_file() and run.config().epochs == 1
+
+
+def test_a_failed_start_in_an_existing_folder_removes_only_what_it_wrote(tiny_folder, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "runs" / "mine"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("the user's own")
+    fail_after_the_config_is_written(monkeypatch)
+    code, err = cli_code(monkeypatch, capsys, "finetune", *TINY, "--source", str(tiny_folder),
+                         "--runs-dir", str(tmp_path / "runs"), "--name", "mine")
+    assert code == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    assert (folder / "notes.txt").read_text() == "the user's own"
+
+
+def test_a_failure_after_an_epoch_is_kept_keeps_the_run_for_resume(tiny_folder, tmp_path, monkeypatch, capsys):
+    import xtl.evaluate
+
+    def evaluate(*args, **kwargs):
+        raise XtlError("evaluation failed (simulated)")
+
+    monkeypatch.setattr(xtl.evaluate, "evaluate", evaluate)
+    code, err = cli_code(monkeypatch, capsys, "finetune", *TINY, "--source", str(tiny_folder),
+                         "--runs-dir", str(tmp_path / "runs"), "--name", "kept")
+    assert (code, err[-1:]) == (2, ["error: evaluation failed (simulated)"])
+    folder = tmp_path / "runs" / "kept"
+    assert (folder / "config.yaml").is_file() and (folder / "checkpoints" / "last.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- where the data is
+
+
+@pytest.fixture()
+def run_made_elsewhere(tiny_folder, tmp_path, monkeypatch, capsys):
+    """A run made in tmp_path with `--source data` (a relative path), then looked at from another folder."""
+    monkeypatch.chdir(tmp_path)
+    code, err = cli_code(monkeypatch, capsys, "finetune", *TINY, "--source", "data", "--runs-dir", "runs",
+                         "--name", "here", "--no-evaluate")
+    assert code == 0, err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    return tmp_path / "runs" / "here"
+
+
+def test_a_run_stores_its_data_folder_as_an_absolute_path(run_made_elsewhere, tiny_folder, monkeypatch, capsys):
+    import yaml
+
+    stored = yaml.safe_load((run_made_elsewhere / "config.yaml").read_text())["run"]["source"]
+    assert stored == str(tiny_folder)
+    code, err = cli_code(monkeypatch, capsys, "evaluate", str(run_made_elsewhere), "--device", "cpu")
+    assert code == 0, err  # from another folder, the run finds its data
+    assert (run_made_elsewhere / "metrics.json").is_file()
+
+
+def test_a_run_whose_data_folder_is_missing_says_which_and_that_it_was_made_elsewhere(run_made_elsewhere, tiny_folder,
+                                                                                        monkeypatch, capsys):
+    config = run_made_elsewhere / "config.yaml"
+    config.write_text(config.read_text().replace(f"source: {tiny_folder}", "source: data"))  # as runs stored it before
+    code, err = cli_code(monkeypatch, capsys, "evaluate", str(run_made_elsewhere))
+    assert (code, err) == (2, [
+        f"error: run {run_made_elsewhere}: its data folder data does not exist (a path relative to the folder a "
+        f"command runs in, here {Path.cwd()}); the run was made elsewhere or the data moved: run the command where "
+        f"the run was made, or set source: in {config} to the data's path"])
+    config.write_text(config.read_text().replace("source: data", f"source: {tiny_folder}-moved"))
+    code, err = cli_code(monkeypatch, capsys, "evaluate", str(run_made_elsewhere))
+    assert (code, err) == (2, [
+        f"error: run {run_made_elsewhere}: its data folder {tiny_folder}-moved does not exist; the run was made "
+        f"elsewhere or the data moved: run the command where the run was made, or set source: in {config} to the "
+        "data's path"])
+
+
+def test_sources_from_the_internet_are_stored_as_given():
+    from xtl.locations import stored_source
+
+    for spec in ("hf:uoft-cs/cifar10", "torchvision:cifar10", "cifar10", "../shared/no-such-folder"):
+        assert stored_source(spec) == spec
+
+
+def test_folder_and_hf_dir_sources_keep_their_prefix(tiny_folder, monkeypatch):
+    from xtl.locations import stored_source
+
+    monkeypatch.chdir(tiny_folder.parent)
+    assert stored_source("folder:data") == f"folder:{tiny_folder}"
+    assert stored_source("hf:./data") == f"hf:{tiny_folder}"
+
+
+# ----------------------------------------------------------------------------- --name inside --runs-dir
+
+
+@pytest.mark.parametrize("name", ["../../x", "../beside", "/tmp/elsewhere", "a/../../b", "."])
+def test_finetune_name_must_stay_inside_the_runs_dir(name, tiny_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = cli_code(monkeypatch, capsys, "finetune", *TINY, "--source", str(tiny_folder), "--runs-dir", "runs",
+                         "--name", name)
+    assert (code, err) == (2, [f"error: option --name must name a folder inside the runs directory (runs), not "
+                               f"{name!r}; to keep runs elsewhere, pass --runs-dir DIR"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing made anywhere
+
+
+def test_a_name_with_subfolders_inside_the_runs_dir_is_fine(tmp_path):
+    from xtl.locations import run_folder
+
+    assert run_folder(tmp_path / "runs", "ablation/lr-1e-4") == tmp_path / "runs" / "ablation" / "lr-1e-4"
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs/x"])
+def test_xtl_run_name_must_stay_inside_the_runs_dir(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = cli_code(monkeypatch, capsys, "run", "--name", name, "--models", "timm:resnet10t")
+    assert (code, err) == (2, [f"error: option --name must name a folder inside the runs directory (runs), not "
+                               f"{name!r}; to keep runs elsewhere, pass --runs-dir DIR"])
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- symbolic link loops
+
+
+def test_a_link_loop_in_a_class_folder_is_never_walked(tiny_folder, monkeypatch, capsys):
+    from xtl.data import open_source
+
+    cat = tiny_folder / "train" / "cat"
+    (cat / "loop").symlink_to(".")
+    (cat / "loop.jpg").symlink_to(".")  # a folder, whatever its name
+    source = open_source(str(tiny_folder))
+    assert len(source.partition("train")) == 36 and not any("loop" in k for k in source.partition("train").keys)
+
+
+def test_an_image_name_that_links_to_itself_is_one_line(tiny_folder, monkeypatch, capsys):
+    self_link = tiny_folder / "train" / "cat" / "self.png"
+    self_link.symlink_to("self.png")
+    code, err = cli_code(monkeypatch, capsys, "data", "--source", str(tiny_folder),
+                         "--figure", str(tiny_folder.parent / "f.png"))
+    assert (code, err) == (2, [f"error: image file {self_link} cannot be read: Too many levels of symbolic links (a "
+                               "symbolic link that leads back to itself?); remove it or point it at an image"])
+
+
+def test_a_class_folder_linking_back_to_the_data_folder_is_one_line(tiny_folder, monkeypatch, capsys):
+    loop = tiny_folder / "train" / "loop"
+    loop.symlink_to(".")
+    code, err = cli_code(monkeypatch, capsys, "data", "--source", str(tiny_folder),
+                         "--figure", str(tiny_folder.parent / "f.png"))
+    assert (code, err) == (2, [f"error: class folder {loop} is a symbolic link to {tiny_folder / 'train'}, a folder "
+                               "that holds it (a loop); remove it"])

@@ -145,10 +145,12 @@ def finetune_command(
 ) -> None:
     """Fine-tune a pretrained model with a new head; keep the best model; evaluate it."""
     from xtl.config import preset as make_preset
+    from xtl.locations import FirstStart, run_folder, stored_source
     from xtl.runs import RunDir, split_spec
 
     accelerator = _accelerator(accelerator, device)
-    run = RunDir(runs_dir / (name or f"{preset}-{model.replace(':', '_').replace('/', '_')}"))
+    run = RunDir(run_folder(runs_dir, name or f"{preset}-{model.replace(':', '_').replace('/', '_')}"))
+    first_start = None
     if resume and run.config_path.is_file():
         config = run.config()
     else:
@@ -157,7 +159,14 @@ def finetune_command(
         overrides = {k: v for k, v in locals().items() if k in _CONFIG_OPTIONS}
         overrides["weights"] = str(weights) if weights else None
         config = make_preset(preset, model, **overrides)
-    metrics = _train_and_evaluate(config, run, split_spec(config), resume, evaluate, progress)
+        config.source = stored_source(config.source)  # a data folder as an absolute path: the run works from anywhere
+        first_start = FirstStart(run.path) if not _is_launcher_child() else None
+    try:
+        metrics = _train_and_evaluate(config, run, split_spec(config), resume, evaluate, progress)
+    except Exception:
+        if first_start is not None and _is_global_zero():
+            first_start.undo()  # a failed first start leaves no config.yaml to trip over
+        raise
     if metrics:
         _print_epochs(run)
         _print_comparison([run])

@@ -150,7 +150,11 @@ class RunDir:
 
     # rebuilding what the run used
     def load_split(self) -> Split:
-        return load_split(self.config().source, split_spec(self.config()))
+        from xtl.locations import check_run_source
+
+        config = self.config()
+        check_run_source(self.path, self.config_path, config.source)  # a run made elsewhere: say so
+        return load_split(config.source, split_spec(config))
 
     def preprocess(self) -> Preprocess:
         derived = self.read()["derived"]

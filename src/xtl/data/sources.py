@@ -134,12 +134,47 @@ def _folder_source(root: Path, spec: str) -> Source:
     class_names = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_names:
         raise XtlError(f"data folder {root / 'train'} has no class subfolders")
+    for part in PARTITIONS:
+        _refuse_link_loops(root / part)
     partitions = {}
     for part in PARTITIONS:
         if part in missing:
             continue
         partitions[part] = _folder_partition(root, part, class_names)
     return Source(spec=spec, class_names=class_names, partitions=partitions)
+
+
+def _refuse_link_loops(part_dir: Path) -> None:
+    """A class folder that is a symbolic link back to the data folder or above it (`ln -s . loop`
+    in train/) is one line naming it; links to folders elsewhere are class folders like others."""
+    if not part_dir.is_dir():
+        return
+    here = part_dir.resolve()
+    for entry in part_dir.iterdir():
+        if entry.is_symlink() and entry.is_dir() and not entry.name.startswith("."):
+            target = entry.resolve()
+            if here == target or target in here.parents:
+                raise XtlError(f"class folder {entry} is a symbolic link to {target}, a folder that holds it "
+                               "(a loop); remove it")
+
+
+def _image_files(class_dir: Path) -> list[str]:
+    """Names of the image files in `class_dir`, sorted. Subfolders (symbolic links to folders
+    included, so a link loop such as `loop -> .` is never walked), hidden entries and other file
+    types are not data; an image name that cannot be followed (a link to itself) is one line."""
+    names = []
+    with os.scandir(class_dir) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                is_file = entry.is_file()
+            except OSError as err:  # ELOOP: a symbolic link loop
+                raise XtlError(f"image file {class_dir / entry.name} cannot be read: {err.strerror} (a symbolic link "
+                               "that leads back to itself?); remove it or point it at an image") from None
+            if is_file:
+                names.append(entry.name)
+    return sorted(names)
 
 
 def _folder_partition(root: Path, part: str, class_names: list[str]) -> Partition:
@@ -151,10 +186,7 @@ def _folder_partition(root: Path, part: str, class_names: list[str]) -> Partitio
     per_class: list[list[str]] = []
     for name in class_names:
         class_dir = part_dir / name
-        files = sorted(
-            f.name for f in os.scandir(class_dir)
-            if f.is_file() and not f.name.startswith(".") and Path(f.name).suffix.lower() in IMAGE_SUFFIXES
-        ) if class_dir.is_dir() else []
+        files = _image_files(class_dir) if class_dir.is_dir() else []
         if not files and part == "train":
             raise XtlError(f"class folder {class_dir} has no images")
         per_class.append([f"{part}/{name}/{f}" for f in files])

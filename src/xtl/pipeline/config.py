@@ -70,6 +70,10 @@ class PipelineConfig:
 
     def validate(self, where: str = "option") -> None:
         check_settings(self, RULES, where)
+        if self.name is not None:
+            from xtl.locations import run_folder
+
+            run_folder(self.runs_dir, self.name, label("name", where))  # inside runs_dir, never beside it
         if not self.models:
             raise XtlError(f"{label('models', where)} must name at least one model")
         if len(set(self.models)) != len(self.models):
