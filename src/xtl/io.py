@@ -100,7 +100,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def write_yaml(path: str | os.PathLike, data: Any) -> None:
-    write_text(path, yaml.safe_dump(data, sort_keys=False))
+    write_text(path, dump_yaml(data))
 
 
 def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
@@ -141,13 +141,58 @@ _Loader.add_implicit_resolver(
 )
 
 
+class _AliasRefused(yaml.YAMLError):
+    """An alias (`*name`) met while composing: raised before anything is expanded."""
+
+
+def _refuse_aliases(self, parent, index):
+    # A "billion laughs" file expands a few hundred bytes into gigabytes through aliases; xtl writes
+    # none (`dump_yaml`) and its settings never need one, so the first alias stops the reading.
+    if self.check_event(yaml.AliasEvent):
+        raise _AliasRefused(f"alias *{self.peek_event().anchor} at {self.peek_event().start_mark}".strip())
+    return yaml.SafeLoader.compose_node(self, parent, index)
+
+
+_Loader.compose_node = _refuse_aliases
+
+# Settings files are a few KB; a larger one is a mistake (or a probe), read no further than this.
+MAX_YAML_BYTES = 4 * 1024 * 1024
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
-    return yaml.load(Path(path).read_text(), Loader=_Loader)
+    """The YAML file at `path` (YAML 1.1 with `1e-4` read as a float). Files over `MAX_YAML_BYTES`,
+    with aliases (`&name` / `*name`) or nested too deeply are refused with an `XtlError` naming them."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read(MAX_YAML_BYTES + 1)
+    if len(raw) > MAX_YAML_BYTES:
+        raise XtlError(f"{path} is larger than {MAX_YAML_BYTES // (1024 * 1024)} MB, too large for a settings file")
+    return _load_yaml(raw.decode(), str(path))
 
 
-def parse_yaml_scalar(text: str) -> Any:
+def parse_yaml_scalar(text: str, where: str = "option") -> Any:
     """A command-line value read as YAML would read it (`3` -> 3, `1e-4` -> 0.0001, `[a, b]` -> list)."""
-    return yaml.load(text, Loader=_Loader) if text.strip() else ""
+    return _load_yaml(text, where) if text.strip() else ""
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except _AliasRefused:
+        raise XtlError(f"{where} uses YAML aliases (&/*), which xtl does not accept; write the values out") from None
+    except RecursionError:
+        raise XtlError(f"{where} nests too deeply to be a settings file") from None
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes a value shared by two keys twice, never as an anchor and an alias (`read_yaml` refuses those)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def pyplot():

@@ -213,7 +213,7 @@ def parse_assignments(items: list[str], option: str) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise XtlError(f"option {option} takes KEY=VALUE, not '{item}'")
-        value = parse_yaml_scalar(text)
+        value = parse_yaml_scalar(text, f"option {option}")
         head, dot, tail = key.strip().rpartition(".")
         if dot:
             result.setdefault(head, {})[tail] = value
@@ -223,4 +223,6 @@ def parse_assignments(items: list[str], option: str) -> dict[str, Any]:
 
 
 def dump(config: PipelineConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    from xtl.io import dump_yaml
+
+    return dump_yaml(config.to_dict())

@@ -1,0 +1,99 @@
+"""Issue 15, security and messages: YAML alias bombs and oversized settings files, the web app's request
+bodies and API schema, and user text (paths with square brackets) printed literally."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xtl.errors import XtlError
+from xtl.io import MAX_YAML_BYTES, read_yaml, write_yaml
+from xtl.pipeline.config import dump, load_config, parse_assignments
+from helpers import XTL
+
+
+def _xtl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([XTL, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+# A "billion laughs": nine levels of ten aliases each, 10**9 strings once expanded, in a few hundred bytes.
+BOMB_LEVELS = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]'] + [
+    f"{b}: &{b} [{', '.join(['*' + a] * 10)}]" for a, b in zip("abcdefgh", "bcdefghi")
+]
+
+
+def _bomb(path: Path, under: str = "train.extra") -> Path:
+    """The bomb inside a mapping whose keys xtl does not check (`train: {extra: ...}`, a model of `per_model`)."""
+    outer, inner = under.split(".")
+    path.write_text(f"name: tiny\n{outer}:\n  {inner}:\n" + "".join(f"    {line}\n" for line in BOMB_LEVELS))
+    return path
+
+
+@pytest.mark.parametrize("under", ["train.extra", "per_model.timm:resnet10t", "title.x"])
+def test_a_yaml_alias_bomb_in_a_free_form_mapping_is_refused_before_anything_is_built(tmp_path, under):
+    path = _bomb(tmp_path / "bomb.yaml", under)
+    with pytest.raises(XtlError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path} uses YAML aliases (&/*), which xtl does not accept; write the values out"
+
+
+def test_every_yaml_xtl_reads_refuses_aliases(tmp_path):
+    """`read_yaml` reads config.yaml, pipeline.yaml and `xtl run -c`: a single alias is refused, anchors alone pass."""
+    path = tmp_path / "config.yaml"
+    path.write_text("format_version: 1\nrun: &r {lr: 0.1}\nderived: *r\n")
+    with pytest.raises(XtlError, match=r"config.yaml uses YAML aliases \(&/\*\), which xtl does not accept"):
+        read_yaml(path)
+    path.write_text("run: &r {lr: 1e-4}\n")
+    assert read_yaml(path) == {"run": {"lr": 1e-4}}
+
+
+def test_a_command_line_value_with_an_alias_is_refused_naming_the_option():
+    with pytest.raises(XtlError, match=r"^option --train uses YAML aliases"):
+        parse_assignments(["x=[&a [1, 2], *a]"], "--train")
+    assert parse_assignments(["lr=1e-4", "m.epochs=2"], "--train") == {"lr": 1e-4, "m": {"epochs": 2}}
+
+
+def test_xtl_run_with_an_alias_bomb_is_one_line_and_starts_nothing(tmp_path):
+    path = _bomb(tmp_path / "bomb.yaml")
+    result = _xtl("run", "-c", str(path), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert _one_line_error(result) == f"error: {path} uses YAML aliases (&/*), which xtl does not accept; write the values out"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_oversized_or_too_deeply_nested_yaml_file_is_refused(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("notes: '" + "x" * MAX_YAML_BYTES + "'\n")
+    with pytest.raises(XtlError) as err:
+        load_config(big)
+    assert str(err.value) == f"{big} is larger than 4 MB, too large for a settings file"
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(XtlError) as err:
+        load_config(deep)
+    assert str(err.value) == f"{deep} nests too deeply to be a settings file"
+
+
+def test_a_normal_config_still_loads_and_what_xtl_writes_has_no_alias(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("name: tiny\nmodels: [timm:resnet10t]\ntrain: {lr: 1e-3, epochs: 2}\n"
+                    "per_model: {timm:resnet10t: {lr: 3e-4}}\n")
+    config = load_config(path)
+    assert config.name == "tiny" and config.train["lr"] == 1e-3 and config.per_model["timm:resnet10t"] == {"lr": 3e-4}
+    # A value shared by two keys is written out twice, not as &id001 / *id001, so xtl reads its own files.
+    shared = [1, 2]
+    write_yaml(tmp_path / "shared.yaml", {"a": shared, "b": shared})
+    assert "*" not in (tmp_path / "shared.yaml").read_text()
+    assert read_yaml(tmp_path / "shared.yaml") == {"a": [1, 2], "b": [1, 2]}
+    config.explain_methods = config.train["methods"] = ["gradcam"]
+    assert "*" not in dump(config) and yaml.safe_load(dump(config))["explain_methods"] == ["gradcam"]
