@@ -283,3 +283,73 @@ def test_a_damaged_data_json_is_one_line(pipeline, tmp_path, monkeypatch, capsys
     (folder / "report" / "report.html").unlink()  # the report reads data.json again
     code, _, err = xtl(monkeypatch, capsys, "run", "--config", "pipeline.yaml", "--no-progress")
     last_line(code, err, "run folder file runs/p/data.json is damaged (not a JSON mapping); delete it")
+
+
+# ============================================================================= output locations
+
+def _image(data: Path) -> Path:
+    return sorted((data / "test" / "cat").iterdir())[0]
+
+
+OUTPUTS = {
+    # name: (arguments, given the run, data folder and a file; the one line's fragments)
+    "finetune_runs_dir_is_a_file": (lambda run, data, f: ["finetune", "--model", "timm:resnet10t", "--source", data,
+                                                          "--runs-dir", f, "--random-init", "--epochs", 1],
+                                    lambda f: [f"option --runs-dir: {f} is a file, not a folder"]),
+    "finetune_runs_dir_inside_a_file": (lambda run, data, f: ["finetune", "--model", "timm:resnet10t", "--source", data,
+                                                              "--runs-dir", f / "runs", "--random-init"],
+                                        lambda f: [f"option --runs-dir: {f / 'runs'} is a file (inside {f}, a file)"]),
+    "run_runs_dir_is_a_file": (lambda run, data, f: ["run", "--runs-dir", f, "--models", "timm:resnet10t", "--source", data],
+                               lambda f: [f"option --runs-dir: {f} is a file, not a folder"]),
+    "data_figure_is_a_folder": (lambda run, data, f: ["data", "--source", data, "--split", "random", "--train-size", 30,
+                                                      "--val-size", 6, "--figure", f.parent],
+                                lambda f: [f"cannot write {f.parent}: it is a folder; give a file name"]),
+    "data_figure_txt": (lambda run, data, f: ["data", "--source", data, "--figure", f.parent / "counts.txt"],
+                        lambda f: [f"cannot write {f.parent / 'counts.txt'}: a figure is saved as", ".png", "not .txt"]),
+    "data_figure_inside_a_file": (lambda run, data, f: ["data", "--source", data, "--figure", f / "counts.png"],
+                                  lambda f: [f"cannot write {f / 'counts.png'}: its folder {f} is a file"]),
+    "compare_out_is_a_file": (lambda run, data, f: ["compare", run, "--out", f],
+                              lambda f: [f"option --out: {f} is a file, not a folder"]),
+    "explain_out_is_a_file": (lambda run, data, f: ["explain", _image(data), "--model", run, "--method", "saliency",
+                                                    "--out", f], lambda f: [f"option --out: {f} is a file, not a folder"]),
+    "faithfulness_out_is_a_file": (lambda run, data, f: ["faithfulness", run, "--out", f, "--images", 2],
+                                   lambda f: [f"option --out: {f} is a file, not a folder"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUTS))
+def test_an_output_location_that_cannot_be_one_is_one_line(case, run, data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    copy = Path(shutil.copytree(run.path, tmp_path / "cnn"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    arguments, fragments = OUTPUTS[case]
+    code, _, err = xtl(monkeypatch, capsys, *arguments(copy, data, a_file))
+    one_line(code, err, *fragments(a_file))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing left behind
+    assert a_file.read_text() == "not a folder\n"
+
+
+def test_a_read_only_output_folder_is_one_line(data, tmp_path, monkeypatch, capsys):
+    """As root (tests may run so) chmod does not stop writes: the refusal is simulated where the
+    file system gives it, creating the temporary file; as another user a real read-only folder."""
+    import errno
+    import os
+    import tempfile
+
+    out = tmp_path / "out"
+    out.mkdir()
+    if os.geteuid() == 0:
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    else:
+        out.chmod(0o555)
+    try:
+        code, _, err = xtl(monkeypatch, capsys, "data", "--source", data, "--figure", out / "counts.png")
+    finally:
+        out.chmod(0o755)
+    last_line(code, err, f"cannot write {out / 'counts.png'}: permission denied (nothing was written)")
+    assert list(out.iterdir()) == []

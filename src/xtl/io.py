@@ -42,6 +42,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     read-only folder becomes an `XtlError` naming `path`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise XtlError(f"cannot write {path}: it is a folder; give a file name (or remove the folder)")
+    check_output_folder(path.parent, f"cannot write {path}: its folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -59,6 +62,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def check_output_folder(folder: str | os.PathLike, what: str) -> Path:
+    """`folder` if it is one or can be made (nothing is created); else an `XtlError` saying `what`
+    (e.g. "option --runs-dir") is a file, or lies inside one."""
+    folder = Path(folder)
+    for above in (folder, *folder.parents):
+        if above.exists():
+            if not above.is_dir():
+                inside = "" if above == folder else f" (inside {above}, a file)"
+                raise XtlError(f"{what} {folder} is a file{inside}, not a folder; give a folder")
+            break
+    return folder
 
 
 def disk_error(err: BaseException) -> int | None:
@@ -210,9 +226,31 @@ def pyplot():
     return plt
 
 
+def check_figure_path(path: str | os.PathLike) -> str:
+    """The image format of a figure file `path` (its extension; png without one); an `XtlError` if
+    matplotlib cannot write that format, or `path` is a folder or lies inside a file."""
+    path = Path(path)
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kind = path.suffix.lstrip(".").lower() or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if kind not in known:
+        raise XtlError(f"cannot write {path}: a figure is saved as {', '.join('.' + k for k in sorted(known))}, "
+                       f"not .{kind}; give a file name with one of these")
+    if path.is_dir():
+        raise XtlError(f"cannot write {path}: it is a folder; give a file name (or remove the folder)")
+    check_output_folder(path.parent, f"cannot write {path}: its folder")
+    return kind
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     """Save a matplotlib figure atomically and close it."""
     plt = pyplot()
+    try:
+        kind = check_figure_path(path)
+    except XtlError:
+        plt.close(fig)
+        raise
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
+        fig.savefig(tmp, format=kind, dpi=dpi, bbox_inches="tight")
     plt.close(fig)

@@ -30,7 +30,7 @@ from rich.console import Console
 
 from xtl.config import RunConfig
 from xtl.errors import XtlError
-from xtl.io import read_yaml, write_json, write_text
+from xtl.io import check_output_folder, read_yaml, write_json, write_text
 from xtl.pipeline.config import PipelineConfig, dump, load_config, parse_assignments, preset_config
 from xtl.runs import RunDir, split_spec
 
@@ -295,6 +295,8 @@ def run_pipeline(config: PipelineConfig, force: bool = False, progress: bool = T
 def _claim_folder(folder: Path, config: PipelineConfig, force: bool, console: Console) -> None:
     """Make `folder` this configuration's: new, the same configuration's, or (with --force) emptied."""
     saved = folder / "pipeline.yaml"
+    check_output_folder(Path(config.runs_dir), "option --runs-dir:")
+    check_output_folder(folder, "option --name: the run folder")
     if folder.exists() and any(folder.iterdir()) and not saved.is_file():
         raise XtlError(f"folder {folder} exists and is not an xtl run folder (no pipeline.yaml); choose another --name")
     if force and saved.is_file():
