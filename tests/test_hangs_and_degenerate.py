@@ -175,3 +175,93 @@ def test_a_batch_of_one_image_that_batchnorm_cannot_train_on_is_one_line(tiny_fo
         _finetune(_tiny_config(tiny_folder, batch_size=1), tmp_path / "run")
     assert str(caught.value).startswith("option --batch-size 1: a BatchNorm layer of timm:resnet10t sees one value "
                                         "per channel")
+
+
+# ----------------------------------------------------------------------------- numbers that mean nothing
+
+
+NUMBER_CASES = [
+    # (command and the arguments it needs, option, bad value, what the one line says)
+    (["data"], "--train-size", "-1", "must be >= 0, not -1"),
+    (["data"], "--val-size", "-3", "must be >= 0, not -3"),
+    (["data"], "--test-size", "-1", "must be >= 0, not -1"),
+    (["data"], "--seed", "-1", "must be >= 0, not -1"),
+    (["explain", "nope"], "--images", "0", "must be >= 1, not 0"),
+    (["explain", "nope"], "--images", "-1", "must be >= 1, not -1"),
+    (["explain", "nope"], "--batch-size", "0", "must be >= 1, not 0"),
+    (["explain", "photo.jpg", "--model", "timm:resnet10t"], "--batch-size", "-4", "must be >= 1, not -4"),
+    (["faithfulness", "nope"], "--images", "0", "must be at least 1, not 0"),
+    (["faithfulness", "nope"], "--steps", "0", "must be at least 1, not 0"),
+    (["faithfulness", "nope"], "--steps", "-2", "must be at least 1, not -2"),
+    (["faithfulness", "nope"], "--batch-size", "0", "must be at least 1, not 0"),
+    (["faithfulness", "nope"], "--explain-batch-size", "-1", "must be at least 1, not -1"),
+    (["faithfulness", "nope"], "--seed", "-1", "must be >= 0, not -1"),
+    (["serve", "nope"], "--port", "0", "must be in [1, 65535], not 0"),
+    (["serve", "nope"], "--port", "-1", "must be in [1, 65535], not -1"),
+    (["serve", "nope"], "--port", "70000", "must be in [1, 65535], not 70000"),
+    (["serve", "nope"], "--max-upload-mb", "0", "must be > 0, not 0.0"),
+    (["serve", "nope"], "--max-upload-mb", "-1", "must be > 0, not -1.0"),
+    (["serve", "nope"], "--max-upload-mb", "nan", "must be a finite number, not nan"),
+    (["serve", "nope"], "--max-upload-mb", "inf", "must be a finite number, not inf"),
+    (["compare", "nope"], "--gallery-size", "0", "must be >= 1, not 0"),
+    (["compare", "nope"], "--gallery-size", "-1", "must be >= 1, not -1"),
+    (["run", "--show-config"], "--explain-batch-size", "0", "must be >= 1, not 0"),
+    (["run", "--show-config"], "--explain-images", "-5", "must be >= 1 or null (all), not -5"),
+    (["run", "--show-config"], "--gallery-size", "-1", "must be >= 1, not -1"),
+    (["run", "--show-config"], "--faithfulness-images", "0", "must be >= 1, not 0"),
+    (["run", "--show-config"], "--faithfulness-steps", "-1", "must be >= 1, not -1"),
+    (["run", "--show-config"], "--faithfulness-batch-size", "0", "must be >= 1, not 0"),
+    (["finetune"], "--warmup-epochs", "-1", "must be >= 0, not -1.0"),
+    (["finetune"], "--weight-decay", "-0.1", "must be >= 0, not -0.1"),
+    (["finetune"], "--label-smoothing", "nan", "must be a finite number, not nan"),
+    (["finetune"], "--head-lr", "0", "must be > 0, not 0.0"),
+    (["finetune"], "--lr", "inf", "must be a finite number, not inf"),
+    (["finetune"], "--lr", "-1e-3", "must be > 0, not -0.001"),
+    (["finetune"], "--bn-momentum", "-0.5", "must be in [0, 1], not -0.5"),
+    (["finetune"], "--patience", "-1", "must be >= 0, not -1"),
+    (["finetune"], "--grad-clip", "nan", "must be a finite number, not nan"),
+    (["finetune"], "--seed", "-1", "must be >= 0, not -1"),
+    (["finetune"], "--test-size", "-1", "must be >= 0, not -1"),
+    (["finetune"], "--devices", "0", "must be > 0, not 0"),
+    (["finetune"], "--num-nodes", "-1", "must be > 0, not -1"),
+    (["finetune"], "--epochs", "0", "must be > 0, not 0"),
+    (["finetune"], "--head-epochs", "-1", "must be >= 0, not -1"),
+]
+
+
+@pytest.mark.parametrize("command, option, value, says", NUMBER_CASES,
+                         ids=[f"{c[0]}{o}={v}" for c, o, v, _ in NUMBER_CASES])
+def test_a_meaningless_number_is_one_line_naming_the_option(command, option, value, says, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from xtl.cli import app
+
+    monkeypatch.chdir(tmp_path)  # nothing a command might start is left in the repository
+    result = CliRunner().invoke(app, [*command, option, value])
+    assert isinstance(result.exception, XtlError), (result.exception, result.output)
+    assert str(result.exception) == f"option {option} {says}"
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("seed=-1", "key 'seed' must be >= 0, not -1"),
+    ("weight_decay=-0.1", "key 'weight_decay' must be >= 0, not -0.1"),
+    ("warmup_epochs=-1", "key 'warmup_epochs' must be >= 0, not -1"),
+    ("lr=.inf", "key 'lr' must be a finite number, not inf"),
+    ("bn_momentum=2", "key 'bn_momentum' must be in [0, 1], not 2"),
+])
+def test_xtl_run_train_settings_are_range_checked(setting, says, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from xtl.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run", "--show-config", "--train", setting])
+    assert isinstance(result.exception, XtlError), (result.exception, result.output)
+    assert says in str(result.exception) and "\n" not in str(result.exception)
+
+
+def test_a_bad_number_exits_2_with_one_line(tmp_path):
+    result = subprocess.run([XTL, "serve", "nope", "--port", "-1"], capture_output=True, text=True, timeout=60,
+                            env=ENV, cwd=tmp_path)
+    _one_line(result, "option --port must be in [1, 65535], not -1")

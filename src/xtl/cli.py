@@ -13,6 +13,7 @@ from rich.table import Table
 from typer.core import TyperOption
 
 from xtl.errors import XtlError
+from xtl.settings import Rule, check_values
 
 # typer's rich help gives flags a type column too (`--help <bool>`), as if they took a value: not here
 _typer_display_type = TyperOption.display_type_rich
@@ -56,6 +57,22 @@ def _is_launcher_child() -> bool:
     return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
 
 
+# The numeric options of the commands below, checked where they are parsed (xtl.settings): each
+# finite and in range, one line naming the option. finetune's go through RunConfig (xtl.config.RULES),
+# run's through PipelineConfig (xtl.pipeline.config.RULES).
+_COUNT, _NOT_NEGATIVE = Rule(at_least=1), Rule(at_least=0)
+OPTION_RULES = {
+    **dict.fromkeys(("train_size", "val_size", "test_size", "seed"), _NOT_NEGATIVE),
+    **dict.fromkeys(("images", "batch_size", "gallery_size"), _COUNT),
+    "port": Rule(at_least=1, at_most=65535),
+    "max_upload_mb": Rule(above=0),
+}
+
+
+def _check_numbers(**values) -> None:
+    check_values(values, OPTION_RULES)
+
+
 @app.command("models")
 def models_command() -> None:
     """List the registered models."""
@@ -83,11 +100,10 @@ def data_command(
     figure: Path = typer.Option(Path("class_distribution.png"), help="Where to write the class-distribution figure."),
 ) -> None:
     """Show a split's size per class and write its class-distribution figure."""
+    _check_numbers(train_size=train_size, val_size=val_size, test_size=test_size, seed=seed)
     from xtl.data import SplitSpec, load_split
     from xtl.data.figures import plot_class_distribution
-    from xtl.io import check_figure_path
 
-    check_figure_path(figure)  # before the images are read
     data = load_split(source, SplitSpec(split, train_size, val_size, test_size, seed, stratified))
     table = Table("class", *data.parts)
     counts = data.summary()
@@ -151,7 +167,6 @@ def finetune_command(
     from xtl.runs import RunDir, split_spec
 
     accelerator = _accelerator(accelerator, device)
-    _output_folder(runs_dir, "--runs-dir")
     run = RunDir(run_folder(runs_dir, name or f"{preset}-{model.replace(':', '_').replace('/', '_')}"))
     first_start = None
     if resume and run.config_path.is_file():
@@ -221,13 +236,6 @@ def _train_and_evaluate(config, run, spec, resume: bool, evaluate: bool, progres
 
 
 DEVICE_HELP = "Where the model runs: auto (a GPU if there is one), cpu, cuda, cuda:N or mps (default: the run's accelerator)."
-
-
-def _output_folder(folder: Path, option: str) -> Path:
-    """An output folder option, checked before any work: a folder, or one that can be made."""
-    from xtl.io import check_output_folder
-
-    return check_output_folder(folder, f"option {option}:")
 
 
 def _device(device: Optional[str]) -> Optional[str]:
@@ -302,6 +310,7 @@ def explain_command(
     xtl explain runs/quick/vit_s14_dinov2 --methods transformer_attribution,attention_rollout
     xtl explain photo.jpg holiday/ --model timm:resnet50 --method gradcam --method integrated_gradients
     """
+    _check_numbers(images=images, batch_size=batch_size)
     chosen = [m.strip() for m in (methods or "").split(",") if m.strip()] + list(method or [])
     if list_methods:
         from xtl.explain import describe_methods
@@ -313,7 +322,7 @@ def explain_command(
     if model is not None:
         from xtl.explain.files import explain_files
 
-        folder = _output_folder(out or Path("explanations"), "--out")
+        folder = out or Path("explanations")
         written = explain_files(inputs, model, chosen or None, folder, device=device, target=target,
                                 batch_size=batch_size, weights=weights)
         console.print(f"{len(written)} image(s) explained: overlays, raw maps and figure.png per image in {folder}/, "
@@ -445,6 +454,7 @@ def compare_command(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Compare existing runs as a report: results table, most-confused pairs, side-by-side galleries, faithfulness."""
+    _check_numbers(gallery_size=gallery_size)
     from xtl.evaluate import read_predictions
     from xtl.explain.runner import compare_runs, shared_picks
     from xtl.report import build_report
@@ -453,7 +463,7 @@ def compare_command(
     _device(device)
     run_dirs = [RunDir(r) for r in runs]
     _print_comparison(run_dirs)
-    folder = _output_folder(out or Path("runs") / ("compare-" + "-vs-".join(r.path.name for r in run_dirs)), "--out")
+    folder = out or Path("runs") / ("compare-" + "-vs-".join(r.path.name for r in run_dirs))
     chosen = _list(methods) or ["gradcam", "transformer_attribution"]
     if len(run_dirs) > 1:
         correct, wrong = shared_picks([read_predictions(r) for r in run_dirs], len(run_dirs[0].class_names), gallery_size)
@@ -492,6 +502,7 @@ def faithfulness_command(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Faithfulness of the explanation methods: deletion, insertion, positive and negative perturbation."""
+    _check_numbers(seed=seed)  # the counts: FaithfulnessSettings, before any run is read
     from xtl.faithfulness import faithfulness_imagenet, faithfulness_run, faithfulness_table
     from xtl.runs import RunDir
 
@@ -501,8 +512,6 @@ def faithfulness_command(
     options = dict(methods=chosen, n_images=images, steps=steps, baseline=baseline, batch_size=batch_size,
                    explain_batch_size=explain_batch_size, seed=seed, progress=progress, grid=_grid(grid),
                    device=_device(device))
-    if out is not None:
-        _output_folder(out, "--out")
     if imagenet_sample is not None:
         folder = out or Path("runs") / f"faithfulness-{model.replace(':', '_').replace('/', '_')}"
         results = [faithfulness_imagenet(imagenet_sample, model, out=folder, **options)]
@@ -523,6 +532,7 @@ def serve_command(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """An interactive web app: upload an image, compare the models' predictions and heatmaps."""
+    _check_numbers(port=port, max_upload_mb=max_upload_mb)
     from xtl.app import serve
     from xtl.runs import RunDir
 

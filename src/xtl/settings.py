@@ -76,6 +76,15 @@ def check_settings(obj: Any, rules: Mapping[str, Rule], where: str = "option") -
         rule.check(name, getattr(obj, name), where)
 
 
+def check_values(values: Mapping[str, Any], rules: Mapping[str, Rule], where: str = "option") -> None:
+    """Settings given one by one (a command's options, by name): each number finite (not NaN, not an
+    infinity), then within its `Rule`."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise XtlError(f"{label(name, where)} must be a finite number, not {value}")
+        rules[name].check(name, value, where)
+
+
 def check_types(obj: Any, where: str = "option") -> None:
     """Every field of the dataclass `obj` holds a value of its annotated type; an int where a number
     (float) is declared becomes that float, and a number must be finite (not NaN, not an infinity)."""
