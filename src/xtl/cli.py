@@ -103,7 +103,9 @@ def data_command(
     _check_numbers(train_size=train_size, val_size=val_size, test_size=test_size, seed=seed)
     from xtl.data import SplitSpec, load_split
     from xtl.data.figures import plot_class_distribution
+    from xtl.io import check_figure_path
 
+    check_figure_path(figure)  # before the images are read
     data = load_split(source, SplitSpec(split, train_size, val_size, test_size, seed, stratified))
     table = Table("class", *data.parts)
     counts = data.summary()
@@ -167,6 +169,7 @@ def finetune_command(
     from xtl.runs import RunDir, split_spec
 
     accelerator = _accelerator(accelerator, device)
+    _output_folder(runs_dir, "--runs-dir")
     run = RunDir(run_folder(runs_dir, name or f"{preset}-{model.replace(':', '_').replace('/', '_')}"))
     first_start = None
     if resume and run.config_path.is_file():
@@ -236,6 +239,13 @@ def _train_and_evaluate(config, run, spec, resume: bool, evaluate: bool, progres
 
 
 DEVICE_HELP = "Where the model runs: auto (a GPU if there is one), cpu, cuda, cuda:N or mps (default: the run's accelerator)."
+
+
+def _output_folder(folder: Path, option: str) -> Path:
+    """An output folder option, checked before any work: a folder, or one that can be made."""
+    from xtl.io import check_output_folder
+
+    return check_output_folder(folder, f"option {option}:")
 
 
 def _device(device: Optional[str]) -> Optional[str]:
@@ -322,7 +332,7 @@ def explain_command(
     if model is not None:
         from xtl.explain.files import explain_files
 
-        folder = out or Path("explanations")
+        folder = _output_folder(out or Path("explanations"), "--out")
         written = explain_files(inputs, model, chosen or None, folder, device=device, target=target,
                                 batch_size=batch_size, weights=weights)
         console.print(f"{len(written)} image(s) explained: overlays, raw maps and figure.png per image in {folder}/, "
@@ -463,7 +473,7 @@ def compare_command(
     _device(device)
     run_dirs = [RunDir(r) for r in runs]
     _print_comparison(run_dirs)
-    folder = out or Path("runs") / ("compare-" + "-vs-".join(r.path.name for r in run_dirs))
+    folder = _output_folder(out or Path("runs") / ("compare-" + "-vs-".join(r.path.name for r in run_dirs)), "--out")
     chosen = _list(methods) or ["gradcam", "transformer_attribution"]
     if len(run_dirs) > 1:
         correct, wrong = shared_picks([read_predictions(r) for r in run_dirs], len(run_dirs[0].class_names), gallery_size)
@@ -512,6 +522,8 @@ def faithfulness_command(
     options = dict(methods=chosen, n_images=images, steps=steps, baseline=baseline, batch_size=batch_size,
                    explain_batch_size=explain_batch_size, seed=seed, progress=progress, grid=_grid(grid),
                    device=_device(device))
+    if out is not None:
+        _output_folder(out, "--out")
     if imagenet_sample is not None:
         folder = out or Path("runs") / f"faithfulness-{model.replace(':', '_').replace('/', '_')}"
         results = [faithfulness_imagenet(imagenet_sample, model, out=folder, **options)]
