@@ -75,16 +75,16 @@ def _prediction_rows(run: RunDir) -> tuple[list[int], list[int], list[int], list
     path = run.file("predictions.csv")
     if not path.is_file():
         raise XtlError(f"run directory {run.path} has no predictions.csv; run `xtl evaluate {run.path}`")
-    n_classes = len(run.class_names)
     columns = ["id", "label", "predicted"]
     try:
         rows = read_csv(path)
         if not rows:
             raise ValueError("no rows" if path.stat().st_size else "empty")
         header = list(rows[0])
-        if header[:3] != columns or len(header) != 3 + n_classes:
+        n_classes = len(header) - 3
+        if header[:3] != columns or n_classes < 1 or not all(str(c).startswith("p_") for c in header[3:]):
             raise ValueError(f"columns {', '.join(map(str, header[:4]))}{', ...' if len(header) > 4 else ''}, "
-                             f"not id, label, predicted and {n_classes} class probabilities")
+                             "not id, label, predicted and p_<class> per class")
         values = [list(row.values()) for row in rows]
         ids, labels, predicted = ([int(r[k]) for r in values] for k in range(3))
         probabilities = [[float(p) for p in r[3:]] for r in values]
