@@ -97,3 +97,110 @@ def test_a_normal_config_still_loads_and_what_xtl_writes_has_no_alias(tmp_path):
     assert read_yaml(tmp_path / "shared.yaml") == {"a": [1, 2], "b": [1, 2]}
     config.explain_methods = config.train["methods"] = ["gradcam"]
     assert "*" not in dump(config) and yaml.safe_load(dump(config))["explain_methods"] == ["gradcam"]
+
+
+# ----------------------------------------------------------------------------- xtl serve: bodies, schema, exit status
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory, cifar):
+    from helpers import tiny_run
+
+    return tiny_run(tmp_path_factory.mktemp("served") / "cnn", cifar, "timm:resnet10t", 32)
+
+
+@pytest.fixture(scope="module")
+def app(served_run):
+    from xtl.app import make_app
+
+    return make_app([served_run], max_upload_mb=1)
+
+
+def _asgi_post(app, path: str, headers: dict[str, str], chunks) -> tuple[int, bytes, int]:
+    """One POST straight into the ASGI app: (status, body, request chunks the app pulled from `chunks`)."""
+    import asyncio
+
+    pulled = 0
+    answer: dict = {"body": b""}
+
+    async def receive():
+        nonlocal pulled
+        chunk = next(chunks, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        pulled += 1
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            answer["body"] += message.get("body", b"")
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 7860)}
+    asyncio.run(app(scope, receive, send))
+    return answer["status"], answer["body"], pulled
+
+
+def _stream(size: int = 64 * 1024, count: int = 160):
+    """A 10 MB body in 64 KB chunks (finite, so that a server without the bound reads it all, not forever)."""
+    for _ in range(count):
+        yield b" " * size
+
+
+def test_an_oversized_json_body_is_refused_before_it_is_read(app):
+    """200 MB announced: 413 and not one chunk read; a 10 MB body streamed without a length (chunked):
+    413 once a little over 1 MB has arrived (the rest is never read)."""
+    from xtl.app.guard import MAX_OTHER_BODY
+
+    json_type = {"content-type": "application/json"}
+    status, body, pulled = _asgi_post(app, "/gradio_api/call/explain_upload",
+                                      {**json_type, "content-length": str(200 * 2**20)}, _stream())
+    assert (status, pulled) == (413, 0) and b"request body too large: the limit is 1 MB" in body
+    status, body, pulled = _asgi_post(app, "/gradio_api/queue/join", json_type, _stream())
+    assert status == 413 and pulled == MAX_OTHER_BODY // (64 * 1024) + 1
+    # a multipart body's bound is the upload limit (1 MB here) plus room for the multipart headers
+    status, _, pulled = _asgi_post(app, "/gradio_api/queue/join", {"content-type": "multipart/form-data; boundary=x"},
+                                   _stream())
+    assert status == 413 and pulled == (2**20 + 64 * 1024) // (64 * 1024) + 1
+
+
+def test_api_schemas_are_not_served_and_normal_requests_still_work(app, cifar):
+    from starlette.testclient import TestClient
+
+    with TestClient(app) as client:
+        for route in ("/openapi.json", "/docs", "/redoc", "/gradio_api/openapi.json", "/gradio_api/docs"):
+            assert client.get(route).status_code == 404, route
+        # what gradio_client reads to call the named events stays, and names only those
+        info = client.get("/gradio_api/info?all_endpoints=true")
+        assert info.status_code == 200
+        assert sorted(info.json()["named_endpoints"]) == ["/explain_test_image", "/explain_upload"]
+        # a JSON body over the bound, sent whole
+        big = client.post("/gradio_api/call/explain_upload", content=b'{"data": ["' + b"x" * (3 * 2**20) + b'"]}',
+                          headers={"content-type": "application/json"})
+        assert big.status_code == 413 and big.json() == {"detail": "request body too large: the limit is 1 MB"}
+        # an upload under the limit and an API call are answered as before
+        with open(cifar / "test" / "cat" / "0000.jpg", "rb") as f:
+            uploaded = client.post("/gradio_api/upload", files={"files": ("cat.jpg", f)})
+        assert uploaded.status_code == 200 and uploaded.json()[0].endswith("cat.jpg")
+        call = client.post("/gradio_api/call/explain_upload",
+                           json={"data": [{"path": uploaded.json()[0], "meta": {"_type": "gradio.FileData"}},
+                                          ["gradcam"], "predicted", 0.5]})
+        assert call.status_code == 200 and "event_id" in call.json()
+        assert client.get("/").status_code == 200
+
+
+def test_xtl_serve_on_an_address_it_cannot_use_exits_2_in_one_line(served_run, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _xtl("serve", str(served_run.path), "--port", str(port))
+    assert _one_line_error(result) == f"error: option --port {port}: 127.0.0.1:{port} is already in use; choose another --port"
+    result = _xtl("serve", str(served_run.path), "--host", "no-such-host.invalid")
+    assert _one_line_error(result).startswith("error: option --host no-such-host.invalid: cannot listen there (")
