@@ -204,3 +204,81 @@ def test_xtl_serve_on_an_address_it_cannot_use_exits_2_in_one_line(served_run, t
     assert _one_line_error(result) == f"error: option --port {port}: 127.0.0.1:{port} is already in use; choose another --port"
     result = _xtl("serve", str(served_run.path), "--host", "no-such-host.invalid")
     assert _one_line_error(result).startswith("error: option --host no-such-host.invalid: cannot listen there (")
+
+
+# ----------------------------------------------------------------------------- user text printed literally
+
+BRACKETED = ["runs/[x]", "runs/[/x]", "a[bold]b[/bold]", "photo[1].jpg", "[red]", r"back\[x]"]
+
+
+@pytest.mark.parametrize("message", [f"file {name} is broken" for name in BRACKETED] + ["[bold] [/x] [1] [/]"])
+def test_the_error_printer_prints_an_error_literally(monkeypatch, capsys, message):
+    import xtl.cli
+
+    def fails() -> None:
+        raise XtlError(message)
+
+    monkeypatch.setattr(xtl.cli, "app", fails)
+    with pytest.raises(SystemExit) as exit_:
+        xtl.cli.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("name", BRACKETED[:4])
+def test_a_missing_run_folder_with_brackets_is_named_whole(monkeypatch, capsys, tmp_path, name):
+    import xtl.cli
+    from xtl.runs import RunDir
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(XtlError) as expected:
+        RunDir(Path(name)).read()
+    assert name in str(expected.value)
+    monkeypatch.setattr("sys.argv", ["xtl", "evaluate", name])
+    with pytest.raises(SystemExit) as exit_:
+        xtl.cli.main()
+    assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {expected.value}\n"
+
+
+def test_xtl_evaluate_on_a_folder_named_with_a_closing_tag_is_one_line(tmp_path):
+    """In a real process: `[/x]` used to crash the error printer (rich's MarkupError traceback, exit 1)."""
+    result = _xtl("evaluate", "runs/[/x]", cwd=tmp_path)
+    assert _one_line_error(result) == "error: run directory runs/[/x] has no config.yaml (not an xtl run)"
+
+
+def test_class_names_and_paths_with_brackets_are_printed_whole(tmp_path, cifar):
+    """`xtl data`'s table (class folders `b[x]d`, `[bold]`) and its success line (a figure path with brackets)."""
+    import shutil
+
+    for part in ("train", "test"):
+        for name in ("cat", "b[x]d", "[bold]"):
+            folder = tmp_path / "data" / part / name
+            folder.mkdir(parents=True)
+            for image in sorted((cifar / part / "cat").iterdir())[:4]:
+                shutil.copy(image, folder / image.name)
+    figure = "figs[x]/dist[1].png"
+    result = _xtl("data", "--source", "data", "--split", "random", "--train-size", "6", "--val-size", "3",
+                  "--test-size", "6", "--figure", figure, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"class distribution: {figure}" in result.stdout.splitlines()
+    rows = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")]
+    assert rows == ["[bold]", "b[x]d", "cat", "total"]
+    assert (tmp_path / figure).is_file()
+
+
+def test_progress_bars_show_run_names_whole(monkeypatch):
+    """The faithfulness and explanation bars' descriptions hold run names: `a[x]` shown whole, `[/x]` no crash."""
+    import io
+
+    from rich.console import Console
+
+    import xtl.faithfulness.perturbation as perturbation
+    from xtl.explain.runner import progress_bar
+
+    for make in (perturbation.make_progress, progress_bar):
+        out = Console(file=io.StringIO(), width=200, color_system=None)
+        monkeypatch.setattr(perturbation, "console", out)
+        bar = make() if make is perturbation.make_progress else make(True, out)
+        bar.add_task("runs/a[x]b [/x]: gradcam", total=3)
+        out.print(bar.get_renderable())
+        assert "runs/a[x]b [/x]: gradcam" in out.file.getvalue()

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperOption
 
 from xtl.errors import XtlError
@@ -23,7 +24,9 @@ app = typer.Typer(
     help="Explainable transfer learning: fine-tune CNNs and ViTs, evaluate them, explain them.",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
 )
-console = Console(width=None if sys.stdout.isatty() else 150)
+# markup=False: what is printed holds user text (paths, run and class names) and is printed as it is;
+# `runs/[x]` is a folder, not a style (styles go in as rich.text.Text)
+console = Console(width=None if sys.stdout.isatty() else 150, markup=False)
 
 
 def _print_version(value: bool) -> None:
@@ -111,7 +114,7 @@ def data_command(
     counts = data.summary()
     for k, name in enumerate(data.class_names):
         table.add_row(name, *[str(counts[part][k]) for part in data.parts])
-    table.add_row("[bold]total", *[f"[bold]{len(part)}" for part in data.parts.values()])
+    table.add_row(Text("total", style="bold"), *[Text(str(len(part)), style="bold") for part in data.parts.values()])
     console.print(table)
     plot_class_distribution(data, figure)
     console.print(f"class distribution: {figure}")
@@ -570,7 +573,8 @@ def main() -> None:
     try:
         app()
     except XtlError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        # the message is user text (a path may hold `[x]`): a Text, never read as markup
+        Console(stderr=True).print(Text.assemble(("error:", "red"), f" {err}"), highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

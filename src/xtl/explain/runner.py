@@ -29,6 +29,12 @@ DEFAULT_METHOD = {"cnn": "gradcam", "vit": "transformer_attribution", "other": "
 console = Console(stderr=True)
 
 
+def progress_bar(progress: bool, on: Console | None = None) -> Progress:
+    """The bar of `stream`: one task per method, described by the run's folder name, shown literally."""
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), disable=not progress, console=on or console)
+
+
 def read_stored_maps(run: RunDir, method: str, split: str = "test", target: str | None = None,
                      images: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """What `explain_run` stored for `method`, in shard order from the split's first image: raw maps
@@ -132,8 +138,7 @@ class RunExplainer(LoadedRun):
             folders[method] = open_set(self.run, info)
             drop_overlapping(folders[method], names)
         lines = PlainProgress(f"explain {self.run.path.name}", "+".join(methods), n, enabled=not sys.stderr.isatty())
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      disable=not progress, console=console) as bar, \
+        with progress_bar(progress) as bar, \
                 sigterm_as_interrupt(lambda: f"finished shards are kept in {out}; the same command continues"):
             tasks = {m: bar.add_task(f"{self.run.path.name}: {m}", total=len(batches)) for m in methods}
             # batch by batch, every method on each: "images done" means done by every method

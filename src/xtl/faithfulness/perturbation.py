@@ -504,5 +504,6 @@ class _bar:
 
 
 def make_progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("passes"),
+    # a description holds a run's name (user text): shown as it is, never read as markup
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TextColumn("passes"),
                     TimeRemainingColumn(), console=console)

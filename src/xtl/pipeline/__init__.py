@@ -113,7 +113,7 @@ class Pipeline:
             missing = [p for p in recorded if not p.exists()]
             redone = [k for k in after if k in self.ran]
             if not missing and not redone:
-                self.console.print(f"[dim]{what}: done already[/dim]")
+                self.console.print(f"{what}: done already", style="dim", markup=False, highlight=False)
                 return
             self.redoing = (f"{_relative(missing[0], self.folder)} is missing" if missing
                             else f"step {redone[0]} was redone")
@@ -211,7 +211,7 @@ class Pipeline:
         metrics = evaluate(self.runs[model], self.split(config), device=self.device(config))
         low, high = metrics["accuracy_ci95"]
         self.console.print(f"{model}: test accuracy {metrics['accuracy']:.3f} [{low:.3f}, {high:.3f}], "
-                           f"ROC-AUC {metrics['roc_auc_macro_ovr']:.3f}")
+                           f"ROC-AUC {metrics['roc_auc_macro_ovr']:.3f}", markup=False)
 
     def explain_settings(self) -> list:
         c = self.config
@@ -262,7 +262,7 @@ class Pipeline:
             shutil.copyfile(self.runs[c.models[0]].file("faithfulness.csv"), self.folder / "faithfulness_combined.csv")
             shutil.copyfile(self.runs[c.models[0]].figures / "faithfulness_curves.png",
                             self.folder / "figures" / "faithfulness_combined.png")
-        Console(width=None if sys.stdout.isatty() else 150).print(
+        Console(width=None if sys.stdout.isatty() else 150, markup=False).print(
             faithfulness_table([row for r in results for row in r.rows()]))
 
     def report(self) -> None:
@@ -270,7 +270,7 @@ class Pipeline:
 
         path = build_report(list(self.runs.values()), self.folder / "report", folder=self.folder,
                             config=self.config.to_dict(), title=self.config.title)
-        self.console.print(f"report: {path}")
+        self.console.print(f"report: {path}", markup=False)
 
 
 def _relative(path: Path, folder: Path) -> str:
@@ -283,7 +283,8 @@ def _relative(path: Path, folder: Path) -> str:
 def run_pipeline(config: PipelineConfig, force: bool = False, progress: bool = True,
                  console: Console | None = None) -> Path:
     """Run every step that is not done yet; returns the report's path."""
-    console = console or Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+    # markup=False: the lines hold paths, run and model names (user text), printed as they are
+    console = console or Console(stderr=True, width=None if sys.stderr.isatty() else 150, markup=False)
     folder = config.folder
     _claim_folder(folder, config, force, console)
     pipeline = Pipeline(config, progress, console)
@@ -320,7 +321,7 @@ def _claim_folder(folder: Path, config: PipelineConfig, force: bool, console: Co
 
 
 def _print_results(pipeline: Pipeline, console: Console) -> None:
-    out = Console(width=None if sys.stdout.isatty() else 150)
+    out = Console(width=None if sys.stdout.isatty() else 150, markup=False)
     for model, run in pipeline.runs.items():
         m = run.metrics()
         low, high = m["accuracy_ci95"]
