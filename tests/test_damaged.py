@@ -145,11 +145,17 @@ CASES = [
 
 
 def _command(command: str, run: Path, tmp_path: Path, monkeypatch) -> list:
-    if command == "serve":  # the app is built (every model loaded, the page made); nothing listens
+    if command == "serve":  # the app is built (every model loaded, the page made); nothing is served
+        import socket
+
         import uvicorn
 
         monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
-        return ["serve", run]
+        monkeypatch.setattr(uvicorn.Server, "run", lambda *args, **kwargs: None)
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        return ["serve", run, "--port", port]
     return {
         "evaluate": ["evaluate", run],
         "explain": ["explain", run, "--methods", "saliency", "--images", 4, "--batch-size", 4, "--no-progress"],
