@@ -523,3 +523,17 @@ def test_the_terminal_table_never_cuts_a_name_and_says_what_plus_minus_is():
     words = " ".join(text.split())
     assert "± : half-width of the 95 % confidence interval of the mean AUC over the images" in words
     assert "1.96 × sample std of the per-image AUCs / √images" in words
+
+
+@pytest.mark.parametrize("markup", [True, False])
+def test_the_best_cells_are_bold_on_any_console_never_markup_text(markup):
+    """xtl run prints user text literally (markup off): the table's emphasis is a style, not markup."""
+    from rich.console import Console
+
+    from xtl.faithfulness import faithfulness_table
+
+    console = Console(record=True, width=160, markup=markup, force_terminal=True, color_system="standard")
+    console.print(faithfulness_table(_table_rows("run", "efficientnet_lite0")))
+    plain = console.export_text(clear=False)
+    assert "[bold]" not in plain and "[/bold]" not in plain and "0.100 ±" in plain
+    assert "\x1b[1m" in console.export_text(styles=True)  # the best cells are drawn bold

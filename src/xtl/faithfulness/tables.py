@@ -7,6 +7,7 @@ column is emphasised."""
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 from rich import box
 from rich.console import Group
@@ -48,8 +49,10 @@ def faithfulness_table(rows: list[dict]) -> Group:
             table.add_column(header, justify="right", min_width=max(7, *map(len, header.split())))
         table.add_column("explain s", justify="right")
         table.add_column("score img/s", justify="right")
-        for row, cells in _formatted(group, "[bold]{}[/bold]"):
-            table.add_row(row["method"], *cells, f"{row['explain_s']:.1f}", f"{row['score_images_per_s']:.1f}")
+        # Text cells, not markup: the same table on a console that reads markup and on one that does not
+        for row, cells in _formatted(group, lambda text: Text(text, style="bold")):
+            table.add_row(Text(str(row["method"])), *[Text(c) if isinstance(c, str) else c for c in cells],
+                          Text(f"{row['explain_s']:.1f}"), Text(f"{row['score_images_per_s']:.1f}"))
         tables.append(table)
     return Group(heading, *tables, Text(PLUS_MINUS, style="dim"))
 
@@ -60,7 +63,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| model | images | method | " + " | ".join(h for _, h in columns) + " | explain s | score img/s |",
              "|---|---|---|" + "---|" * len(columns) + "---|---|"]
     for group in _by_run(rows):
-        for row, cells in _formatted(group, "**{}**"):
+        for row, cells in _formatted(group, lambda text: f"**{text}**"):
             lines.append(f"| {row['model']} | {row['n_images']:.0f} | {row['method']} | " + " | ".join(cells)
                          + f" | {row['explain_s']:.1f} | {row['score_images_per_s']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -82,11 +85,11 @@ def _images(rows: list[dict]) -> str:
     return "/".join(sorted({f"{r['n_images']:.0f}" for r in rows}))
 
 
-def _formatted(rows: list[dict], emphasis: str) -> list[tuple[dict, list[str]]]:
+def _formatted(rows: list[dict], emphasis: Callable[[str], Any]) -> list[tuple[dict, list[Any]]]:
     """Each row with its metric cells; the best explanation method of each column emphasised."""
     columns = [c for c, _ in table_columns()]
     best = {c: _best(rows, c) for c in columns}
-    return [(row, [emphasis.format(_cell(row, c)) if best[c] == row["method"] else _cell(row, c) for c in columns])
+    return [(row, [emphasis(_cell(row, c)) if best[c] == row["method"] else _cell(row, c) for c in columns])
             for row in rows]
 
 
