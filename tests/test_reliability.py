@@ -413,12 +413,14 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(cifar, tiny_s
     assert _finished_epoch(run) == 1 and not _temporary_files(run.path)
 
 
-@pytest.mark.parametrize("limit_mb, fails, kept", [
-    (1, "model.safetensors", ["config.yaml", "split.csv"]),  # safetensors' own writer fails
-    (30, "checkpoints/last.pt", ["checkpoints", "config.yaml", "model.safetensors", "split.csv"]),  # torch.save's
+@pytest.mark.parametrize("limit_mb, fails", [
+    (1, "model.safetensors"),  # safetensors' own writer fails
+    (30, "checkpoints/last.pt"),  # torch.save's
 ], ids=["weights", "checkpoint"])
-def test_a_real_write_failure_in_a_process_leaves_no_half_file(limit_mb, fails, kept, cifar, tmp_path):
-    """The kernel refuses the write (a file-size limit: EFBIG): `xtl finetune` stops with one line."""
+def test_a_real_write_failure_in_a_process_leaves_no_half_file(limit_mb, fails, cifar, tmp_path):
+    """The kernel refuses the write (a file-size limit: EFBIG): `xtl finetune` stops with one line, and
+    since no epoch's checkpoint was kept, the failed first start removes the run folder it made
+    (`xtl.locations.FirstStart`): no half file, and the same command can simply be run again."""
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_mb * 1_000_000, limit_mb * 1_000_000))
@@ -430,10 +432,7 @@ def test_a_real_write_failure_in_a_process_leaves_no_half_file(limit_mb, fails, 
         capture_output=True, text=True, timeout=300, env=ENV, preexec_fn=limit)
     run = RunDir(tmp_path / "full")
     _user_error(result, f"cannot write {run.file(fails)}: file too large", "(nothing was written)")
-    assert sorted(p.name for p in run.path.iterdir()) == kept
-    assert not _temporary_files(run.path) and not run.last_checkpoint.exists()
-    if run.weights_path.exists():  # what was written is whole
-        assert len(load_file(str(run.weights_path))) > 0
+    assert not run.path.exists() and list(tmp_path.iterdir()) == []  # the runs folder existed before: it stays
 
 
 def test_sigterm_inside_a_job_unwinds_like_ctrl_c():
