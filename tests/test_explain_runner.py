@@ -189,3 +189,21 @@ def test_side_by_side_shows_every_models_probabilities(cnn_run, vit_run, tmp_pat
     titles = {a.get_title().replace("\n", "") for a in charts}
     assert titles == {cnn.spec.name, vit.spec.name}
     _legible(fig)
+
+
+def test_side_by_side_figures_are_named_after_their_methods_and_kept(cnn_run, vit_run, tmp_path):
+    """`xtl explain RUN RUN` again with other methods writes a second side-by-side figure."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from xtl.cli import app
+
+    runs = [shutil.copytree(r.path, tmp_path / name) for r, name in ((cnn_run, "a"), (vit_run, "b"))]
+    for methods in ("saliency", "saliency,gradcam"):
+        result = CliRunner().invoke(app, ["explain", *map(str, runs), "--images", "4", "--methods", methods,
+                                          "--no-progress", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    for run in runs:
+        names = sorted(p.name for p in (run / "figures").glob("compare_*.png"))
+        assert names == ["compare_a_vs_b_saliency-gradcam.png", "compare_a_vs_b_saliency.png"]

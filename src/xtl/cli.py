@@ -368,7 +368,8 @@ def _explain_runs(runs: list[Path], chosen: list[str] | None, images: Optional[i
 
         from xtl.io import atomic_path
 
-        name = "compare_" + "_vs_".join(r.path.name for r in run_dirs) + ".png"
+        # named after the runs and the methods: explaining again with other methods keeps this figure
+        name = "compare_" + "_vs_".join(r.path.name for r in run_dirs) + "_" + ("-".join(chosen) if chosen else "default") + ".png"
         first = compare_runs(run_dirs, chosen, run_dirs[0].figures / name, split, target, device=device)
         for run in run_dirs[1:]:
             with atomic_path(run.figures / name) as tmp:
