@@ -359,3 +359,15 @@ def test_a_read_only_output_folder_is_one_line(data, tmp_path, monkeypatch, caps
         out.chmod(0o755)
     last_line(code, err, f"cannot write {out / 'counts.png'}: permission denied (nothing was written)")
     assert list(out.iterdir()) == []
+
+
+def test_an_epoch_history_with_only_the_required_columns_still_prints(tmp_path, capsys):
+    """A history needs only epoch and val_loss to be read back; the epoch table shows '-' for the rest."""
+    from xtl.cli import _print_epochs
+    from xtl.runs import RunDir
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "history_epochs.csv").write_text("epoch,val_loss\n1,0.75\n2,0.5\n")
+    _print_epochs(RunDir(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "0.7500" in out and "0.5000" in out and "-" in out

@@ -280,9 +280,13 @@ def evaluate_command(
 def _print_epochs(run) -> None:
     """The per-epoch training and validation table (paper Table 1)."""
     table = Table("epoch", "train loss", "train acc", "val loss", "val acc", "seconds", title=f"{run.path.name}: epochs")
+    def cell(row: dict, key: str, digits: int) -> str:  # a history from an older or edited run may lack a column
+        value = row.get(key)
+        return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
     for e in run.history("epochs"):
-        table.add_row(f"{e['epoch']:.0f}", f"{e['train_loss']:.4f}", f"{e['train_accuracy']:.4f}",
-                      f"{e['val_loss']:.4f}", f"{e['val_accuracy']:.4f}", f"{e['seconds']:.1f}")
+        table.add_row(cell(e, "epoch", 0), cell(e, "train_loss", 4), cell(e, "train_accuracy", 4),
+                      cell(e, "val_loss", 4), cell(e, "val_accuracy", 4), cell(e, "seconds", 1))
     console.print(table)
 
 
