@@ -537,3 +537,11 @@ def test_the_best_cells_are_bold_on_any_console_never_markup_text(markup):
     plain = console.export_text(clear=False)
     assert "[bold]" not in plain and "[/bold]" not in plain and "0.100 ±" in plain
     assert "\x1b[1m" in console.export_text(styles=True)  # the best cells are drawn bold
+
+
+def test_the_markdown_table_says_what_plus_minus_is():
+    from xtl.faithfulness import markdown_table
+
+    text = markdown_table(_table_rows("run", "efficientnet_lite0"))
+    assert "| efficientnet_lite0 |" in text and "0.100 ± 0.049" in text
+    assert text.rstrip().endswith("random and uniform are reference maps.") and "± : half-width of the 95 %" in text

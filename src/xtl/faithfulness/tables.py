@@ -66,7 +66,7 @@ def markdown_table(rows: list[dict]) -> str:
         for row, cells in _formatted(group, lambda text: f"**{text}**"):
             lines.append(f"| {row['model']} | {row['n_images']:.0f} | {row['method']} | " + " | ".join(cells)
                          + f" | {row['explain_s']:.1f} | {row['score_images_per_s']:.1f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + PLUS_MINUS + "\n"
 
 
 def _by_run(rows: list[dict]) -> list[list[dict]]:
