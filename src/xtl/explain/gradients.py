@@ -12,7 +12,7 @@ The raw map is at input resolution [B, H, W]:
 from __future__ import annotations
 
 import torch
-from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
 from torch import nn
 
 from xtl.explain.base import ExplainMethod, register_method
@@ -31,6 +31,22 @@ class SaliencyMap(ExplainMethod):
     ) -> torch.Tensor:
         inputs = images.detach().clone().requires_grad_(True)  # Captum flips requires_grad on what it gets
         return Saliency(model).attribute(inputs, target=targets, abs=True).sum(1)
+
+
+@register_method
+class InputTimesGradient(ExplainMethod):
+    """Shrikumar et al. 2016: input x d logit_target / d input, summed over the colour channels
+    (signed; the input is the normalised image, so a pixel at the mean colour contributes 0)."""
+
+    name = "input_x_gradient"
+    signed = True
+    reference = "Shrikumar et al., Not Just a Black Box: Learning Important Features Through Propagating Activation Differences, 2016"
+
+    def attribute(
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelSpec
+    ) -> torch.Tensor:
+        inputs = images.detach().clone().requires_grad_(True)  # Captum flips requires_grad on what it gets
+        return InputXGradient(model).attribute(inputs, target=targets).sum(1)
 
 
 @register_method
