@@ -65,7 +65,8 @@ def test_a_stock_torchvision_resnet_gets_the_libraries_gradcam_without_a_spec(re
 
 
 def test_every_applicable_method_runs_on_a_stock_resnet_and_a_timm_vit(resnet, timm_vit):
-    few = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"n_samples": 2}, "scorecam": {"batch_size": 128}}
+    few = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"n_samples": 2}, "scorecam": {"batch_size": 128},
+           "kernel_shap": {"n_samples": 16}, "lime": {"n_samples": 16}, "gradient_shap": {"n_samples": 4}}
     for model, family, grid in ((resnet, "cnn", (2, 2)), (timm_vit, "vit", (4, 4))):
         assert describe_model(model).family == family
         x = _images(2, 64)

@@ -104,7 +104,8 @@ def test_every_vit_method_gives_the_twin_maps(pair, method):
     # class 4 of image 1: the one pair whose Score-CAM map is not all zero on these random weights
     images, targets = _images(dtype=torch.float64), torch.tensor([0, 4, 3])
     options = {"n_steps": 8} if method == "integrated_gradients" else {}
-    options = {"n_samples": 4} if method == "smoothgrad" else options
+    options = {"n_samples": 4} if method in ("smoothgrad", "gradient_shap") else options
+    options = {"n_samples": 16} if method in ("kernel_shap", "lime") else options
     ours = explain(tv, images, targets, method=method, spec=TV_SPEC, **options).raw
     theirs = explain(twin, images, targets, method=method, spec=TIMM_SPEC, **options).raw
     assert ours.shape == theirs.shape

@@ -100,7 +100,7 @@ def describe_methods() -> str:
 
 
 from xtl.explain import transformer_attribution  # noqa: F401,E402
-from xtl.explain import cam, cnn_lrp, gradients, occlusion  # noqa: F401,E402
+from xtl.explain import cam, cnn_lrp, gradients, occlusion, shapley  # noqa: F401,E402
 
 explain.__doc__ += "\n    Methods:\n\n" + "\n\n".join(  # type: ignore[operator]
     "        " + METHODS[name].summary() for name in sorted(METHODS)) + "\n"

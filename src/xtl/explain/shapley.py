@@ -1,0 +1,177 @@
+"""Shapley values and LIME through Captum: game-theoretic and surrogate-model attributions.
+
+- kernel_shap (Lundberg & Lee 2017): Captum's `KernelShap` over square grid cells (the ViT's own
+  patches when the model has a patch grid, else `cells` x `cells` cells): `n_samples` coalitions of
+  cells are kept while the others are set to `baseline`, and a weighted linear regression with the
+  Shapley kernel gives each cell's Shapley value. Cost: `n_samples` forward passes per image
+  (`perturbations_per_eval` of them per batch).
+- lime (Ribeiro et al. 2016): Captum's `Lime` on the same cells: a Lasso surrogate fitted on
+  `n_samples` random coalitions weighted by their similarity to the image. Cost: `n_samples`
+  forward passes per image.
+- gradient_shap (Lundberg & Lee 2017): Captum's `GradientShap` (expected gradients): the gradient
+  at `n_samples` random points between the constant `baseline` image and the image (with Gaussian
+  noise of std `stdevs` on the image), times (image - baseline), summed over the colour channels.
+  Cost: `n_samples` forward and backward passes per image.
+
+All three are signed and model-agnostic (any classifier). They are random: `seed` seeds torch's
+(and NumPy's, which GradientShap draws from) generator for each image, and the global generators
+are restored after, so a fixed seed gives the same map twice, an image's map does not depend on
+the rest of its batch, and the caller's random state is untouched. kernel_shap and lime fit their
+surrogate with scikit-learn (as Captum does); without it they say so in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from xtl.errors import XtlError
+from xtl.explain.base import ExplainMethod, register_method
+from xtl.models import ModelDescription
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's (CPU and the images' CUDA device) and NumPy's global generators seeded with `seed`,
+    restored on exit."""
+    devices = [device] if device.type == "cuda" else []
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+
+
+def grid_feature_mask(images: torch.Tensor, spec: ModelDescription, cells: int, method: str) -> torch.Tensor:
+    """Int64 mask [1, 1, H, W]: one id per grid cell, row-major. The ViT's patch grid when
+    `spec.patch_size` is set, else `cells` x `cells` cells (edges spread evenly when `cells` does not
+    divide the side)."""
+    height, width = images.shape[-2:]
+    device = images.device
+    if not 1 <= cells <= min(height, width):
+        raise XtlError(f"option cells of method {method} must be between 1 and the image side {min(height, width)}, "
+                       f"not {cells}")
+    if spec.patch_size:
+        rows = (torch.arange(height, device=device) // spec.patch_size).clamp_max(max(height // spec.patch_size, 1) - 1)
+        cols = (torch.arange(width, device=device) // spec.patch_size).clamp_max(max(width // spec.patch_size, 1) - 1)
+        n_cols = max(width // spec.patch_size, 1)
+    else:
+        rows = torch.arange(height, device=device) * cells // height
+        cols = torch.arange(width, device=device) * cells // width
+        n_cols = cells
+    return (rows[:, None] * n_cols + cols[None, :]).view(1, 1, height, width).long()
+
+
+def check_counts(method: str, **counts: int) -> None:
+    for option, value in counts.items():
+        if value < 1:
+            raise XtlError(f"option {option} of method {method} must be at least 1, not {value}")
+
+
+def need_sklearn(method: str) -> None:
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise XtlError(f"method {method} fits its surrogate model with scikit-learn (as Captum does); "
+                       "install it: pip install scikit-learn") from None
+
+
+def surrogate_attribution(
+    explainer_class: type, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelDescription,
+    method: str, cells: int, n_samples: int, baseline: float, perturbations_per_eval: int, seed: int,
+) -> torch.Tensor:
+    """Captum's Lime or KernelShap on grid cells, image by image (Captum fits one surrogate per
+    example anyway), each image under `seed`: [B, H, W]."""
+    check_counts(method, n_samples=n_samples, perturbations_per_eval=perturbations_per_eval)
+    need_sklearn(method)
+    mask = grid_feature_mask(images, spec, cells, method)
+    explainer = explainer_class(model)
+    maps = []
+    with torch.no_grad():
+        for image, target in zip(images.detach(), targets):
+            with seeded(seed, images.device):
+                attributions = explainer.attribute(
+                    image.unsqueeze(0), baselines=float(baseline), target=int(target), feature_mask=mask,
+                    n_samples=n_samples, perturbations_per_eval=perturbations_per_eval)
+            maps.append(attributions[0, 0])  # each cell's value, the same in every channel
+    return torch.stack(maps)
+
+
+@register_method
+class KernelShapMap(ExplainMethod):
+    """Lundberg & Lee 2017: each grid cell's Shapley value for the target logit (Captum's KernelShap,
+    `n_samples` coalitions; hidden cells set to `baseline`). Cells: a ViT's patches, else `cells` x
+    `cells` squares. Signed; `seed` fixes the coalitions."""
+
+    name = "kernel_shap"
+    signed = True
+    gradient_based = False
+    reference = "Lundberg & Lee, A Unified Approach to Interpreting Model Predictions, NeurIPS 2017"
+
+    def attribute(
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelDescription,
+        cells: int = 8, n_samples: int = 64, baseline: float = 0.0, perturbations_per_eval: int = 16, seed: int = 0,
+    ) -> torch.Tensor:
+        from captum.attr import KernelShap
+
+        return surrogate_attribution(KernelShap, model, images, targets, spec, self.name, cells, n_samples, baseline,
+                                     perturbations_per_eval, seed)
+
+
+@register_method
+class LimeMap(ExplainMethod):
+    """Ribeiro et al. 2016: each grid cell's weight in a Lasso surrogate of the target logit fitted on
+    `n_samples` random coalitions (Captum's Lime; hidden cells set to `baseline`). Cells: a ViT's
+    patches, else `cells` x `cells` squares. Signed; `seed` fixes the coalitions."""
+
+    name = "lime"
+    signed = True
+    gradient_based = False
+    reference = "Ribeiro, Singh & Guestrin, \"Why Should I Trust You?\": Explaining the Predictions of Any Classifier, KDD 2016"
+
+    def attribute(
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelDescription,
+        cells: int = 8, n_samples: int = 64, baseline: float = 0.0, perturbations_per_eval: int = 16, seed: int = 0,
+    ) -> torch.Tensor:
+        from captum.attr import Lime
+
+        return surrogate_attribution(Lime, model, images, targets, spec, self.name, cells, n_samples, baseline,
+                                     perturbations_per_eval, seed)
+
+
+@register_method
+class GradientShapMap(ExplainMethod):
+    """Lundberg & Lee 2017: expected gradients from the constant `baseline` image (Captum's
+    GradientShap, `n_samples` random points on the path, Gaussian noise of std `stdevs` on the image),
+    summed over the colour channels. Signed; `seed` fixes the samples."""
+
+    name = "gradient_shap"
+    signed = True
+    reference = "Lundberg & Lee, A Unified Approach to Interpreting Model Predictions, NeurIPS 2017"
+
+    def attribute(
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelDescription,
+        n_samples: int = 16, baseline: float = 0.0, stdevs: float = 0.0, seed: int = 0,
+    ) -> torch.Tensor:
+        from captum.attr import GradientShap
+
+        check_counts(self.name, n_samples=n_samples)
+        if stdevs < 0:
+            raise XtlError(f"option stdevs of method {self.name} must be at least 0, not {stdevs}")
+        explainer = GradientShap(model)
+        maps = []
+        for image, target in zip(images.detach(), targets):
+            inputs = image.unsqueeze(0).clone().requires_grad_(True)
+            with seeded(seed, images.device):
+                attributions = explainer.attribute(
+                    inputs, baselines=torch.full_like(inputs, float(baseline)).detach(), target=int(target),
+                    n_samples=n_samples, stdevs=float(stdevs))
+            maps.append(attributions[0].sum(0))
+        return torch.stack(maps)
