@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xtl.errors import XtlError
-from xtl.models import ModelDescription, describe_model
+from xtl.models import ModelDescription
 
 
 @dataclass
@@ -145,11 +145,6 @@ def get_method(name: str) -> ExplainMethod:
     if name not in METHODS:
         raise XtlError(f"unknown explanation method '{name}'; known: {', '.join(sorted(METHODS))}")
     return METHODS[name]
-
-
-def model_spec(model: nn.Module, spec: ModelDescription | None = None) -> ModelDescription:
-    """The model's description: `spec`, the attached one, or what inspecting the model tells."""
-    return describe_model(model, spec)
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ surrogate with scikit-learn (as Captum does); without it they say so in one line
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -104,46 +104,43 @@ def surrogate_attribution(
     return torch.stack(maps)
 
 
+class SurrogateMethod(ExplainMethod):
+    """Captum's surrogate attributions on grid cells: a subclass names the Captum class (`captum`)."""
+
+    captum: ClassVar[str]
+    signed = True
+    gradient_based = False
+
+    def attribute(
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelDescription,
+        cells: int = 8, n_samples: int = 64, baseline: float = 0.0, perturbations_per_eval: int = 16, seed: int = 0,
+    ) -> torch.Tensor:
+        import captum.attr
+
+        return surrogate_attribution(getattr(captum.attr, self.captum), model, images, targets, spec, self.name, cells,
+                                     n_samples, baseline, perturbations_per_eval, seed)
+
+
 @register_method
-class KernelShapMap(ExplainMethod):
+class KernelShapMap(SurrogateMethod):
     """Lundberg & Lee 2017: each grid cell's Shapley value for the target logit (Captum's KernelShap,
     `n_samples` coalitions; hidden cells set to `baseline`). Cells: a ViT's patches, else `cells` x
     `cells` squares. Signed; `seed` fixes the coalitions."""
 
     name = "kernel_shap"
-    signed = True
-    gradient_based = False
+    captum = "KernelShap"
     reference = "Lundberg & Lee, A Unified Approach to Interpreting Model Predictions, NeurIPS 2017"
-
-    def attribute(
-        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelDescription,
-        cells: int = 8, n_samples: int = 64, baseline: float = 0.0, perturbations_per_eval: int = 16, seed: int = 0,
-    ) -> torch.Tensor:
-        from captum.attr import KernelShap
-
-        return surrogate_attribution(KernelShap, model, images, targets, spec, self.name, cells, n_samples, baseline,
-                                     perturbations_per_eval, seed)
 
 
 @register_method
-class LimeMap(ExplainMethod):
+class LimeMap(SurrogateMethod):
     """Ribeiro et al. 2016: each grid cell's weight in a Lasso surrogate of the target logit fitted on
     `n_samples` random coalitions (Captum's Lime; hidden cells set to `baseline`). Cells: a ViT's
     patches, else `cells` x `cells` squares. Signed; `seed` fixes the coalitions."""
 
     name = "lime"
-    signed = True
-    gradient_based = False
+    captum = "Lime"
     reference = "Ribeiro, Singh & Guestrin, \"Why Should I Trust You?\": Explaining the Predictions of Any Classifier, KDD 2016"
-
-    def attribute(
-        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, spec: ModelDescription,
-        cells: int = 8, n_samples: int = 64, baseline: float = 0.0, perturbations_per_eval: int = 16, seed: int = 0,
-    ) -> torch.Tensor:
-        from captum.attr import Lime
-
-        return surrogate_attribution(Lime, model, images, targets, spec, self.name, cells, n_samples, baseline,
-                                     perturbations_per_eval, seed)
 
 
 @register_method

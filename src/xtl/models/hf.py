@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from xtl.errors import XtlError
+from xtl.models.description import inspect_model
 from xtl.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, new_head, register_prefix
-
-_VIT_TYPES = {"vit", "deit", "beit", "dinov2", "vit_msn", "vit_mae"}
-
 
 class HFClassifier(nn.Module):
     """`model(x)` returns logits, like every other model in the registry."""
@@ -57,7 +56,7 @@ def _build(spec: ModelSpec, n_classes: int | None, pretrained: bool, weights_pat
 @functools.lru_cache(maxsize=None)
 def _resolve(repo: str) -> ModelSpec:
     """The description of a Hugging Face classifier, read once per process (a `xtl run` asks for it
-    many times); the layer names come from a model built on the meta device (`_last_block_norm`)."""
+    many times); the layers are read, as for any model given to explain(), off one built on the meta device."""
     from transformers import AutoConfig
 
     offline = _hub_check(repo)
@@ -69,18 +68,13 @@ def _resolve(repo: str) -> ModelSpec:
         if offline is not None and is_offline_error(err):
             _offline_failed(f"hf:{repo}", "configuration", offline)
         raise XtlError(f"unknown model 'hf:{repo}': {str(err).splitlines()[0]}") from None
-    is_vit = config.model_type in _VIT_TYPES
-    mean, std = _normalisation(repo, is_vit)
-    size = getattr(config, "image_size", 224)
-    target = _last_block_norm(config) if is_vit else ""
-    return ModelSpec(
-        name=f"hf:{repo}", family="vit" if is_vit else "cnn", builder=_build, hub_id=repo,
-        input_size=size if isinstance(size, int) else size[0], mean=mean, std=std,
-        classifier="hf.classifier",
-        target_layer=target,
-        patch_size=getattr(config, "patch_size", None) if is_vit else None,
-        weights=f"Hugging Face {repo}" if not os.path.isdir(repo) else f"local {repo}",
-    )
+    from transformers import AutoModelForImageClassification
+
+    with torch.device("meta"):  # layer names only: no parameter memory
+        described = inspect_model(HFClassifier(AutoModelForImageClassification.from_config(config)))
+    mean, std = _normalisation(repo, described.family == "vit")
+    return ModelSpec(**{**asdict(described), "name": f"hf:{repo}", "mean": mean, "std": std}, builder=_build,
+                     hub_id=repo, weights=f"Hugging Face {repo}" if not os.path.isdir(repo) else f"local {repo}")
 
 
 def _hub_check(source: str) -> str | None:
@@ -99,16 +93,6 @@ def _offline_failed(name: str, what: str, reason: str) -> None:
         f"and {reason}; no network?); pass a local model folder (hf:DIR, saved with save_pretrained; "
         "or --weights DIR) or connect once to download it"
     )
-
-
-def _last_block_norm(config) -> str:
-    """Dotted path of the last block's first LayerNorm (module names differ across versions)."""
-    from transformers import AutoModelForImageClassification
-
-    with torch.device("meta"):
-        model = AutoModelForImageClassification.from_config(config)
-    names = [n for n, _ in model.named_modules() if n.endswith("layernorm_before")]
-    return f"hf.{names[-1]}" if names else ""
 
 
 def _normalisation(repo: str, is_vit: bool) -> tuple[tuple, tuple]:
