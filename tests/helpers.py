@@ -23,6 +23,28 @@ CHROMIUM_ARGS = [
 ]
 
 
+def class_folder(folder: Path, cifar: Path, per_part: tuple[tuple[str, int], ...] = (("train", 20), ("test", 8)),
+                 classes: tuple[str, ...] = ("cat", "dog", "ship")) -> Path:
+    """`folder` made an image folder of real CIFAR-10 images: the first n of each class per part."""
+    for part, n in per_part:
+        for name in classes:
+            (folder / part / name).mkdir(parents=True)
+            for f in sorted((cifar / part / name).iterdir())[:n]:
+                shutil.copy(f, folder / part / name / f.name)
+    return folder
+
+
+def one_line_error(result, *fragments: str) -> str:
+    """Exit status 2, one line `error: ...` on stderr with every fragment, no traceback."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 def tiny_run(path: Path, cifar: Path, model: str, input_size: int, **overrides) -> RunDir:
     """A real fine-tuning run on 40 CIFAR-10 images (random init, one epoch), evaluated on 24."""
     options = dict(source=str(cifar), model=model, pretrained=False, input_size=input_size, split="random",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import tiny_run
+from helpers import class_folder, tiny_run
 from xtl.runs import RunDir
 
 pytestmark = pytest.mark.xdist_group("damaged")
@@ -25,13 +25,7 @@ BINARY = bytes(range(256)) * 8  # not UTF-8, not YAML, not JSON, not CSV, not sa
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, cifar) -> Path:
     """A 3-class folder of real CIFAR-10 images: 20 train and 8 test per class."""
-    folder = tmp_path_factory.mktemp("data")
-    for part, n in (("train", 20), ("test", 8)):
-        for name in ("cat", "dog", "ship"):
-            (folder / part / name).mkdir(parents=True)
-            for f in sorted((cifar / part / name).iterdir())[:n]:
-                shutil.copy(f, folder / part / name / f.name)
-    return folder
+    return class_folder(tmp_path_factory.mktemp("data"), cifar)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import XTL
+from helpers import XTL, one_line_error
 from xtl.config import PRECISIONS, RunConfig
 from xtl.device import check_training_hardware
 from xtl.errors import XtlError
@@ -28,14 +28,7 @@ def _xtl(*args, timeout=60) -> subprocess.CompletedProcess:
     return subprocess.run([XTL, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
-def _one_line(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+_one_line = one_line_error
 
 
 # ----------------------------------------------------------------------------- hangs

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from helpers import XTL, tiny_run
+from helpers import XTL, class_folder, one_line_error, tiny_run
 from xtl.config import RunConfig
 from xtl.data import SplitSpec, decode_image, load_split, open_source
 from xtl.errors import Interrupted, XtlError, sigterm_as_interrupt
@@ -48,15 +48,7 @@ def _xtl(*args, timeout=300, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([XTL, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV, **kwargs)
 
 
-def _user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Exit status 2, one line `error: ...` on stderr with every fragment, no traceback."""
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+_user_error = one_line_error
 
 
 def _temporary_files(folder: Path) -> list[Path]:
@@ -73,12 +65,7 @@ def _data_command(folder: Path, tmp_path: Path) -> subprocess.CompletedProcess:
 def run(tmp_path_factory, cifar) -> RunDir:
     """A real tiny fine-tuned and evaluated CNN run (40 train / 24 test images at 32 px) on a
     3-class folder of CIFAR-10 images (small, so every command that reloads the split is quick)."""
-    folder = tmp_path_factory.mktemp("data")
-    for part, n in (("train", 20), ("test", 8)):
-        for name in ("cat", "dog", "ship"):
-            (folder / part / name).mkdir(parents=True)
-            for f in sorted((cifar / part / name).iterdir())[:n]:
-                shutil.copy(f, folder / part / name / f.name)
+    folder = class_folder(tmp_path_factory.mktemp("data"), cifar)
     return tiny_run(tmp_path_factory.mktemp("runs") / "cnn", folder, "timm:resnet10t", 32)
 
 

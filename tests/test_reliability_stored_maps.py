@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import tiny_run
+from helpers import class_folder, tiny_run
 from xtl.explain import runner as explain_runner
 from xtl.explain.runner import RunExplainer, read_stored_maps, stored_maps_for
 from xtl.faithfulness import runner as faithfulness_runner
@@ -25,12 +25,7 @@ METHOD = "saliency"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cifar) -> RunDir:
     """A real tiny fine-tuned and evaluated CNN run, 24 test images of 3 classes."""
-    folder = tmp_path_factory.mktemp("data")
-    for part, n in (("train", 20), ("test", 8)):
-        for name in ("cat", "dog", "ship"):
-            (folder / part / name).mkdir(parents=True)
-            for f in sorted((cifar / part / name).iterdir())[:n]:
-                shutil.copy(f, folder / part / name / f.name)
+    folder = class_folder(tmp_path_factory.mktemp("data"), cifar)
     return tiny_run(tmp_path_factory.mktemp("runs") / "cnn", folder, "timm:resnet10t", 32)
 
 
