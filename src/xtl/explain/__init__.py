@@ -99,8 +99,9 @@ def describe_methods() -> str:
     return "\n\n".join(METHODS[name].summary() for name in sorted(METHODS))
 
 
+from xtl.explain import propagation  # noqa: F401,E402
 from xtl.explain import transformer_attribution  # noqa: F401,E402
-from xtl.explain import cam, cnn_lrp, gradients, occlusion, shapley  # noqa: F401,E402
+from xtl.explain import attnlrp, cam, cnn_lrp, gradients, occlusion, shapley  # noqa: F401,E402
 
 explain.__doc__ += "\n    Methods:\n\n" + "\n\n".join(  # type: ignore[operator]
     "        " + METHODS[name].summary() for name in sorted(METHODS)) + "\n"
