@@ -29,7 +29,7 @@ from xtl.models import build_model
 from xtl.runs import model_preprocess
 
 MODELS = ("efficientnet_lite0", "vit_s14_dinov2")
-SLOW = {"scorecam", "integrated_gradients", "smoothgrad"}  # many forward passes per image
+SLOW = {"scorecam", "integrated_gradients", "smoothgrad", "gradient_shap", "occlusion", "kernel_shap", "lime"}  # many passes per image
 CHEFER = "transformer_attribution"
 
 

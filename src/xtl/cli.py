@@ -295,7 +295,7 @@ def _print_epochs(run) -> None:
 METHOD_NAMES = (
     "any model: saliency, input_x_gradient, integrated_gradients, smoothgrad, occlusion, kernel_shap, "
     "gradient_shap, lime, gradcam, gradcam++, layercam, scorecam, eigencam "
-    "(CAM methods: CNNs and ViTs); CNNs: lrp_epsilon, lrp_alpha_beta, lrp_zplus; ViTs: transformer_attribution, "
+    "(CAM methods: CNNs and ViTs); CNNs: lrp_epsilon, lrp_alpha_beta, lrp_zplus; ViTs: transformer_attribution, attnlrp, cp_lrp, "
     "lrp_rollout, partial_lrp, full_lrp, raw_attention, attention_rollout, attention_gradcam"
 )
 

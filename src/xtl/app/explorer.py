@@ -15,7 +15,7 @@ from xtl.explain.runner import applicable_methods
 from xtl.inference import LoadedRun
 from xtl.runs import RunDir, run_title
 
-DEFAULT_METHODS = ("gradcam", "saliency", "transformer_attribution", "attention_rollout")
+DEFAULT_METHODS = ("gradcam", "saliency", "transformer_attribution", "attnlrp", "attention_rollout")
 DISPLAY_SIZE = 224  # overlays are drawn at this size whatever the model's input size
 PREDICTED = "predicted"
 

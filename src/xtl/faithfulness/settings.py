@@ -20,7 +20,7 @@ from xtl.faithfulness.perturbation import NAMED_GRIDS, check_scoring_options
 REFERENCES = ("random", "uniform")  # map sets scored beside every method, to compare against
 DEFAULT_METHODS = {  # methods=None: these, where the model's family has them
     "cnn": ["gradcam", "gradcam++", "layercam", "saliency", "integrated_gradients", "lrp_epsilon"],
-    "vit": ["transformer_attribution", "attention_rollout", "raw_attention", "gradcam", "saliency",
+    "vit": ["transformer_attribution", "attnlrp", "attention_rollout", "raw_attention", "gradcam", "saliency",
             "integrated_gradients"],
     "other": ["saliency", "integrated_gradients", "smoothgrad"],  # no layer or patch grid described
 }

@@ -17,8 +17,8 @@ from xtl.settings import Rule, check_known, check_settings, label
 PRESETS = ("quick", "paper", "offline-full")
 # What each pipeline preset fine-tunes with (xtl.config.preset names).
 TRAINING_PRESET = {"quick": "quick", "paper": "paper", "offline-full": "default"}
-QUICK_METHODS = ["gradcam", "transformer_attribution", "attention_rollout", "saliency"]
-FULL_METHODS = QUICK_METHODS + ["integrated_gradients", "lrp_epsilon"]
+QUICK_METHODS = ["gradcam", "transformer_attribution", "attnlrp", "attention_rollout", "saliency"]
+FULL_METHODS = QUICK_METHODS + ["integrated_gradients", "lrp_epsilon", "cp_lrp", "occlusion", "kernel_shap"]
 FAITHFULNESS_BASELINES = ("zero", "mean", "blur", "road")  # xtl.faithfulness.BASELINES, without importing torch
 
 
