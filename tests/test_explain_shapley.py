@@ -40,7 +40,7 @@ def test_surrogate_methods_equal_captum_used_directly(resnet, method):
     from captum.attr import KernelShap, Lime
 
     x, targets = _images(2, 32), torch.tensor([1, 7])
-    ours = explain(resnet, x, targets, method, cells=4, n_samples=24, seed=3).raw
+    ours = explain(resnet, x, targets, method, segments="grid", cells=4, n_samples=24, seed=3).raw
     explainer = (KernelShap if method == "kernel_shap" else Lime)(resnet)
     theirs = []
     for k in range(2):
@@ -53,7 +53,8 @@ def test_surrogate_methods_equal_captum_used_directly(resnet, method):
     # one value per cell, broadcast to its pixels
     assert torch.all(ours[:, :8, :8] == ours[:, :1, :1])
     # batched equals one by one
-    one = torch.cat([explain(resnet, x[k:k + 1], targets[k:k + 1], method, cells=4, n_samples=24, seed=3).raw
+    one = torch.cat([explain(resnet, x[k:k + 1], targets[k:k + 1], method, segments="grid", cells=4, n_samples=24,
+                             seed=3).raw
                      for k in range(2)])
     torch.testing.assert_close(ours, one, rtol=1e-4, atol=1e-5)
     assert explain(resnet, x[:1], 1, method, cells=4, n_samples=8).signed
@@ -136,8 +137,82 @@ def test_a_vit_s_cells_are_its_patches():
     ("gradient_shap", {"n_samples": -1}, "option n_samples of method gradient_shap must be at least 1, not -1"),
     ("gradient_shap", {"stdevs": -0.5}, "option stdevs of method gradient_shap must be at least 0, not -0.5"),
     ("kernel_shap", {"cells": 2.5}, "option cells of method kernel_shap must be an int like its default 8, not 2.5"),
+    ("lime", {"segments": "quickshift"}, "option segments of method lime must be 'auto', 'grid' or 'slic', not 'quickshift'"),
+    ("kernel_shap", {"n_segments": 0}, "option n_segments of method kernel_shap must be at least 1, not 0"),
+    ("lime", {"compactness": 0.0}, "option compactness of method lime must be above 0, not 0.0"),
 ])
 def test_bad_shapley_options_are_one_line(resnet, method, options, message):
     with pytest.raises(XtlError) as err:
         explain(resnet, _images(1, 32), 0, method, **options)
     assert str(err.value) == message and "\n" not in str(err.value)
+
+
+def _two_colours(size: int = 32) -> torch.Tensor:
+    """Left half pure red, right half pure blue, preprocessed with ImageNet's mean and std: [1, 3, H, W]."""
+    pixels = torch.zeros(3, size, size)
+    pixels[0, :, :size // 2] = 1.0
+    pixels[2, :, size // 2:] = 1.0
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    return ((pixels - mean) / std).unsqueeze(0)
+
+
+def _slic(image: torch.Tensor, n_segments: int = 50, compactness: float = 10.0) -> torch.Tensor:
+    """scikit-image's SLIC on the de-normalised image, built independently of xtl: [1, 1, H, W]."""
+    from skimage.segmentation import slic
+
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    pixels = (image * std + mean).clamp(0, 1).permute(1, 2, 0).double().numpy()
+    return torch.from_numpy(slic(pixels, n_segments=n_segments, compactness=compactness, start_label=0)).long()[None, None]
+
+
+def test_slic_superpixels_follow_the_image():
+    from xtl.explain.shapley import slic_feature_mask
+    from xtl.models import describe_model
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(num_classes=10).eval()
+    x = _two_colours()
+    mask = slic_feature_mask(x[0], describe_model(resnet), 8, 10.0)[0, 0]
+    assert mask.unique().tolist() == list(range(int(mask.max()) + 1)) and mask.max() >= 1
+    for segment in mask.unique():  # every segment lies on one side of the colour boundary
+        cols = (mask == segment).nonzero()[:, 1]
+        assert bool((cols < 16).all()) or bool((cols >= 16).all())
+    assert torch.equal(mask, _slic(x[0], 8)[0, 0])  # scikit-image used directly
+
+
+@pytest.mark.parametrize("method", ["kernel_shap", "lime"])
+def test_slic_superpixels_equal_captum_used_directly_and_batched_equals_one_by_one(resnet, method):
+    from captum.attr import KernelShap, Lime
+
+    x = torch.cat([_two_colours(), _images(1, 32, seed=5) * 0.3])
+    targets = torch.tensor([1, 7])
+    ours = explain(resnet, x, targets, method, n_segments=12, n_samples=24, seed=3).raw  # a CNN: SLIC by default
+    torch.testing.assert_close(ours, explain(resnet, x, targets, method, segments="slic", n_segments=12, n_samples=24,
+                                             seed=3).raw, rtol=0, atol=0)
+    explainer = (KernelShap if method == "kernel_shap" else Lime)(resnet)
+    theirs = []
+    for k in range(2):
+        mask = _slic(x[k], 12)
+        if mask.max() < 1:  # xtl's documented fallback on pixel noise
+            from skimage.segmentation import slic
+
+            mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+            std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+            pixels = (x[k] * std + mean).clamp(0, 1).permute(1, 2, 0).double().numpy()
+            mask = torch.from_numpy(slic(pixels, n_segments=12, compactness=10.0, start_label=0,
+                                         enforce_connectivity=False)).unique(return_inverse=True)[1][None, None]
+        torch.manual_seed(3)
+        with torch.no_grad():
+            a = explainer.attribute(x[k:k + 1], baselines=0.0, target=int(targets[k]), feature_mask=mask,
+                                    n_samples=24, perturbations_per_eval=16)
+        theirs.append(a[0, 0])
+    torch.testing.assert_close(ours, torch.stack(theirs), rtol=1e-4, atol=1e-5)
+    one = torch.cat([explain(resnet, x[k:k + 1], targets[k:k + 1], method, n_segments=12, n_samples=24, seed=3).raw
+                     for k in range(2)])
+    torch.testing.assert_close(ours, one, rtol=1e-4, atol=1e-5)
+    # the map is constant on each superpixel, and a seed gives the same map twice
+    mask = _slic(x[0], 12)[0, 0]
+    for segment in mask.unique():
+        values = ours[0][mask == segment]
+        assert torch.all(values == values[0])
+    assert torch.equal(ours, explain(resnet, x, targets, method, n_segments=12, n_samples=24, seed=3).raw)

@@ -297,6 +297,7 @@ METHOD_NAMES = (
     "gradient_shap, lime, gradcam, gradcam++, layercam, scorecam, eigencam "
     "(CAM methods: CNNs and ViTs); CNNs: lrp_epsilon, lrp_alpha_beta, lrp_zplus; ViTs: transformer_attribution, attnlrp, cp_lrp, "
     "lrp_rollout, partial_lrp, full_lrp, raw_attention, attention_rollout, attention_gradcam"
+    "; CNNs and other models, not ViTs: deeplift, guided_backprop, deconvolution"
 )
 
 
