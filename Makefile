@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch first, alone: pip takes this exact CUDA build from the local disk
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[test]'
+	# Quantus (the agreement tests) without its opencv-python, which would clash over cv2 with the
+	# opencv-python-headless that grad-cam brings; its other needs are in the test extra
+	$(PY) -m pip install -q --no-deps quantus==0.6.0
 	@touch $(STAMP)
 
 venv: $(STAMP)

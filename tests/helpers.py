@@ -70,3 +70,18 @@ def chromium_page(viewport: tuple[int, int] = (1280, 900)) -> Iterator:
             yield page
         finally:
             browser.close()
+
+
+def cifar_images(cifar: Path, n_per_class: int = 1, classes: tuple[str, ...] = ("cat", "dog", "ship", "truck"),
+                 part: str = "test"):
+    """Real CIFAR-10 images as uint8 [N, 3, 32, 32] and their class indices within `classes`."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((cifar / part / name).iterdir())[:n_per_class]:
+            images.append(torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1))
+            labels.append(label)
+    return torch.stack(images), torch.tensor(labels)

@@ -303,7 +303,8 @@ def randomisation_similarity(model: nn.Module, spec, images: torch.Tensor, targe
     ties). As in Quantus the layers are the named modules that have `reset_parameters`, taken in
     reverse registration order; each is re-initialised by its own `reset_parameters()` after
     `torch.manual_seed(seed + 1)` (Quantus's default seed is 42). "cascading" keeps the earlier
-    (higher) layers randomised; "independent" randomises one layer (group) at a time.
+    (higher) layers randomised; "independent" randomises one layer (group) at a time on a fresh
+    copy, and is listed head first too (Quantus lists "independent" bottom-up).
 
     The randomised models are deep copies: `model` and the global torch RNG are left as they were.
     A ViT has ~50 randomisable modules; `layer_groups="blocks"` randomises per block (and per
@@ -352,8 +353,10 @@ def pixel_flipping(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     """The explained class's probability as the most relevant pixels are replaced: float [B, steps].
 
     Bach et al. 2015, "On pixel-wise explanations ... by layer-wise relevance propagation" (PLOS
-    ONE), pixel flipping; equals `quantus.PixelFlipping(features_in_step=C * H * W // steps,
-    perturb_baseline="black")` with its defaults: pixels ordered by descending relevance (signed),
+    ONE), pixel flipping; equals `quantus.PixelFlipping(features_in_step=H * W // steps,
+    perturb_baseline="black")` with its defaults, read at every C-th step (Quantus counts channel
+    values as features, and wants features_in_step to divide H * W, so its steps C-1, 2C-1, ... are
+    the ones that mask whole pixels): pixels ordered by descending relevance (signed),
     H*W/steps more pixels (all channels) replaced at each step, cumulatively; "black" is the image's
     own minimum over all channels and pixels; column s is the softmax probability of `targets`
     after step s+1 (the unperturbed image is not a column; the last column is the all-baseline
