@@ -1,0 +1,398 @@
+"""`xtl analyse` and the pipeline's analysis step: the maps runs already store, measured.
+
+    analyse_runs([RunDir("runs/quick/efficientnet_lite0"), RunDir("runs/quick/vit_s14_dinov2")],
+                 Path("runs/quick/analysis"))
+
+writes into the folder (each file atomically, analysis.json last, so its presence means a finished
+analysis):
+
+    statistics.csv      per model, method and group (all, correct, misclassified, class:<name>):
+                        each statistic of `xtl.analysis.statistics` with its bootstrap 95 % interval
+    rates.csv           per model and method: flat maps, single-token peaks, sparseness and effective
+                        complexity (`xtl.analysis.metrics`) with intervals
+    agreement.csv       per pair of (model, method): Spearman and top-10 % IoU on the shared images
+    claims.csv          the paper's claims (`xtl.analysis.claims`) with verdicts
+    randomisation.csv   cascading model-parameter randomisation: mean Spearman per method and layer
+    figures/agreement.png, figures/concentration.png
+    analysis.json       every number above, the sentences the report shows, the settings
+
+Reads only stored maps and predictions.csv, except the randomisation check, which loads each model
+and explains `RANDOMISATION_IMAGES` images once per randomised layer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xtl.analysis.agreement import agreement, common_grid, plot_agreement, shared
+from xtl.analysis.claims import Claim, group_claim, paired_claim
+from xtl.analysis.statistics import DESCRIPTIONS, STATISTICS, map_statistics, mean_interval, relevance_shares, summarise
+from xtl.errors import XtlError
+from xtl.io import write_csv, write_json
+from xtl.runs import RunDir
+
+ANALYSIS_VERSION = 1  # part of the pipeline step's fingerprint: a change of what is computed redoes it
+SEED = 0
+RANDOMISATION_IMAGES = 8
+RANDOMISATION_METHODS = ("gradcam", "saliency", "transformer_attribution", "attention_rollout", "attnlrp", "integrated_gradients")
+COMPLEXITY_EPS = 0.1  # effective complexity: cells above this fraction of the map's peak
+DEPENDS = 0.5  # a method depends on the weights when its fully randomised maps correlate less than this
+PRIMARY = {"cnn": "gradcam", "vit": "transformer_attribution", "other": "saliency"}  # the paper's methods
+
+
+@dataclass
+class MapSet:
+    """One run's stored maps of one method, with what the run's predictions say of each image."""
+
+    model: str
+    family: str
+    method: str
+    raw: torch.Tensor  # [N, h, w]
+    targets: torch.Tensor  # [N]
+    ids: torch.Tensor  # [N]
+    labels: torch.Tensor  # [N] true class
+    correct: torch.Tensor  # [N] bool
+    run: RunDir | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}: {self.method}"
+
+
+def stored_methods(run: RunDir, split: str = "test") -> list[str]:
+    folder = Path(run.path) / "explanations" / split
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def read_map_sets(run: RunDir, methods: list[str] | None = None) -> list[MapSet]:
+    """The run's stored test maps per method (methods with none are left out), each image's true class
+    and whether the run classified it correctly (from predictions.csv, matched by image id)."""
+    from xtl.evaluate import read_predicted
+    from xtl.explain.runner import read_stored_maps
+
+    data = run.read()
+    model = str(data["run"]["model"])
+    family = str((data.get("derived", {}).get("model") or {}).get("family", "other"))
+    if not run.file("predictions.csv").is_file():
+        raise XtlError(f"run directory {run.path} has no predictions.csv; run `xtl evaluate {run.path}` first")
+    ids, labels, predicted = read_predicted(run)
+    truth = {int(i): (int(y), int(p) == int(y)) for i, y, p in zip(ids, labels, predicted)}
+    sets = []
+    for method in methods or stored_methods(run):
+        stored = read_stored_maps(run, method)
+        if stored is None:
+            continue
+        raw, targets, map_ids = stored
+        keep = torch.tensor([int(i) in truth for i in map_ids.tolist()], dtype=torch.bool)
+        if not keep.any():
+            continue
+        raw, targets, map_ids = raw[keep], targets[keep], map_ids[keep]
+        sets.append(MapSet(model, family, method, raw.double(), targets, map_ids,
+                           torch.tensor([truth[int(i)][0] for i in map_ids.tolist()]),
+                           torch.tensor([truth[int(i)][1] for i in map_ids.tolist()], dtype=torch.bool), run))
+    return sets
+
+
+# ------------------------------------------------------------------------------------ the parts
+
+
+def statistics_rows(sets: list[MapSet], class_names: list[str]) -> tuple[list[dict], dict[str, dict]]:
+    """Rows of statistics.csv and each set's per-map statistics (label -> name -> Tensor[N])."""
+    rows, per_map = [], {}
+    for s in sets:
+        stats = map_statistics(s.raw)
+        per_map[s.label] = stats
+        groups = [("all", torch.ones(len(s.ids), dtype=torch.bool)), ("correct", s.correct), ("misclassified", ~s.correct)]
+        groups += [(f"class:{name}", s.labels == k) for k, name in enumerate(class_names)]
+        for group, mask in groups:
+            for name, summary in summarise({k: stats[k][mask] for k in STATISTICS}, seed=SEED).items():
+                rows.append({"model": s.model, "method": s.method, "group": group, "statistic": name, **summary})
+    return rows, per_map
+
+
+def rate_rows(sets: list[MapSet]) -> list[dict]:
+    """Flat maps, single-token peaks and the complexity metrics per model and method."""
+    from xtl.analysis.metrics import effective_complexity, sparseness
+    from xtl.report.artefacts import single_token_peaks
+
+    rows = []
+    for s in sets:
+        shares, flat = relevance_shares(s.raw)
+        valid = ~torch.isnan(shares.flatten(1)[:, 0])
+        peaks = single_token_peaks(s.raw.numpy())
+        sparse = torch.full((len(s.ids),), float("nan"), dtype=torch.float64)
+        complexity = sparse.clone()
+        if valid.any():
+            sparse[valid] = torch.as_tensor(sparseness(shares[valid])).double()
+            complexity[valid] = torch.as_tensor(effective_complexity(shares[valid], COMPLEXITY_EPS)).double()
+        h, w = s.raw.shape[-2:]
+        rows.append({
+            "model": s.model, "method": s.method, "grid": f"{h}x{w}", "n": len(s.ids),
+            "flat": int(flat.sum()), "flat_rate": float(flat.double().mean()),
+            "single_token_peaks": int(peaks.sum()), "peak_rate": float(peaks.mean()),
+            **{f"sparseness_{k}": v for k, v in mean_interval(sparse, SEED).items() if k != "n"},
+            **{f"effective_complexity_{k}": v for k, v in mean_interval(complexity / (h * w), SEED).items() if k != "n"},
+        })
+    return rows
+
+
+def agreement_rows(sets: list[MapSet]) -> tuple[list[str], dict[str, torch.Tensor], list[dict]]:
+    """Agreement of every pair of (model, method) on their shared images: the matrix labels, the
+    Spearman and IoU matrices (means) and the rows of agreement.csv (upper triangle, with intervals)."""
+    k = len(sets)
+    labels = [s.label for s in sets]
+    matrices = {"spearman": torch.full((k, k), float("nan"), dtype=torch.float64),
+                "iou": torch.full((k, k), float("nan"), dtype=torch.float64)}
+    rows = []
+    for i in range(k):
+        for j in range(i, k):
+            a, b = sets[i], sets[j]
+            pa, pb = shared(a.ids, b.ids)
+            if not len(pa):
+                continue
+            if i == j:
+                matrices["spearman"][i, i] = matrices["iou"][i, i] = 1.0
+                continue
+            found = agreement(a.raw[pa], b.raw[pb])
+            kind = "same model" if a.model == b.model else "same method" if a.method == b.method else "other"
+            row = {"a": a.label, "b": b.label, "kind": kind, "n": len(pa)}
+            for name, values in found.items():
+                summary = mean_interval(values, SEED)
+                matrices[name][i, j] = matrices[name][j, i] = summary["mean"]
+                row.update({f"{name}_{key}": v for key, v in summary.items() if key != "n"})
+            rows.append(row)
+    return labels, matrices, rows
+
+
+def paper_claims(sets: list[MapSet], per_map: dict[str, dict]) -> list[Claim]:
+    """(a) ViT errors more concentrated, (b) CNN errors more concentrated, (c) ViT vs CNN (paired)."""
+    primary = {}
+    for s in sets:
+        if s.family in ("vit", "cnn") and s.method == PRIMARY[s.family] and s.family not in primary:
+            primary[s.family] = s
+    claims = []
+    for family, key, who in (("vit", "vit_errors", "the ViT"), ("cnn", "cnn_errors", "the CNN")):
+        s = primary.get(family)
+        if s is None:
+            continue
+        gini = per_map[s.label]["gini"]
+        claims.append(group_claim(key, f"{who}'s maps ({s.model}, {s.method}) are more concentrated on misclassified "
+                                  "than on correctly classified images", gini[~s.correct], gini[s.correct], seed=SEED))
+    if "vit" in primary and "cnn" in primary:
+        vit, cnn = primary["vit"], primary["cnn"]
+        pv, pc = shared(vit.ids, cnn.ids)
+        if len(pv):
+            a, b = common_grid(vit.raw[pv], cnn.raw[pc])
+            gini_v, gini_c = map_statistics(a)["gini"], map_statistics(b)["gini"]
+            h, w = a.shape[-2:]
+            claims.append(paired_claim("vit_vs_cnn", f"the ViT's maps ({vit.model}, {vit.method}) are more concentrated than "
+                                       f"the CNN's ({cnn.model}, {cnn.method}) on the same images (both on {h} x {w} cells)",
+                                       gini_v, gini_c, seed=SEED))
+    return claims
+
+
+def randomisation_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, device: str | None) -> tuple[list[dict], str | None]:
+    """Cascading model-parameter randomisation per model and method on the first `n_images` stored
+    images: rows (model, method, layer, order, spearman, n); a note instead where it cannot run."""
+    try:
+        from xtl.analysis.metrics import randomisation_similarity
+    except ImportError:
+        return [], "the randomisation check (xtl.analysis.metrics.randomisation_similarity) is not available"
+    from xtl.inference import LoadedRun
+
+    rows = []
+    for run in runs:
+        mine = [s for s in sets if s.run is run and s.method in RANDOMISATION_METHODS]
+        if not mine or n_images <= 0:
+            continue
+        loaded = LoadedRun(run, device=device)
+        position = {int(i): k for k, i in enumerate(loaded.part.ids.tolist())}
+        for s in mine:
+            ids = [int(i) for i in s.ids[:n_images].tolist() if int(i) in position]
+            if not ids:
+                continue
+            images = loaded.inputs([position[i] for i in ids])
+            targets = s.targets[:len(ids)].to(images.device)
+            found = randomisation_similarity(loaded.model, loaded.spec, images, targets, s.method,
+                                             layers="cascading", similarity="spearman", seed=SEED,
+                                             layer_groups="blocks")
+            for order, (layer, values) in enumerate(found):
+                values = torch.as_tensor(values).double().cpu()
+                values = values[~torch.isnan(values)]
+                rows.append({"model": s.model, "method": s.method, "layer": str(layer), "order": order,
+                             "spearman": float(values.mean()) if len(values) else float("nan"), "n": len(values)})
+    return rows, None
+
+
+# ------------------------------------------------------------------------------------ sentences
+
+
+def complexity_sentences(rates: list[dict]) -> list[str]:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rates):
+        mine = [r for r in rates if r["model"] == model and r["sparseness_mean"] == r["sparseness_mean"]]
+        if not mine:
+            continue
+        by = sorted(mine, key=lambda r: r["sparseness_mean"])
+        sparse, dense = by[-1], by[0]
+        text = (f"{model}: the sparsest maps are {sparse['method']}'s (Gini {sparse['sparseness_mean']:.2f} "
+                f"[{sparse['sparseness_low']:.2f}, {sparse['sparseness_high']:.2f}])")
+        if dense is not sparse:
+            text += (f", the least sparse {dense['method']}'s ({dense['sparseness_mean']:.2f} "
+                     f"[{dense['sparseness_low']:.2f}, {dense['sparseness_high']:.2f}])")
+        text += "; " + ", ".join(f"{r['method']} lights up {100 * r['effective_complexity_mean']:.0f} % of its "
+                                 f"{r['grid']} cells" for r in mine)
+        text += f" (effective complexity: cells above {COMPLEXITY_EPS:.0%} of the map's peak)."
+        flat = [r for r in mine if r["flat"]]
+        peaks = [r for r in mine if r["peak_rate"] >= 0.1]
+        if flat:
+            text += " Flat maps: " + ", ".join(f"{r['method']} {r['flat']} of {r['n']}" for r in flat) + "."
+        if peaks:
+            text += " Single-token peaks: " + ", ".join(f"{r['method']} {100 * r['peak_rate']:.0f} %" for r in peaks) + "."
+        out.append(text)
+    return out
+
+
+def randomisation_sentences(rows: list[dict]) -> list[str]:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        last = {}
+        for r in rows:
+            if r["model"] == model:
+                last[r["method"]] = r  # the deepest randomisation: every listed layer randomised
+        depend = [m for m, r in last.items() if r["spearman"] < DEPENDS]
+        fail = [m for m, r in last.items() if r["spearman"] >= DEPENDS]
+        parts = []
+        if depend:
+            parts.append(f"{', '.join(depend)} depend{'s' if len(depend) == 1 else ''} on the weights (Spearman with "
+                         f"the trained model's maps below {DEPENDS} once every layer is randomised)")
+        if fail:
+            parts.append(f"{', '.join(fail)} barely change{'s' if len(fail) == 1 else ''} when the weights are "
+                         f"randomised (Spearman {DEPENDS} or more): {'it fails' if len(fail) == 1 else 'they fail'} "
+                         "the sanity check")
+        if parts:
+            out.append(f"{model}: " + "; ".join(parts) + ".")
+    return out
+
+
+# ------------------------------------------------------------------------------------ the whole
+
+
+def plot_concentration(rows: list[dict], path: Path) -> None:
+    """Gini of correct and misclassified images' maps per model and method, with 95 % intervals."""
+    from xtl.io import pyplot, save_figure
+
+    plt = pyplot()
+    keys = list(dict.fromkeys((r["model"], r["method"]) for r in rows if r["statistic"] == "gini"))
+    if not keys:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(keys) + 1.5))
+    for offset, group, colour in ((-0.15, "correct", "tab:blue"), (0.15, "misclassified", "tab:red")):
+        for y, key in enumerate(keys):
+            found = [r for r in rows if (r["model"], r["method"]) == key and r["group"] == group and r["statistic"] == "gini"]
+            if not found or found[0]["n"] == 0:
+                continue
+            r = found[0]
+            ax.errorbar(r["mean"], y + offset, xerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]], fmt="o",
+                        color=colour, capsize=3, label=group if y == 0 else None)
+    ax.set_yticks(range(len(keys)), [f"{m}: {meth}" for m, meth in keys])
+    ax.invert_yaxis()
+    ax.set_xlabel("Gini index of the map (higher = more concentrated), mean and bootstrap 95 % interval")
+    ax.legend(loc="best")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None,
+                 randomisation_images: int = RANDOMISATION_IMAGES, device: str | None = None) -> dict[str, Any]:
+    """Measure the runs' stored maps and write the analysis folder (see the module's docstring)."""
+    start = time.perf_counter()
+    sets = [s for run in runs for s in read_map_sets(run, methods)]
+    if not sets:
+        names = ", ".join(str(r.path) for r in runs)
+        raise XtlError(f"no stored maps in {names}: run `xtl explain` on {'it' if len(runs) == 1 else 'them'} first")
+    class_names = runs[0].class_names
+    out = Path(out)
+    stats_rows, per_map = statistics_rows(sets, class_names)
+    rates = rate_rows(sets)
+    labels, matrices, agree = agreement_rows(sets)
+    claims = paper_claims(sets, per_map)
+    timings = {"statistics": round(time.perf_counter() - start, 2)}
+    started = time.perf_counter()
+    random_rows, random_note = randomisation_rows(runs, sets, randomisation_images, device)
+    timings["randomisation"] = round(time.perf_counter() - started, 2)
+
+    figures = out / "figures"
+    if len(sets) > 1:
+        plot_agreement(labels, matrices, figures / "agreement.png",
+                       "Agreement of the maps on the same images (mean over images)")
+    plot_concentration(stats_rows, figures / "concentration.png")
+    write_csv(out / "statistics.csv", stats_rows, ["model", "method", "group", "statistic", "mean", "low", "high", "n"])
+    write_csv(out / "rates.csv", rates)
+    write_csv(out / "agreement.csv", agree, ["a", "b", "kind", "n", "spearman_mean", "spearman_low", "spearman_high",
+                                             "iou_mean", "iou_low", "iou_high"])
+    write_csv(out / "claims.csv", [c.to_dict() for c in claims],
+              ["key", "statement", "difference", "low", "high", "p_value", "n", "verdict", "sentence"])
+    write_csv(out / "randomisation.csv", random_rows, ["model", "method", "layer", "order", "spearman", "n"])
+    timings["total"] = round(time.perf_counter() - start, 2)
+    result = {
+        "version": ANALYSIS_VERSION,
+        "runs": [str(r.path) for r in runs],
+        "normalisation": "positive part of each raw map, normalised to sum 1 on the method's own grid; "
+                         "maps with no positive mass are flat and left out",
+        "settings": {"seed": SEED, "bootstrap_resamples": 2000, "permutations": 10_000, "level": 0.95,
+                     "top_iou_share": 0.1, "complexity_eps": COMPLEXITY_EPS, "randomisation_images": randomisation_images,
+                     "depends_below": DEPENDS},
+        "statistics_described": DESCRIPTIONS,
+        "sets": [{"model": s.model, "family": s.family, "method": s.method, "n": len(s.ids),
+                  "grid": list(s.raw.shape[-2:]), "misclassified": int((~s.correct).sum())} for s in sets],
+        "statistics": stats_rows,
+        "rates": rates,
+        "complexity_sentences": complexity_sentences(rates),
+        "agreement": {"labels": labels, "spearman": _matrix(matrices["spearman"]), "iou": _matrix(matrices["iou"]),
+                      "pairs": agree},
+        "claims": [c.to_dict() for c in claims],
+        "randomisation": random_rows,
+        "randomisation_sentences": randomisation_sentences(random_rows),
+        "randomisation_note": random_note,
+        "figures": sorted(p.name for p in figures.glob("*.png")) if figures.is_dir() else [],
+        "seconds": timings,
+    }
+    write_json(out / "analysis.json", _finite(result))
+    return result
+
+
+def _matrix(m: torch.Tensor) -> list[list[float | None]]:
+    return [[None if v != v else round(float(v), 4) for v in row] for row in m.tolist()]
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: analysis.json is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def read_analysis(folder: Path) -> dict[str, Any] | None:
+    """analysis.json of an analysis folder, or None when there is none (or it cannot be read)."""
+    import json
+
+    path = Path(folder) / "analysis.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes().decode())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
