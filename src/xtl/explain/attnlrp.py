@@ -23,6 +23,10 @@ The rules, operation by operation (R = relevance, g = the modified gradient, so 
 probabilities are constants (detached), so all of the relevance of `A v` goes to `v` and none to
 the queries and keys; softmax absorbs nothing.
 
+The maps equal those of LXT 2.1, the authors' library, on the same Hugging Face ViT weights (LXT
+puts the halves on q, k and v instead of on A, which is the same gradient; its 1e-10 in the GELU
+rule is the only difference: tests/test_explain_attnlrp_lxt.py).
+
 The map is the pixel relevance summed over the colour channels, [B, H, W] at input size, signed:
 positive is evidence for the class, negative against it. In float64 the pixel relevance plus what
 every bias-like tensor (biases, the class and register tokens, the position embedding) and every
