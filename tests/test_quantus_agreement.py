@@ -6,7 +6,7 @@ Tolerances, each the float32 rounding Quantus works in (xtl sums in float64):
 - pointing game, effective complexity: identical;
 - relevance mass / rank accuracy, sparseness: 1e-6 absolute;
 - max-sensitivity, local Lipschitz estimate: 1e-4 relative (the same noise handed to both);
-- MPRT (Spearman per layer, all 62 layers top-down): 1e-6 absolute, layer names identical;
+- MPRT (Spearman per layer, all 41 randomisable modules of the ResNet-18, top-down): 1e-6 absolute, layer names identical;
 - pixel flipping: 1e-5 absolute (the same forward passes, batched differently).
 """
 
