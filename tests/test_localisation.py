@@ -71,13 +71,18 @@ def test_the_image_folder_holds_the_canvases_and_their_masks(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / key)), drawn.images[5]) and np.array_equal(masks[key], drawn.masks[5])
 
 
-def test_an_oracle_map_scores_one_and_an_inverted_map_zero():
+def test_an_oracle_map_scores_one_an_inverted_map_zero_and_a_flat_map_a_miss():
     masks = torch.from_numpy(generate(CIFAR, TINY, "test", 12).masks)
     oracle = score_maps(masks.float(), masks)
     inverted = score_maps(1 - masks.float(), masks)
     for name in ("pointing_game", "relevance_mass", "relevance_rank"):
         assert torch.allclose(oracle[name], torch.ones(12)), name
         assert torch.allclose(inverted[name], torch.zeros(12)), name
+    # a flat map points nowhere: a miss, and the mask's share for mass and rank
+    flat = score_maps(torch.zeros(12, TINY.canvas, TINY.canvas), masks)
+    share = masks.flatten(1).float().mean(1)
+    assert flat["flat"].all() and not flat["pointing_game"].any()
+    assert torch.allclose(flat["relevance_mass"], share) and torch.allclose(flat["relevance_rank"], share)
     # uniform noise: relevance mass near the mask's share of the canvas
     noise = score_maps(reference_maps("random", 12, TINY.canvas), masks)["relevance_mass"]
     assert abs(noise.mean().item() - masks.float().mean().item()) < 0.03
