@@ -74,6 +74,16 @@ def test_relevance_rank_accuracy_breaks_ties_by_pixel_index():
     assert M.relevance_rank_accuracy(maps, masks).tolist() == [0.5]
 
 
+def test_relevance_rank_accuracy_equals_a_stable_sort_on_maps_full_of_ties():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randint(0, 4, (20, 8, 8), generator=g).float()  # 4 levels: ties at every boundary
+    masks = torch.rand(20, 8, 8, generator=g) < torch.linspace(0.05, 0.9, 20).reshape(-1, 1, 1)
+    order = maps.flatten(1).argsort(dim=1, descending=True, stable=True)
+    k = masks.flatten(1).sum(dim=1)
+    expected = [masks.flatten(1)[i, order[i, :k[i]]].float().mean().item() for i in range(20)]
+    assert M.relevance_rank_accuracy(maps, masks).tolist() == pytest.approx(expected, abs=1e-7)
+
+
 def test_sparseness_is_the_gini_index():
     n = 100
     one_peak = torch.zeros(1, 10, 10)

@@ -50,6 +50,16 @@ def _max_normalised(flat: torch.Tensor) -> torch.Tensor:
     return torch.where(top > 0, flat / torch.where(top > 0, top, torch.ones_like(top)), flat)
 
 
+def _sorted_values(flat: torch.Tensor) -> torch.Tensor:
+    """Each row sorted ascending (values only). On the CPU NumPy's vectorised sort is ~15x faster
+    than torch's (2 ms against 35 ms for 256 x 1024 float32 on 1 core), so it does the sorting there."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        import numpy as np
+
+        return torch.from_numpy(np.sort(flat.detach().numpy(), axis=1))
+    return flat.sort(dim=1).values
+
+
 def _nanmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """np.nanmax along `dim`: NaNs ignored, NaN where a row is all NaN."""
     filled = torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x).amax(dim=dim)
@@ -128,10 +138,15 @@ def relevance_rank_accuracy(maps: torch.Tensor, masks: torch.Tensor) -> torch.Te
     """
     flat = _flat_maps(maps)
     inside = _flat_masks(masks, maps)
-    order = flat.argsort(dim=1, descending=True, stable=True)
+    n = flat.shape[1]
     k = inside.sum(dim=1, keepdim=True)
-    top_k = torch.arange(flat.shape[1], device=flat.device).expand_as(flat) < k
-    hits = (inside.gather(1, order) & top_k).sum(dim=1)
+    # the K-th largest value: everything above it is in the top K; of the pixels equal to it, the
+    # first K - (number above) in pixel order are (what a stable descending sort would pick)
+    kth = _sorted_values(flat).gather(1, (n - k).clamp(0, n - 1))
+    above = flat > kth
+    tied = flat == kth
+    admitted = tied & (tied.cumsum(dim=1) <= k - above.sum(dim=1, keepdim=True))
+    hits = ((above | admitted) & inside).sum(dim=1)
     score = hits.double() / k.squeeze(1).double()
     return torch.where(k.squeeze(1) > 0, score, torch.full_like(score, math.nan)).to(maps.dtype)
 
@@ -146,9 +161,9 @@ def sparseness(maps: torch.Tensor) -> torch.Tensor:
     |value|, made absolute, 1e-7 added to every pixel, then
     sum_i (2i - n - 1) a_(i) / (n sum_i a_i) over the ascending values a_(1..n).
     """
-    flat = _max_normalised(_flat_maps(maps).double()).abs() + 1e-7
+    flat = _max_normalised(_flat_maps(maps)).abs()
     n = flat.shape[1]
-    ascending = flat.sort(dim=1).values
+    ascending = _sorted_values(flat).double() + 1e-7  # adding after sorting keeps the order
     weights = 2 * torch.arange(1, n + 1, dtype=torch.float64, device=flat.device) - n - 1
     return ((weights * ascending).sum(dim=1) / (n * ascending.sum(dim=1))).to(maps.dtype)
 
