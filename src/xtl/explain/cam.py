@@ -5,11 +5,13 @@ gradients G = d logit_target / dA (ViT tokens folded into the patch grid first).
 ReLU(CAM) on that feature grid: what pytorch-grad-cam has before it min-max scales and resizes
 each map with OpenCV, so `explain()`'s upsampling and normalisation give the library's own map
 (the tests check it against the library). Unlike the library, everything stays batched on the
-images' device, and no parameter gradients are accumulated.
+images' device (but EigenCAM's SVD, which runs in NumPy for the library's sign: one reduced SVD for
+the batch), and no parameter gradients are accumulated.
 """
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from typing import Callable, ClassVar, Iterator
 
@@ -239,9 +241,41 @@ class EigenCam(CamMethod):
     uses_gradients = False
 
     def cam_image(self, activations, gradients):
-        # the library's own SVD (NumPy, one CPU trip per batch): the component's sign is arbitrary,
-        # and only the same LAPACK call gives the same sign as pytorch-grad-cam
-        from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+        return first_component_projection(activations)
 
-        projection = get_2d_projection(activations.float().cpu().numpy())
-        return torch.from_numpy(projection).to(activations.device)
+
+def first_component_projection(activations: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, h, w]: pytorch-grad-cam's `get_2d_projection` (NaN -> 0, positions centred
+    per channel, projection on the first right-singular vector), with a reduced SVD of the whole
+    batch in one call instead of one full SVD per image (whose V^T is C x C: 2048 x 2048 on a
+    ResNet-50) -- the first component is the same. The component's sign is arbitrary and only the
+    same LAPACK routine gives the library's: NumPy's reduced SVD (the same gesdd) keeps it, torch's
+    (MKL on the CPU, cuSOLVER on a GPU) flips about half of the maps, so the SVD runs in NumPy, on
+    one BLAS thread: the matrices are small ([hw, C] per image), and OpenBLAS's threads on a busy
+    CPU made the same SVD 10-30 times slower (measured on a shared 2-core machine)."""
+    import numpy as np
+
+    batch = np.nan_to_num(activations.detach().float().cpu().numpy(), nan=0.0)
+    n, channels, height, width = batch.shape
+    positions = batch.reshape(n, channels, height * width).transpose(0, 2, 1)  # [B, hw, C]
+    positions = positions - positions.mean(axis=1, keepdims=True)
+    with _one_blas_thread():
+        _, _, vt = np.linalg.svd(positions, full_matrices=False)
+        projection = np.matmul(positions, vt[:, 0, :, None])[..., 0].reshape(n, height, width)
+    return torch.from_numpy(np.float32(projection)).to(activations.device)
+
+
+_BLAS_CONTROLLER = None
+
+
+def _one_blas_thread():
+    """NumPy's BLAS/LAPACK limited to one thread for the block (threadpoolctl, a scikit-learn
+    dependency; no limit where it is missing). The controller's scan of the loaded libraries runs once."""
+    global _BLAS_CONTROLLER
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return contextlib.nullcontext()
+    if _BLAS_CONTROLLER is None:
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")

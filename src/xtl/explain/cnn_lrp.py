@@ -11,8 +11,10 @@ Activations (ReLU, ReLU6) pass relevance unchanged, average pools and residual s
 proportion to their inputs. The relevance starts at the target logit, so that with a conserving
 rule set it sums over the input to that logit. Raw map = relevance summed over channels [B, H, W].
 
-Canonizers (`canonizers_for`) make the model LRP-ready and are applied to a deep copy, never to
-the caller's model (in-place activations are switched off on the copy as well):
+Canonizers (`canonizers_for`) make the model LRP-ready. They are applied to the caller's model for
+the call and reverted after, also on errors, as Zennit's own context does (a deep copy per call
+cost 2-7 % of the call); `lrp_ready` also switches in-place activations off and freezes the
+parameters for the call, and puts back every parameter, buffer, submodule, hook and flag it found:
 - torchvision ResNet: zennit.torchvision.ResNetCanonizer (batch norms merged, residual sums as modules);
 - EfficientNet-Lite (efficientnet_lite_pytorch): every batch norm merged into the convolution
   before it by name (SequentialMergeBatchNorm merges none: the 'same'-padding convolutions hold a
@@ -28,8 +30,8 @@ The map is what reaches the pixels; it is normalised like every other map.
 
 from __future__ import annotations
 
-import copy
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -77,7 +79,7 @@ def zplus(spec: ModelSpec, canonizers: list):
 
 
 class LrpMethod(ExplainMethod):
-    """Relevance of the target logit on a canonized, hooked deep copy of the model."""
+    """Relevance of the target logit on the model, canonized and hooked for the call only."""
 
     families = frozenset({"cnn"})
     signed = True
@@ -92,16 +94,15 @@ class LrpMethod(ExplainMethod):
     ) -> torch.Tensor:
         from zennit.attribution import Gradient  # zennit imports torchvision: loaded on first use
 
-        lrp_model = lrp_copy(model)
-        rules = COMPOSITES[self.name](spec, canonizers_for(lrp_model), **options)
-
         def start_at_target_logit(logits: torch.Tensor) -> torch.Tensor:
             one_hot = torch.zeros_like(logits).scatter_(1, targets[:, None], 1.0)
             return one_hot * logits.detach()
 
         inputs = images.detach().clone().requires_grad_(True)
-        with torch.enable_grad(), Gradient(lrp_model, rules, attr_output=start_at_target_logit) as attributor:
-            _, relevance = attributor(inputs)
+        with lrp_ready(model):
+            rules = COMPOSITES[self.name](spec, canonizers_for(model), **options)
+            with torch.enable_grad(), Gradient(model, rules, attr_output=start_at_target_logit) as attributor:
+                _, relevance = attributor(inputs)
         return relevance.sum(1)
 
 
@@ -129,13 +130,49 @@ class LrpZPlus(LrpMethod):
     reference = "Montavon et al., Explaining nonlinear classification decisions with deep Taylor decomposition, 2017"
 
 
-def lrp_copy(model: nn.Module) -> nn.Module:
-    """A frozen deep copy in eval mode with out-of-place activations (rules read module inputs later)."""
-    clone = copy.deepcopy(model).eval().requires_grad_(False)
-    for module in clone.modules():
-        if getattr(module, "inplace", False):
-            module.inplace = False
-    return clone
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+@contextlib.contextmanager
+def lrp_ready(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode, frozen, with out-of-place activations (rules read module inputs later)
+    for the block; on exit every module gets back its training flag, `inplace` flag, attributes,
+    parameters, buffers, submodules and hooks, every parameter and buffer its data and every
+    parameter its `requires_grad`: what Zennit's canonizers revert and what a failure halfway
+    through registering them would leave. Nothing is copied, only references are kept."""
+    saved = []
+    for module in model.modules():
+        saved.append((module, module.training, module.__dict__.get("inplace"), set(module.__dict__),
+                       dict(module._parameters), dict(module._buffers), dict(module._modules),
+                       {name: dict(getattr(module, name)) for name in _HOOK_DICTS if name in module.__dict__}))
+    tensors = [(t, t.data, t.requires_grad) for module in model.modules()
+               for t in [*module._parameters.values(), *module._buffers.values()] if t is not None]
+    try:
+        model.eval()
+        for tensor, _, _ in tensors:
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(False)
+        for module in model.modules():
+            if getattr(module, "inplace", False) is True:
+                module.inplace = False
+        yield model
+    finally:
+        for module, training, inplace, attributes, parameters, buffers, modules, hooks in saved:
+            for key in set(module.__dict__) - attributes:  # e.g. an overridden forward
+                del module.__dict__[key]
+            for store, original in ((module._parameters, parameters), (module._buffers, buffers),
+                                    (module._modules, modules), *((getattr(module, n), h) for n, h in hooks.items())):
+                store.clear()  # by reference: the dicts hold the very objects found on entry
+                store.update(original)
+            if inplace is not None:
+                module.inplace = inplace
+            module.training = training
+        for tensor, data, requires_grad in tensors:
+            if tensor.data is not data:
+                tensor.data = data
+            if tensor.requires_grad != requires_grad:
+                tensor.requires_grad_(requires_grad)
 
 
 def canonizers_for(model: nn.Module) -> list:
