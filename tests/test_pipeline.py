@@ -15,7 +15,8 @@ from helpers import XTL, chromium_page
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-SECTIONS = ("summary", "data", "models", "comparison", "confusions", "galleries", "faithfulness", "reproducibility")
+SECTIONS = ("summary", "data", "models", "comparison", "confusions", "galleries", "faithfulness", "analysis",
+            "reproducibility")
 pytestmark = pytest.mark.xdist_group("pipeline")
 
 TINY = {
@@ -192,6 +193,7 @@ def test_run_writes_every_step(finished):
     vit = yaml.safe_load((folder / "timm_vit_tiny_patch16_224" / "config.yaml").read_text())["run"]
     assert vit["lr"] == 3e-4 and vit["epochs"] == 2  # per-model over train over the preset
     for name in ("pipeline.yaml", "steps.json", "data.json", "faithfulness_combined.csv", "report/report.html",
+                 "analysis/analysis.json", "analysis/figures/agreement.png",
                  "figures/class_distribution.png", "figures/faithfulness_combined.png"):
         assert (folder / name).is_file(), name
     assert "test accuracy" in result.stdout

@@ -587,6 +587,45 @@ def localisation_command(
                   f"({time.perf_counter() - start:.0f} s)")
 
 
+@app.command("analyse")
+def analyse_command(
+    runs: list[Path] = typer.Argument(..., help="Run directories whose stored maps (xtl explain) are measured."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: analysis/ in the runs' xtl run folder, "
+                                       "else runs/analysis-A-vs-B)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: every method with stored maps)."),
+    randomisation_images: int = typer.Option(8, help="Images of the model-parameter randomisation check (0: skip it)."),
+    randomisation_layers: Optional[int] = typer.Option(None, help="Randomise only the top N layer groups (default: "
+                                                       "all, down to the input; a ViT's transformer attribution costs "
+                                                       "~0.3 s an image per group on a CPU)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+) -> None:
+    """What the models look at, in numbers: map statistics, agreement, the paper's claims, sanity checks.
+
+    xtl analyse runs/quick/efficientnet_lite0 runs/quick/vit_s14_dinov2
+    """
+    if randomisation_images < 0:
+        raise XtlError(f"option --randomisation-images must be 0 or more, not {randomisation_images}")
+    if randomisation_layers is not None and randomisation_layers < 1:
+        raise XtlError(f"option --randomisation-layers must be 1 or more, not {randomisation_layers}")
+    from xtl.analysis import analyse_runs
+    from xtl.runs import RunDir
+
+    run_dirs = [RunDir(r) for r in runs]
+    for run in run_dirs:
+        run.read()
+    parents = {Path(r).resolve().parent for r in runs}
+    if out is None:
+        parent = next(iter(parents))
+        out = parent / "analysis" if len(parents) == 1 and (parent / "pipeline.yaml").is_file() else \
+            Path("runs") / ("analysis-" + "-vs-".join(r.path.name for r in run_dirs))
+    folder = _output_folder(out, "--out")
+    result = analyse_runs(run_dirs, folder, methods=_list(methods), randomisation_images=randomisation_images,
+                          randomisation_layers=randomisation_layers, device=_device(device))
+    for claim in result["claims"]:
+        console.print(Text(f"{claim['verdict']}: {claim['sentence']}"))
+    console.print(Text(f"analysis: {folder}/analysis.json, CSV tables and figures ({result['seconds']['total']:.1f} s)"))
+
+
 @app.command("serve")
 def serve_command(
     runs: list[Path] = typer.Argument(..., help="Run directories whose models the app serves (only these)."),

@@ -40,7 +40,9 @@ from xtl.runs import RunDir
 ANALYSIS_VERSION = 1  # part of the pipeline step's fingerprint: a change of what is computed redoes it
 SEED = 0
 RANDOMISATION_IMAGES = 8
-RANDOMISATION_METHODS = ("gradcam", "saliency", "transformer_attribution", "attention_rollout", "attnlrp", "integrated_gradients")
+# the pipeline's cheap setting: a ViT's transformer attribution costs ~0.3 s an image on a CPU, once
+# per randomised layer group; the top groups (head, final norm, last blocks) show the effect first
+PIPELINE_RANDOMISATION = {"images": 4, "layers": 4}
 COMPLEXITY_EPS = 0.1  # effective complexity: cells above this fraction of the map's peak
 DEPENDS = 0.5  # a method depends on the weights when its fully randomised maps correlate less than this
 PRIMARY = {"cnn": "gradcam", "vit": "transformer_attribution", "other": "saliency"}  # the paper's methods
@@ -197,9 +199,17 @@ def paper_claims(sets: list[MapSet], per_map: dict[str, dict]) -> list[Claim]:
     return claims
 
 
-def randomisation_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, device: str | None) -> tuple[list[dict], str | None]:
+def randomisation_methods(family: str, stored: list[str]) -> list[str]:
+    """The methods the randomisation check explains again: the family's own method and saliency."""
+    return [m for m in dict.fromkeys((PRIMARY.get(family, "saliency"), "saliency")) if m in stored]
+
+
+def randomisation_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, device: str | None,
+                       max_layers: int | None = None) -> tuple[list[dict], str | None]:
     """Cascading model-parameter randomisation per model and method on the first `n_images` stored
-    images: rows (model, method, layer, order, spearman, n); a note instead where it cannot run."""
+    images, from the top block down (`layer_groups="blocks"`, the top `max_layers` groups where given): rows (model, method, layer, order,
+    spearman: mean over the images whose randomised map is not constant, n: images, undefined: the
+    others); a note instead where it cannot run."""
     try:
         from xtl.analysis.metrics import randomisation_similarity
     except ImportError:
@@ -208,7 +218,9 @@ def randomisation_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, de
 
     rows = []
     for run in runs:
-        mine = [s for s in sets if s.run is run and s.method in RANDOMISATION_METHODS]
+        own = [s for s in sets if s.run is run]
+        chosen = randomisation_methods(own[0].family, [s.method for s in own]) if own else []
+        mine = [s for s in own if s.method in chosen]
         if not mine or n_images <= 0:
             continue
         loaded = LoadedRun(run, device=device)
@@ -221,12 +233,14 @@ def randomisation_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, de
             targets = s.targets[:len(ids)].to(images.device)
             found = randomisation_similarity(loaded.model, loaded.spec, images, targets, s.method,
                                              layers="cascading", similarity="spearman", seed=SEED,
-                                             layer_groups="blocks")
+                                             layer_groups="blocks", max_layers=max_layers)
             for order, (layer, values) in enumerate(found):
                 values = torch.as_tensor(values).double().cpu()
-                values = values[~torch.isnan(values)]
+                undefined = torch.isnan(values)  # a randomised model's constant map: no rank correlation
+                kept = values[~undefined]
                 rows.append({"model": s.model, "method": s.method, "layer": str(layer), "order": order,
-                             "spearman": float(values.mean()) if len(values) else float("nan"), "n": len(values)})
+                             "spearman": float(kept.mean()) if len(kept) else float("nan"), "n": len(values),
+                             "undefined": int(undefined.sum())})
     return rows, None
 
 
@@ -266,12 +280,14 @@ def randomisation_sentences(rows: list[dict]) -> list[str]:
         for r in rows:
             if r["model"] == model:
                 last[r["method"]] = r  # the deepest randomisation: every listed layer randomised
-        depend = [m for m, r in last.items() if r["spearman"] < DEPENDS]
+        # every randomised map constant (e.g. Grad-CAM's ReLU leaving nothing): the map is gone, so it depends
+        gone = lambda r: r["spearman"] != r["spearman"] and r["undefined"] == r["n"] > 0
+        depend = [m for m, r in last.items() if r["spearman"] < DEPENDS or gone(r)]
         fail = [m for m, r in last.items() if r["spearman"] >= DEPENDS]
         parts = []
         if depend:
             parts.append(f"{', '.join(depend)} depend{'s' if len(depend) == 1 else ''} on the weights (Spearman with "
-                         f"the trained model's maps below {DEPENDS} once every layer is randomised)")
+                         f"the trained model's maps below {DEPENDS}, or no map left, once the listed layers are randomised)")
         if fail:
             parts.append(f"{', '.join(fail)} barely change{'s' if len(fail) == 1 else ''} when the weights are "
                          f"randomised (Spearman {DEPENDS} or more): {'it fails' if len(fail) == 1 else 'they fail'} "
@@ -311,8 +327,11 @@ def plot_concentration(rows: list[dict], path: Path) -> None:
 
 
 def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None,
-                 randomisation_images: int = RANDOMISATION_IMAGES, device: str | None = None) -> dict[str, Any]:
-    """Measure the runs' stored maps and write the analysis folder (see the module's docstring)."""
+                 randomisation_images: int = RANDOMISATION_IMAGES, randomisation_layers: int | None = None,
+                 device: str | None = None) -> dict[str, Any]:
+    """Measure the runs' stored maps and write the analysis folder (see the module's docstring).
+    `randomisation_images` 0 skips the randomisation check; `randomisation_layers`: randomise only the
+    top that many layer groups (None: all, down to the input)."""
     start = time.perf_counter()
     sets = [s for run in runs for s in read_map_sets(run, methods)]
     if not sets:
@@ -326,7 +345,7 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
     claims = paper_claims(sets, per_map)
     timings = {"statistics": round(time.perf_counter() - start, 2)}
     started = time.perf_counter()
-    random_rows, random_note = randomisation_rows(runs, sets, randomisation_images, device)
+    random_rows, random_note = randomisation_rows(runs, sets, randomisation_images, device, randomisation_layers)
     timings["randomisation"] = round(time.perf_counter() - started, 2)
 
     figures = out / "figures"
@@ -340,7 +359,7 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
                                              "iou_mean", "iou_low", "iou_high"])
     write_csv(out / "claims.csv", [c.to_dict() for c in claims],
               ["key", "statement", "difference", "low", "high", "p_value", "n", "verdict", "sentence"])
-    write_csv(out / "randomisation.csv", random_rows, ["model", "method", "layer", "order", "spearman", "n"])
+    write_csv(out / "randomisation.csv", random_rows, ["model", "method", "layer", "order", "spearman", "n", "undefined"])
     timings["total"] = round(time.perf_counter() - start, 2)
     result = {
         "version": ANALYSIS_VERSION,
@@ -349,6 +368,7 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
                          "maps with no positive mass are flat and left out",
         "settings": {"seed": SEED, "bootstrap_resamples": 2000, "permutations": 10_000, "level": 0.95,
                      "top_iou_share": 0.1, "complexity_eps": COMPLEXITY_EPS, "randomisation_images": randomisation_images,
+                     "randomisation_layers": randomisation_layers,
                      "depends_below": DEPENDS},
         "statistics_described": DESCRIPTIONS,
         "sets": [{"model": s.model, "family": s.family, "method": s.method, "n": len(s.ids),

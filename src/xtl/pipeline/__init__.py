@@ -1,4 +1,4 @@
-"""`xtl run`: split -> fine-tune each model -> evaluate -> explain -> faithfulness -> report.
+"""`xtl run`: split -> fine-tune each model -> evaluate -> explain -> faithfulness -> analysis -> report.
 
 Everything lands in one folder, `<runs_dir>/<name>/`:
 
@@ -6,6 +6,7 @@ Everything lands in one folder, `<runs_dir>/<name>/`:
     steps.json             finished steps with a fingerprint of what they depended on
     figures/               class distribution, side-by-side galleries, combined faithfulness curves
     faithfulness_combined.csv
+    analysis/              the stored maps measured: statistics, agreement, the paper's claims (xtl.analysis)
     <model>/               one run directory per model (see xtl.runs)
     report/report.html     the self-contained report, its PNG figures beside it
 
@@ -36,7 +37,7 @@ from xtl.runs import RunDir, split_spec
 
 __all__ = ["PipelineConfig", "load_config", "parse_assignments", "preset_config", "run_pipeline", "model_folder"]
 
-STEPS = ("data", "finetune", "evaluate", "explain", "compare", "faithfulness", "report")
+STEPS = ("data", "finetune", "evaluate", "explain", "compare", "faithfulness", "analysis", "report")
 
 
 def model_folder(model: str) -> str:
@@ -164,6 +165,10 @@ class Pipeline:
         self.step("faithfulness", [trained_all, self.faithfulness_settings()], self.faithfulness, "faithfulness",
                   outputs=lambda: [self.folder / "faithfulness_combined.csv",
                                    *[r.file("faithfulness.csv") for r in self.runs.values()]], after=every)
+        explained = tuple(f"{step}:{m}" for m in self.runs for step in ("finetune", "evaluate", "explain"))
+        self.step("analysis", [trained_all, self.explain_settings(), self.analysis_settings()], self.analysis,
+                  "analysis: what the models look at, in numbers", outputs=lambda: [self.folder / "analysis" / "analysis.json"],
+                  after=explained)
         report = self.folder / "report" / "report.html"
         upstream = {k: v for k, v in self.log.steps.items() if k != "report"}
         self.step("report", [upstream, self.config.to_dict()], self.report, "report", outputs=lambda: [report])
@@ -264,6 +269,21 @@ class Pipeline:
                             self.folder / "figures" / "faithfulness_combined.png")
         Console(width=None if sys.stdout.isatty() else 150, markup=False).print(
             faithfulness_table([row for r in results for row in r.rows()]))
+
+    def analysis_settings(self) -> list:
+        from xtl.analysis.run import ANALYSIS_VERSION, PIPELINE_RANDOMISATION
+
+        return [ANALYSIS_VERSION, PIPELINE_RANDOMISATION]
+
+    def analysis(self) -> None:
+        from xtl.analysis import analyse_runs
+        from xtl.analysis.run import PIPELINE_RANDOMISATION as cheap
+
+        result = analyse_runs(list(self.runs.values()), self.folder / "analysis", methods=self.config.explain_methods,
+                              randomisation_images=cheap["images"], randomisation_layers=cheap["layers"],
+                              device=self.config.device)
+        for claim in result["claims"]:
+            self.console.print(f"{claim['key']}: {claim['verdict']}", markup=False, highlight=False)
 
     def report(self) -> None:
         from xtl.report import build_report

@@ -34,7 +34,8 @@ from xtl.runs import RunDir
 __all__ = ["ModelResult", "build_report", "SECTIONS"]
 
 # Section ids, in page order; a report of existing runs (`xtl compare`) has only some of them.
-SECTIONS = ("summary", "data", "models", "comparison", "confusions", "galleries", "faithfulness", "reproducibility")
+SECTIONS = ("summary", "data", "models", "comparison", "confusions", "galleries", "faithfulness", "analysis",
+            "reproducibility")
 RUN_FIGURES = {
     "training_curves": "Training curves: loss and accuracy per batch, validation per epoch",
     "confusion_matrix": "Confusion matrix on the test split",
@@ -84,6 +85,7 @@ def build_report(runs: list[RunDir], out: Path, folder: Path | None = None, conf
         "galleries": [figures.add(folder / "figures" / f"{name}.png", f"{name}.png", caption)
                       for name, caption in FOLDER_FIGURES.items() if name.startswith("compare") and folder],
         "faithfulness": _faithfulness_context(folder, results, figures),
+        "analysis": _analysis_context(folder, figures),
         "reproducibility": _reproducibility_context(results, config),
     }
     context["galleries"] = [g for g in context["galleries"] if g]
@@ -222,6 +224,90 @@ def _faithfulness_context(folder: Path | None, results: list[ModelResult], figur
         "per_run": [f for f in (figures.add(r.run.figures / "faithfulness_curves.png", f"{r.name}_faithfulness_curves.png",
                                             f"{r.model}: faithfulness curves") for r in results) if f] if figure is None else [],
     }
+
+
+ANALYSIS_FIGURES = {
+    "agreement": "Agreement of the maps on the same images: between models (same method) and between methods (same model)",
+    "concentration": "Concentration (Gini index) of the maps of correctly classified and misclassified images",
+}
+
+
+def _analysis_context(folder: Path | None, figures: Figures) -> dict[str, Any] | None:
+    """The "What the models look at, in numbers" section from `folder/analysis/analysis.json`
+    (xtl.analysis), and the localisation benchmark's table where `localisation_summary` finds one."""
+    from xtl.analysis import read_analysis
+
+    if folder is None:
+        return None
+    data = read_analysis(folder / "analysis")
+    localisation = _localisation_rows(folder)
+    if data is None and not localisation:
+        return None
+    data = data or {}
+    interval = lambda r, key="": (f"{r[key + 'mean']:.3f} [{r[key + 'low']:.3f}, {r[key + 'high']:.3f}]"
+                                  if r.get(key + "mean") is not None else "–")
+    stats = data.get("statistics", [])
+    names = list(data.get("statistics_described", {}))
+    overall = []
+    for s in data.get("sets", []):
+        mine = {(r["group"], r["statistic"]): r for r in stats if r["model"] == s["model"] and r["method"] == s["method"]}
+        overall.append({"model": s["model"], "method": s["method"], "grid": "x".join(map(str, s["grid"])), "n": s["n"],
+                        "cells": [interval(mine[("all", k)]) if ("all", k) in mine else "–" for k in names],
+                        "correct": interval(mine.get(("correct", "gini"), {})),
+                        "misclassified": interval(mine.get(("misclassified", "gini"), {})),
+                        "n_wrong": s["misclassified"]})
+    rates = [{"model": r["model"], "method": r["method"], "grid": r["grid"], "flat": f"{r['flat']} of {r['n']}",
+              "peaks": f"{r['single_token_peaks']} of {r['n']}", "sparseness": interval(r, "sparseness_"),
+              "complexity": (f"{100 * r['effective_complexity_mean']:.0f} % [{100 * r['effective_complexity_low']:.0f}, "
+                             f"{100 * r['effective_complexity_high']:.0f}]" if r.get("effective_complexity_mean") is not None else "–")}
+             for r in data.get("rates", [])]
+    claims = [{"key": c["key"], "statement": c["statement"], "verdict": c["verdict"], "sentence": c["sentence"],
+               "difference": "–" if c["difference"] is None else f"{c['difference']:+.3f}",
+               "interval": "–" if c["low"] is None else f"[{c['low']:+.3f}, {c['high']:+.3f}]",
+               "p": "–" if c["p_value"] is None else f"{c['p_value']:.3g}", "n": " vs ".join(map(str, c["n"]))}
+              for c in data.get("claims", [])]
+    randomisation = []
+    for model in dict.fromkeys(r["model"] for r in data.get("randomisation", [])):
+        mine = [r for r in data["randomisation"] if r["model"] == model]
+        layers = list(dict.fromkeys(r["layer"] for r in sorted(mine, key=lambda r: r["order"])))
+        table = {}
+        for r in mine:
+            table.setdefault(r["method"], {})[r["layer"]] = (f"{r['spearman']:.2f}" if r["spearman"] is not None else
+                                                             "no map" if r.get("undefined") == r["n"] else "–")
+        randomisation.append({"model": model, "layers": layers, "n": max(r["n"] for r in mine),
+                              "rows": [{"method": m, "cells": [cells.get(l, "–") for l in layers]} for m, cells in table.items()]})
+    pairs = [{"a": p["a"], "b": p["b"], "kind": p["kind"], "n": p["n"], "spearman": interval(p, "spearman_"),
+              "iou": interval(p, "iou_")} for p in data.get("agreement", {}).get("pairs", [])]
+    shown = [f for f in (figures.add(folder / "analysis" / "figures" / f"{name}.png", f"analysis_{name}.png", caption)
+                         for name, caption in ANALYSIS_FIGURES.items()) if f]
+    return {
+        "normalisation": data.get("normalisation", ""),
+        "descriptions": [data["statistics_described"][k] for k in names],
+        "overall": overall,
+        "rates": rates,
+        "complexity": data.get("complexity_sentences", []),
+        "claims": claims,
+        "pairs": pairs,
+        "figures": shown,
+        "randomisation": randomisation,
+        "randomisation_sentences": data.get("randomisation_sentences", []),
+        "randomisation_note": data.get("randomisation_note"),
+        "settings": data.get("settings", {}),
+        "localisation": localisation,
+    }
+
+
+def _localisation_rows(folder: Path) -> list[dict]:
+    """The localisation benchmark's summary rows, where there is one (xtl.analysis.localisation)."""
+    try:
+        from xtl.analysis.localisation import localisation_summary
+    except ImportError:
+        return []
+    try:
+        rows = localisation_summary(folder)
+    except (OSError, ValueError, XtlError):
+        return []
+    return [r for r in rows or [] if isinstance(r, dict)]
 
 
 def _reproducibility_context(results: list[ModelResult], config: dict[str, Any] | None) -> dict[str, Any]:
