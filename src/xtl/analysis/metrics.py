@@ -322,7 +322,8 @@ def randomisation_similarity(model: nn.Module, spec, images: torch.Tensor, targe
     copy, and is listed head first too (Quantus lists "independent" bottom-up).
 
     The randomised models are deep copies: `model` and the global torch RNG are left as they were.
-    A ViT has ~50 randomisable modules; `layer_groups="blocks"` randomises per block (and per
+    Parameters held by no such module (a ViT's cls token and position embedding) are not
+    randomised, in Quantus neither. A ViT has ~50 randomisable modules; `layer_groups="blocks"` randomises per block (and per
     head/norm/embedding) and `max_layers` stops after that many steps from the top.
 
     Args:
