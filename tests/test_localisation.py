@@ -61,14 +61,22 @@ def test_the_mask_is_where_the_object_was_pasted():
 
 
 def test_the_image_folder_holds_the_canvases_and_their_masks(tmp_path):
-    classes, masks = write_image_folder(CIFAR, TINY, tmp_path)
-    assert len(list(tmp_path.glob("train/*/*.png"))) == TINY.train_images + TINY.val_images
-    assert sorted(masks) == sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("test/*/*.png"))
-    stored = np.load(tmp_path / "masks.npz")
+    # canvases of earlier, larger settings are removed; a folder of something else is refused
+    folder, other = tmp_path / "data", tmp_path / "other"
+    write_image_folder(CIFAR, BenchmarkSettings(**{**TINY.__dict__, "images": 20, "train_images": 30}), folder)
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(XtlError, match="was not written by xtl localisation"):
+        write_image_folder(CIFAR, TINY, other)
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]
+    classes, masks = write_image_folder(CIFAR, TINY, folder)
+    assert len(list(folder.glob("train/*/*.png"))) == TINY.train_images + TINY.val_images
+    assert sorted(masks) == sorted(str(p.relative_to(folder)) for p in folder.glob("test/*/*.png"))
+    stored = np.load(folder / "masks.npz")
     assert [masks[k].sum() for k in stored["keys"]] == [m.sum() for m in stored["masks"]]
     drawn = generate(CIFAR, TINY, "test", TINY.images)
     key = f"test/{classes[drawn.labels[5]]}/00005.png"
-    assert np.array_equal(np.asarray(Image.open(tmp_path / key)), drawn.images[5]) and np.array_equal(masks[key], drawn.masks[5])
+    assert np.array_equal(np.asarray(Image.open(folder / key)), drawn.images[5]) and np.array_equal(masks[key], drawn.masks[5])
 
 
 def test_an_oracle_map_scores_one_an_inverted_map_zero_and_a_flat_map_a_miss():
@@ -135,6 +143,7 @@ def test_a_second_run_of_the_same_settings_reuses_the_fine_tuned_model(tiny_benc
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert weights.stat().st_mtime_ns == before
     assert [r["method"] for r in localisation_summary(out)] == ["random"]
+    assert len(list((out / "data" / "test").glob("*/*.png"))) == 8
     # other settings into the same folder: one line, nothing trained over the run
     result = runner.invoke(app, [
         "localisation", "--out", str(out), "--models", "timm:resnet10t", "--random-init", "--images", "8",
@@ -149,14 +158,11 @@ def test_a_second_run_of_the_same_settings_reuses_the_fine_tuned_model(tiny_benc
     (["--methods", "bogus"], "option --methods: unknown method 'bogus'"),
     (["--methods", "attnlrp", "--models", "efficientnet_lite0"], "option --methods: none of attnlrp applies to efficientnet_lite0"),
     (["--models", "nosuchmodel"], "unknown model 'nosuchmodel'"),
-    (["--canvas", "32"], "option --object-max"),  # never: the objects shrink with the canvas
+    (["--canvas", "8"], "option --canvas must be >= 16, not 8"),
     (["--device", "tpu"], "--device"),
-], ids=["images", "epochs", "unknown_method", "method_of_another_family", "unknown_model", "small_canvas", "device"])
+], ids=["images", "epochs", "unknown_method", "method_of_another_family", "unknown_model", "canvas", "device"])
 def test_bad_options_are_one_line(options, fragment, tmp_path):
     result = runner.invoke(app, ["localisation", "--out", str(tmp_path / "o"), *options])
-    if fragment == "option --object-max":  # a small canvas is fine: checked here without running the benchmark
-        assert BenchmarkSettings(canvas=32, object_min=24, object_max=32).canvas == 32
-        return
     assert isinstance(result.exception, XtlError), result.output + repr(result.exception)
     message = str(result.exception)
     assert "\n" not in message and fragment in message, message

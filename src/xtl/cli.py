@@ -551,7 +551,7 @@ def localisation_command(
     models: str = typer.Option("efficientnet_lite0,vit_s14_dinov2", help="Comma-separated models to fine-tune and explain."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: a cheap set per family); "
                                           "random and centre are reference maps."),
-    images: int = typer.Option(200, help="Test canvases explained and scored."),
+    images: int = typer.Option(100, help="Test canvases explained and scored."),
     train_images: int = typer.Option(1000, help="Training canvases."),
     val_images: int = typer.Option(200, help="Validation canvases (the best epoch is chosen on them)."),
     epochs: int = typer.Option(2, help="Fine-tuning epochs (the quick recipe)."),
