@@ -260,6 +260,8 @@ def complexity_sentences(rates: list[dict]) -> list[str]:
         if dense is not sparse:
             text += (f", the least sparse {dense['method']}'s ({dense['sparseness_mean']:.2f} "
                      f"[{dense['sparseness_low']:.2f}, {dense['sparseness_high']:.2f}])")
+            if sparse["grid"] != dense["grid"]:
+                text += f" (on different grids, {sparse['grid']} and {dense['grid']}: a finer grid can be sparser)"
         text += "; " + ", ".join(f"{r['method']} lights up {100 * r['effective_complexity_mean']:.0f} % of its "
                                  f"{r['grid']} cells" for r in mine)
         text += f" (effective complexity: cells above {COMPLEXITY_EPS:.0%} of the map's peak)."
