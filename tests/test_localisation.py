@@ -169,6 +169,13 @@ def test_bad_options_are_one_line(options, fragment, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_the_command_has_help_naming_its_options():
+    result = runner.invoke(app, ["localisation", "--help"])
+    assert result.exit_code == 0
+    for option in ("--out", "--models", "--methods", "--images", "--epochs", "--seed", "--device"):
+        assert option in result.output, option
+
+
 def test_a_bad_option_exits_2_in_one_line_from_the_shell(tmp_path):
     result = subprocess.run([XTL, "localisation", "--out", str(tmp_path / "o"), "--images", "-1"],
                             capture_output=True, text=True, timeout=120)
