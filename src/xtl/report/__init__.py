@@ -303,11 +303,14 @@ def _localisation_rows(folder: Path) -> list[dict]:
         from xtl.analysis.localisation import localisation_summary
     except ImportError:
         return []
-    try:
-        rows = localisation_summary(folder)
-    except (OSError, ValueError, XtlError):
-        return []
-    return [r for r in rows or [] if isinstance(r, dict)]
+    for place in (folder, folder / "localisation"):  # `xtl localisation --out` the run folder, or a folder in it
+        try:
+            rows = localisation_summary(place)
+        except (OSError, ValueError, XtlError):
+            continue
+        if rows:
+            return [r for r in rows if isinstance(r, dict)]
+    return []
 
 
 def _reproducibility_context(results: list[ModelResult], config: dict[str, Any] | None) -> dict[str, Any]:
