@@ -156,7 +156,11 @@ def test_analyse_writes_every_number_and_the_report_shows_them(runs):
     randomised = {(r["model"], r["method"]) for r in data["randomisation"]}
     assert len(randomised) == 4 and all(r["n"] == 2 for r in data["randomisation"])
     assert data["randomisation_sentences"] and data["complexity_sentences"]
-    for name in ("statistics.csv", "rates.csv", "agreement.csv", "claims.csv", "randomisation.csv",
+    robust = {(r["model"], r["method"]): r for r in data["robustness"]}
+    assert set(robust) == randomised and data["robustness_sentences"]
+    for r in robust.values():  # the maps do move under noise, and a ratio of norms is not negative
+        assert r["n"] == 2 and 0 < r["max_sensitivity_mean"] and r["local_lipschitz_low"] <= r["local_lipschitz_mean"]
+    for name in ("statistics.csv", "rates.csv", "agreement.csv", "claims.csv", "randomisation.csv", "robustness.csv",
                  "figures/agreement.png", "figures/concentration.png"):
         assert (folder / "analysis" / name).is_file(), name
     assert result["seconds"]["total"] > 0
@@ -166,6 +170,7 @@ def test_analyse_writes_every_number_and_the_report_shows_them(runs):
     for claim in data["claims"]:
         assert claim["verdict"] in html
     assert "cascading model-parameter randomisation" in html and "analysis_agreement.png" in html
+    assert "Robustness: how much the maps move under small input noise" in html
 
 
 def test_analyse_command_and_its_refusals(runs, tmp_path):

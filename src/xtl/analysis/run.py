@@ -13,6 +13,7 @@ analysis):
     agreement.csv       per pair of (model, method): Spearman and top-10 % IoU on the shared images
     claims.csv          the paper's claims (`xtl.analysis.claims`) with verdicts
     randomisation.csv   cascading model-parameter randomisation: mean Spearman per method and layer
+    robustness.csv      max-sensitivity and local Lipschitz estimate of the same methods on the same images
     figures/agreement.png, figures/concentration.png
     analysis.json       every number above, the sentences the report shows, the settings
 
@@ -37,13 +38,14 @@ from xtl.errors import XtlError
 from xtl.io import write_csv, write_json
 from xtl.runs import RunDir
 
-ANALYSIS_VERSION = 1  # part of the pipeline step's fingerprint: a change of what is computed redoes it
+ANALYSIS_VERSION = 2  # part of the pipeline step's fingerprint: a change of what is computed redoes it
 SEED = 0
 RANDOMISATION_IMAGES = 8
 # the pipeline's cheap setting: a ViT's transformer attribution costs ~0.3 s an image on a CPU, once
 # per randomised layer group; the top groups (head, final norm, last blocks) show the effect first
 PIPELINE_RANDOMISATION = {"images": 4, "layers": 4}
 COMPLEXITY_EPS = 0.1  # effective complexity: cells above this fraction of the map's peak
+ROBUSTNESS = {"radius": 0.2, "std": 0.1, "samples": 5}  # Quantus's noise defaults; 5 of its 200 samples
 DEPENDS = 0.5  # a method depends on the weights when its fully randomised maps correlate less than this
 PRIMARY = {"cnn": "gradcam", "vit": "transformer_attribution", "other": "saliency"}  # the paper's methods
 
@@ -205,11 +207,13 @@ def randomisation_methods(family: str, stored: list[str]) -> list[str]:
 
 
 def randomisation_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, device: str | None,
-                       max_layers: int | None = None) -> tuple[list[dict], str | None]:
+                       max_layers: int | None = None,
+                       robustness: list[dict] | None = None) -> tuple[list[dict], str | None]:
     """Cascading model-parameter randomisation per model and method on the first `n_images` stored
     images, from the top block down (`layer_groups="blocks"`, the top `max_layers` groups where given): rows (model, method, layer, order,
     spearman: mean over the images whose randomised map is not constant, n: images, undefined: the
-    others); a note instead where it cannot run."""
+    others); a note instead where it cannot run. With a `robustness` list, the same images and methods
+    are also scored for robustness (`robustness_row`) and the rows appended to it."""
     try:
         from xtl.analysis.metrics import randomisation_similarity
     except ImportError:
@@ -234,6 +238,8 @@ def randomisation_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, de
             found = randomisation_similarity(loaded.model, loaded.spec, images, targets, s.method,
                                              layers="cascading", similarity="spearman", seed=SEED,
                                              layer_groups="blocks", max_layers=max_layers)
+            if robustness is not None:
+                robustness.append(robustness_row(loaded, s, images, targets))
             for order, (layer, values) in enumerate(found):
                 values = torch.as_tensor(values).double().cpu()
                 undefined = torch.isnan(values)  # a randomised model's constant map: no rank correlation
@@ -242,6 +248,45 @@ def randomisation_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, de
                              "spearman": float(kept.mean()) if len(kept) else float("nan"), "n": len(values),
                              "undefined": int(undefined.sum())})
     return rows, None
+
+
+def robustness_row(loaded, s: MapSet, images: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Max-sensitivity (uniform noise of radius `ROBUSTNESS["radius"]`) and the local Lipschitz
+    estimate (Gaussian noise of std `ROBUSTNESS["std"]`), in the model's normalised input space, of the
+    method's [0, 1] maps at input size, `ROBUSTNESS["samples"]` noisy copies per image: Quantus's
+    definitions (`xtl.analysis.metrics`), with fewer samples than its default 200. Lower is more robust."""
+    from xtl.analysis.metrics import local_lipschitz_estimate, max_sensitivity
+    from xtl.explain import explain
+
+    def explain_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return explain(loaded.model, x, t, method=s.method, spec=loaded.spec).maps.to(x.dtype)
+
+    n = ROBUSTNESS["samples"]
+    found = {"max_sensitivity": max_sensitivity(explain_fn, images, targets, radius=ROBUSTNESS["radius"],
+                                                n_samples=n, seed=SEED),
+             "local_lipschitz": local_lipschitz_estimate(explain_fn, images, targets, std=ROBUSTNESS["std"],
+                                                         n_samples=n, seed=SEED)}
+    row = {"model": s.model, "method": s.method, "n": len(images), "samples": n}
+    for name, values in found.items():
+        summary = mean_interval(torch.as_tensor(values).double().cpu(), SEED)
+        row.update({f"{name}_{key}": v for key, v in summary.items() if key != "n"})
+    return row
+
+
+def robustness_sentences(rows: list[dict]) -> list[str]:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = sorted((r for r in rows if r["model"] == model and r["max_sensitivity_mean"] == r["max_sensitivity_mean"]),
+                      key=lambda r: r["max_sensitivity_mean"])
+        if not mine:
+            continue
+        parts = [f"{r['method']} {r['max_sensitivity_mean']:.2f} [{r['max_sensitivity_low']:.2f}, "
+                 f"{r['max_sensitivity_high']:.2f}]" for r in mine]
+        out.append(f"{model}: under input noise of {ROBUSTNESS['radius']} (normalised units) the maps change by "
+                   f"at most (max-sensitivity, relative to the map, lower is steadier): " + ", ".join(parts)
+                   + f"; the most robust is {mine[0]['method']}"
+                   + (" (on few images: overlapping intervals do not rank)" if len(mine) > 1 else "") + ".")
+    return out
 
 
 # ------------------------------------------------------------------------------------ sentences
@@ -347,7 +392,9 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
     claims = paper_claims(sets, per_map)
     timings = {"statistics": round(time.perf_counter() - start, 2)}
     started = time.perf_counter()
-    random_rows, random_note = randomisation_rows(runs, sets, randomisation_images, device, randomisation_layers)
+    robust_rows: list[dict] = []
+    random_rows, random_note = randomisation_rows(runs, sets, randomisation_images, device, randomisation_layers,
+                                                  robustness=robust_rows)
     timings["randomisation"] = round(time.perf_counter() - started, 2)
 
     figures = out / "figures"
@@ -361,6 +408,9 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
                                              "iou_mean", "iou_low", "iou_high"])
     write_csv(out / "claims.csv", [c.to_dict() for c in claims],
               ["key", "statement", "difference", "low", "high", "p_value", "n", "verdict", "sentence"])
+    write_csv(out / "robustness.csv", robust_rows,
+              ["model", "method", "n", "samples"] + [f"{m}_{k}" for m in ("max_sensitivity", "local_lipschitz")
+                                                      for k in ("mean", "low", "high")])
     write_csv(out / "randomisation.csv", random_rows, ["model", "method", "layer", "order", "spearman", "n", "undefined"])
     timings["total"] = round(time.perf_counter() - start, 2)
     result = {
@@ -384,6 +434,9 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
         "randomisation": random_rows,
         "randomisation_sentences": randomisation_sentences(random_rows),
         "randomisation_note": random_note,
+        "robustness": robust_rows,
+        "robustness_sentences": robustness_sentences(robust_rows),
+        "robustness_settings": ROBUSTNESS,
         "figures": sorted(p.name for p in figures.glob("*.png")) if figures.is_dir() else [],
         "seconds": timings,
     }

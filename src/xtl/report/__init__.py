@@ -292,6 +292,11 @@ def _analysis_context(folder: Path | None, figures: Figures) -> dict[str, Any] |
         "randomisation": randomisation,
         "randomisation_sentences": data.get("randomisation_sentences", []),
         "randomisation_note": data.get("randomisation_note"),
+        "robustness": [{"model": r["model"], "method": r["method"], "n": r["n"], "samples": r["samples"],
+                        "max_sensitivity": interval(r, "max_sensitivity_"), "local_lipschitz": interval(r, "local_lipschitz_")}
+                       for r in data.get("robustness", [])],
+        "robustness_sentences": data.get("robustness_sentences", []),
+        "robustness_settings": data.get("robustness_settings", {}),
         "settings": data.get("settings", {}),
         "localisation": localisation,
     }
