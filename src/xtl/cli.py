@@ -66,7 +66,7 @@ def _is_launcher_child() -> bool:
 _COUNT, _NOT_NEGATIVE = Rule(at_least=1), Rule(at_least=0)
 OPTION_RULES = {
     **dict.fromkeys(("train_size", "val_size", "test_size", "seed"), _NOT_NEGATIVE),
-    **dict.fromkeys(("images", "batch_size", "gallery_size"), _COUNT),
+    **dict.fromkeys(("images", "batch_size", "gallery_size", "devices", "num_nodes"), _COUNT),
     "port": Rule(at_least=1, at_most=65535),
     "max_upload_mb": Rule(above=0),
 }
@@ -251,6 +251,18 @@ def _output_folder(folder: Path, option: str) -> Path:
     return check_output_folder(folder, f"option {option}:")
 
 
+DEVICES_HELP = "Processes per node, each with its share of the images (DDP: gloo on the CPU, nccl on GPUs)."
+NODES_HELP = "Nodes (start the command on each with torchrun --nnodes, or SLURM)."
+
+
+def _ranks(devices: int, num_nodes: int, device: Optional[str]):
+    """The processes of --devices and --num-nodes (`xtl.distributed.launch`), checked before any work."""
+    from xtl.distributed import launch
+
+    _check_numbers(devices=devices, num_nodes=num_nodes)
+    return launch(devices, num_nodes, device)
+
+
 def _device(device: Optional[str]) -> Optional[str]:
     """--device, checked before any work starts (one line when unknown or not on this machine)."""
     if device is not None:
@@ -264,15 +276,21 @@ def _device(device: Optional[str]) -> Optional[str]:
 def evaluate_command(
     run: Path = typer.Argument(..., help="A run directory."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    devices: int = typer.Option(1, help=DEVICES_HELP),
+    num_nodes: int = typer.Option(1, help=NODES_HELP),
 ) -> None:
     """Evaluate a run's best model on its test split (metrics, predictions, figures)."""
     from xtl.evaluate import evaluate
     from xtl.runs import RunDir
 
+    _check_numbers(devices=devices, num_nodes=num_nodes)
     _device(device)
     run_dir = RunDir(run)
     run_dir.read()
-    evaluate(run_dir, device=device)
+    ranks = _ranks(devices, num_nodes, device)
+    evaluate(run_dir, device=device, ranks=ranks)
+    if not ranks.is_zero:
+        return
     _print_epochs(run_dir)
     _print_comparison([run_dir])
 
@@ -323,13 +341,15 @@ def explain_command(
     list_methods: bool = typer.Option(False, "--list-methods", help="List every method: the models it applies to, "
                                       "its options and its paper; then stop."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    devices: int = typer.Option(1, help="Runs: " + DEVICES_HELP),
+    num_nodes: int = typer.Option(1, help="Runs: " + NODES_HELP),
 ) -> None:
     """Explain runs' best models (maps of a split, galleries), or image files with any model (--model).
 
     xtl explain runs/quick/vit_s14_dinov2 --methods transformer_attribution,attention_rollout
     xtl explain photo.jpg holiday/ --model timm:resnet50 --method gradcam --method integrated_gradients
     """
-    _check_numbers(images=images, batch_size=batch_size)
+    _check_numbers(images=images, batch_size=batch_size, devices=devices, num_nodes=num_nodes)
     chosen = [m.strip() for m in (methods or "").split(",") if m.strip()] + list(method or [])
     if list_methods:
         from xtl.explain import describe_methods
@@ -341,6 +361,7 @@ def explain_command(
     if model is not None:
         from xtl.explain.files import explain_files
 
+        _one_process(devices, num_nodes, "image files with --model")
         folder = _output_folder(out or Path("explanations"), "--out")
         written = explain_files(inputs, model, chosen or None, folder, device=device, target=target,
                                 batch_size=batch_size, weights=weights)
@@ -350,11 +371,17 @@ def explain_command(
     for option, value in (("--out", out), ("--weights", weights)):
         if value is not None:
             raise XtlError(f"option {option} applies to image files with --model, not to run directories")
-    _explain_runs(inputs, chosen or None, images, split, target, batch_size, progress, device)
+    _explain_runs(inputs, chosen or None, images, split, target, batch_size, progress, device, devices, num_nodes)
+
+
+def _one_process(devices: int, num_nodes: int, what: str) -> None:
+    if devices > 1 or num_nodes > 1:
+        raise XtlError(f"options --devices and --num-nodes apply to run directories, not to {what}; "
+                       "give --devices 1 --num-nodes 1")
 
 
 def _explain_runs(runs: list[Path], chosen: list[str] | None, images: Optional[int], split: str, target: str,
-                  batch_size: int, progress: bool, device: Optional[str]) -> None:
+                  batch_size: int, progress: bool, device: Optional[str], devices: int = 1, num_nodes: int = 1) -> None:
     """Maps of a split of each run, galleries of correct and misclassified images."""
     from xtl.explain.runner import compare_runs, explain_run
     from xtl.runs import RunDir
@@ -366,10 +393,13 @@ def _explain_runs(runs: list[Path], chosen: list[str] | None, images: Optional[i
     run_dirs = [RunDir(r) for r in runs]
     for run in run_dirs:
         run.read()
+    ranks = _ranks(devices, num_nodes, device)
     for run in run_dirs:
-        paths = explain_run(run, chosen, split, images, batch_size, target, device=device, progress=progress)
+        paths = explain_run(run, chosen, split, images, batch_size, target, device=device, progress=progress, ranks=ranks)
+        if not ranks.is_zero:
+            continue
         console.print(f"{run.path}: maps in {paths['maps']}, galleries {paths['correct'].name}, {paths['misclassified'].name}")
-    if len(run_dirs) > 1:
+    if len(run_dirs) > 1 and ranks.is_zero:
         import shutil
 
         from xtl.io import atomic_path
@@ -520,9 +550,11 @@ def faithfulness_command(
                                        "runs: folder of the combined table (default the first run)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    devices: int = typer.Option(1, help="Runs: " + DEVICES_HELP),
+    num_nodes: int = typer.Option(1, help="Runs: " + NODES_HELP),
 ) -> None:
     """Faithfulness of the explanation methods: deletion, insertion, positive and negative perturbation."""
-    _check_numbers(seed=seed)  # the counts: FaithfulnessSettings, before any run is read
+    _check_numbers(seed=seed, devices=devices, num_nodes=num_nodes)  # the counts: FaithfulnessSettings, before any run is read
     from xtl.faithfulness import faithfulness_imagenet, faithfulness_run, faithfulness_table
     from xtl.runs import RunDir
 
@@ -535,11 +567,15 @@ def faithfulness_command(
     if out is not None:
         _output_folder(out, "--out")
     if imagenet_sample is not None:
+        _one_process(devices, num_nodes, "--imagenet-sample")
         folder = out or Path("runs") / f"faithfulness-{model.replace(':', '_').replace('/', '_')}"
         results = [faithfulness_imagenet(imagenet_sample, model, out=folder, **options)]
         console.print(f"faithfulness: {folder}/faithfulness.csv, {folder}/figures/faithfulness_curves.png")
     else:
-        results = faithfulness_run([RunDir(r) for r in runs], split=split, combined=out, **options)
+        ranks = _ranks(devices, num_nodes, device)
+        results = faithfulness_run([RunDir(r) for r in runs], split=split, combined=out, ranks=ranks, **options)
+        if not ranks.is_zero:
+            return
         console.print(f"faithfulness: faithfulness.csv and figures/faithfulness_curves.png in {', '.join(map(str, runs))}")
     console.print(faithfulness_table([row for r in results for row in r.rows()]))
 

@@ -18,6 +18,7 @@ from xtl.evaluate.metrics import (
     predict,
 )
 from xtl.device import resolve_device
+from xtl.distributed import SINGLE, Ranks
 from xtl.errors import XtlError, sigterm_as_interrupt
 from xtl.io import read_csv, write_csv, write_json
 from xtl.runs import EVALUATE_TODO, RunDir
@@ -26,9 +27,11 @@ __all__ = ["McNemar", "Predictions", "bootstrap_ci", "compute_metrics", "evaluat
            "predict", "read_predicted", "read_predictions"]
 
 
-def evaluate(run: RunDir, split: Split | None = None, device: str | None = None) -> dict:
+def evaluate(run: RunDir, split: Split | None = None, device: str | None = None, ranks: Ranks = SINGLE) -> dict:
     """Evaluate the run's best model on its test split and write metrics, predictions and figures.
-    SIGTERM unwinds like Ctrl-C (no temporary file is left); the message names what was written."""
+    SIGTERM unwinds like Ctrl-C (no temporary file is left); the message names what was written.
+    `ranks` (`xtl.distributed.launch`): each process predicts a contiguous run of whole batches, rank 0
+    gathers them and writes (the same batches as one process: the same numbers); the others return {}."""
     written: list[str] = []
 
     def kept() -> str:
@@ -36,15 +39,17 @@ def evaluate(run: RunDir, split: Split | None = None, device: str | None = None)
                 "half-written); the same command evaluates again")
 
     with sigterm_as_interrupt(kept):
-        return _evaluate(run, split, device, written)
+        return _evaluate(run, split, device, written, ranks)
 
 
-def _evaluate(run: RunDir, split: Split | None, device: str | None, written: list[str]) -> dict:
+def _evaluate(run: RunDir, split: Split | None, device: str | None, written: list[str], ranks: Ranks = SINGLE) -> dict:
     config = run.config()
-    device = resolve_device(device, config.accelerator)
+    device = resolve_device(ranks.device or device, config.accelerator)
     split = split or run.load_split()
     model, _ = run.load_model(device)
-    pred = predict(model, split["test"], run.preprocess(), device, batch_size=config.eval_batch_size)
+    pred = _predict_shared(model, split["test"], run.preprocess(), device, config.eval_batch_size, ranks)
+    if pred is None:
+        return {}
     metrics = compute_metrics(pred, split.class_names)
     epochs = run.history("epochs")
     metrics["model"] = config.model
@@ -58,6 +63,22 @@ def _evaluate(run: RunDir, split: Split | None, device: str | None, written: lis
     write_figures(run, metrics, epochs)
     written.append("the figures")
     return metrics
+
+
+def _predict_shared(model, part, preprocess, device, batch_size: int, ranks: Ranks) -> Predictions | None:
+    """`predict` on one process, or each process's contiguous whole batches gathered on rank 0 (None elsewhere)."""
+    if ranks.world == 1:
+        return predict(model, part, preprocess, device, batch_size=batch_size)
+    from dataclasses import replace
+
+    mine = ranks.block(-(-len(part) // batch_size))
+    rows = slice(mine.start * batch_size, min(mine.stop * batch_size, len(part)))
+    shard = replace(part, ids=part.ids[rows], labels=part.labels[rows], images=part.images[rows], keys=part.keys[rows])
+    # fewer batches than processes: a process without any gathers an empty [0, 0]
+    probabilities = ranks.gather(predict(model, shard, preprocess, device, batch_size=batch_size).probabilities)
+    if not ranks.is_zero:
+        return None
+    return Predictions(ids=part.ids, labels=part.labels.clone(), probabilities=torch.cat([p for p in probabilities if len(p)]))
 
 
 def write_predictions(run: RunDir, pred: Predictions, class_names: list[str]) -> None:

@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from xtl.distributed import SINGLE, Ranks
 from xtl.errors import XtlError, sigterm_as_interrupt
 from xtl.explain import METHODS, explain, methods_for
 from xtl.explain.gallery import (
@@ -20,7 +21,16 @@ from xtl.explain.gallery import (
     pick_misclassified,
     render_gallery,
 )
-from xtl.explain.stored import chosen_set, drop_overlapping, images_digest, open_set, set_info, shard_files
+from xtl.explain.stored import (
+    chosen_set,
+    drop_overlapping,
+    images_digest,
+    method_folder,
+    open_set,
+    set_info,
+    set_key,
+    shard_files,
+)
 from xtl.inference import LoadedRun
 from xtl.io import atomic_path
 from xtl.runs import RunDir, run_title
@@ -123,10 +133,12 @@ class RunExplainer(LoadedRun):
         return images_digest(self.part)
 
     def stream(self, methods: list[str], n_images: int | None, batch_size: int, target: str, progress: bool,
-               options: dict[str, dict] | None = None) -> Path:
+               options: dict[str, dict] | None = None, ranks: Ranks = SINGLE) -> Path:
         """Raw maps of the first `n_images` of the split, one shard per batch, in a folder per method
         keyed by everything they depend on (`xtl.explain.stored`); finished shards of the same key
-        are kept and reused, maps of other settings or weights never. `options`: method -> options."""
+        are kept and reused, maps of other settings or weights never. `options`: method -> options.
+        `ranks` (`xtl.distributed`): each process writes the shards of its own batches (the same files
+        one process writes); rank 0 opens the sets first, and all have finished when this returns."""
         out = self.run.path / "explanations" / self.split_name
         n = len(self.part) if n_images is None else min(n_images, len(self.part))
         batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
@@ -135,14 +147,21 @@ class RunExplainer(LoadedRun):
         folders = {}
         for method in methods:
             info = set_info(self.run, self.split_name, method, target, batch_size, options.get(method), self.images_digest)
-            folders[method] = open_set(self.run, info)
-            drop_overlapping(folders[method], names)
-        lines = PlainProgress(f"explain {self.run.path.name}", "+".join(methods), n, enabled=not sys.stderr.isatty())
-        with progress_bar(progress) as bar, \
+            if ranks.is_zero:
+                folders[method] = open_set(self.run, info)
+                drop_overlapping(folders[method], names)
+            else:  # rank 0 makes it (and removes what it replaces) alone
+                folders[method] = method_folder(self.run, self.split_name, method) / set_key(info)
+        ranks.barrier()
+        lines = PlainProgress(f"explain {self.run.path.name}", "+".join(methods), n,
+                              enabled=not sys.stderr.isatty() and ranks.is_zero)
+        with progress_bar(progress and ranks.is_zero) as bar, \
                 sigterm_as_interrupt(lambda: f"finished shards are kept in {out}; the same command continues"):
             tasks = {m: bar.add_task(f"{self.run.path.name}: {m}", total=len(batches)) for m in methods}
             # batch by batch, every method on each: "images done" means done by every method
             for k, positions in enumerate(batches):
+                if not ranks.mine(k):
+                    continue
                 for method in methods:
                     shard = folders[method] / names[k]
                     if not shard.is_file():
@@ -153,6 +172,7 @@ class RunExplainer(LoadedRun):
                                            f"{batch_size}; try a smaller --batch-size (finished shards are kept)") from None
                     bar.advance(tasks[method])
                 lines.update(positions[-1] + 1)
+        ranks.barrier()  # every process's shards written: the set is whole
         return out
 
     def _write_shard(self, shard: Path, positions: list[int], method: str, target: str, options: dict) -> None:
@@ -212,21 +232,25 @@ def explain_run(
     device: str | None = None,
     progress: bool = True,
     gallery_size: int = 10,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, Path]:
     """Maps of the split streamed to `explanations/`, and the two galleries in `figures/`, named after
     the methods (`gallery_name`: explaining again with other methods keeps the earlier galleries) and
-    drawn from the stored maps."""
-    explainer = RunExplainer(run, split, device)
+    drawn from the stored maps. `ranks` (`xtl.distributed.launch`): the batches of maps shared out
+    among processes, the galleries drawn by rank 0 once all maps are stored."""
+    explainer = RunExplainer(run, split, ranks.device or device)
     chosen = applicable_methods(explainer.spec.family, methods)
     if not chosen:
         raise XtlError(f"option --methods: none of {', '.join(methods or [])} applies to {explainer.spec.family.upper()} model {explainer.spec.name}")
-    maps_dir = explainer.stream(chosen, n_images, batch_size, target, progress)
+    maps_dir = explainer.stream(chosen, n_images, batch_size, target, progress, ranks=ranks)
+    paths = {"maps": maps_dir, "correct": run.figures / gallery_name("correct", chosen),
+             "misclassified": run.figures / gallery_name("misclassified", chosen)}
+    if not ranks.is_zero:
+        return paths
     labels, probs = explainer.part.labels, explainer.probabilities
     name = run_title(run.path.name, explainer.spec.name)
     correct = pick_correct_per_class(labels, probs.argmax(1), len(explainer.class_names), limit=gallery_size)
     wrong = pick_misclassified(labels, probs, limit=gallery_size)
-    paths = {"maps": maps_dir, "correct": run.figures / gallery_name("correct", chosen),
-             "misclassified": run.figures / gallery_name("misclassified", chosen)}
     render_gallery(explainer.gallery_rows(correct, chosen, target), explainer.class_names, paths["correct"],
                    f"{name}: correctly classified {split} images, one per class")
     render_gallery(explainer.gallery_rows(wrong, chosen, target), explainer.class_names, paths["misclassified"],

@@ -30,6 +30,7 @@ from rich.progress import Progress
 from torch import nn
 
 from xtl.device import resolve_device
+from xtl.distributed import SINGLE, Ranks
 from xtl.errors import XtlError, gpu_out_of_memory, sigterm_as_interrupt
 from xtl.explain import METHODS, explain
 from xtl.explain.base import upsample_and_normalise
@@ -63,7 +64,8 @@ console = Console(stderr=True)
 def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, labels: torch.Tensor, methods: list[str],
                 settings: FaithfulnessSettings | None = None, progress: bool | Progress = False, title: str = "",
                 cache: Path | None = None, pixel_std: Sequence[float] | None = None,
-                stored: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[MethodScores]:
+                stored: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                ranks: Ranks = SINGLE) -> list[MethodScores]:
     """Explain `images` with each method, score the maps and the random/uniform references.
 
     `model`: any classifier (see `xtl.explain.explain`); `spec`: its description, or None.
@@ -79,6 +81,9 @@ def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, 
     `stored`: method -> (raw maps, their target classes) of the first images, as `xtl explain` stored
     them: an image whose stored target is the class predicted here is scored on its stored map
     instead of being explained again (the same computation; its explain time counts as 0 here).
+    `ranks` (`xtl.distributed`): with several processes (which need `cache`), each computes its own
+    batches into the cache and rank 0 then reads them all back: the scores of one process, returned
+    on rank 0 ([] on the others).
     """
     from xtl.models import describe_model
 
@@ -97,6 +102,14 @@ def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, 
     batches = [slice(s, min(s + step, n)) for s in range(0, n, step)]
     if cache is not None:
         cache = cache_folder(cache, model, images, labels, settings, pixel_std)
+    if ranks.world > 1:
+        if cache is None:
+            raise XtlError("faithfulness on several processes merges through the cache of finished batches; give a cache")
+        _score_own_batches(model, spec, images, labels, methods, settings, cache, pixel_std, stored, references,
+                           batches, names, ranks)
+        if not ranks.is_zero:
+            return []
+        progress = False  # every batch is read back from the cache now
     done: dict[str, list[MethodScores]] = {name: [] for name in names}
     held = progress if isinstance(progress, Progress) else None
     lines = progress is True and not sys.stderr.isatty()
@@ -134,6 +147,28 @@ def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, 
                         f"({result.explain_seconds + result.score_seconds:.1f} s, "
                         f"{time.perf_counter() - started:.1f} s elapsed)")
     return results
+
+
+def _score_own_batches(model, spec, images, labels, methods, settings, cache, pixel_std, stored, references,
+                       batches, names, ranks: Ranks) -> None:
+    """This process's batches (`ranks.mine`) scored into the cache, as one process scores them; then
+    a barrier, so that every batch is in the cache when rank 0 reads them all."""
+    with sigterm_as_interrupt(lambda: f"finished batches are kept in {cache}; the same command continues"), \
+            _out_of_memory_message(f"rank {ranks.rank}", settings):
+        for k, part in enumerate(batches):
+            if not ranks.mine(k):
+                continue
+            todo = [name for name in names if read_batch(cache, name, k, part) is None]
+            if not todo:
+                continue
+            computed = _score_batch(model, spec, images[part], labels[part], [m for m in methods if m in todo],
+                                    {r: references[r][part] for r in REFERENCES if r in todo}, settings,
+                                    seed=settings.seed + k, pixel_std=pixel_std,
+                                    stored={m: (raw[part], t[part]) for m, (raw, t) in (stored or {}).items()
+                                            if len(t) >= part.stop})
+            for name, scores in computed.items():
+                write_batch(cache, name, k, part, scores)
+    ranks.barrier()
 
 
 def _print_line(text: str) -> None:
@@ -234,11 +269,13 @@ def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n
                      split: str = "test", steps: int = 10, baseline: str = "zero", batch_size: int = 64,
                      explain_batch_size: int = 8, seed: int = 0, device: str | None = None, progress: bool = True,
                      combined: Path | None = None, method_options: dict[str, dict] | None = None,
-                     resume: bool = True, grid: int | str | None = None) -> list[ModelScores]:
+                     resume: bool = True, grid: int | str | None = None, ranks: Ranks = SINGLE) -> list[ModelScores]:
     """Score each run's methods on the first `n_images` of its split; write each run's table and
     figure, and the combined table and figure (into `combined`, default the first run) when
     several runs are given. With `resume`, finished batches are kept in and read back from
     `<run>/faithfulness_cache/` (False: compute everything, keep nothing, e.g. to time it).
+    `ranks` (`xtl.distributed.launch`): the batches shared out among processes, which always go through
+    the cache; rank 0 writes the tables and returns the scores, the others return [].
     `grid`: cells per side of the perturbed grid, "native" (the source images' own resolution,
     e.g. 32 for CIFAR-10) or None (pixels of the model's input)."""
     settings = FaithfulnessSettings(steps=steps, baseline=baseline, grid=grid, batch_size=batch_size,
@@ -248,20 +285,24 @@ def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n
         run.read()
     results = []
     for run in run_dirs:
-        loaded = LoadedRun(run, split, device)
+        loaded = LoadedRun(run, split, ranks.device or device)
         chosen = _chosen_methods(loaded.spec.family, settings.methods, loaded.spec.name)
         n = min(settings.n_images, len(loaded.part))
         images = loaded.inputs(slice(0, n))
         cells = resolve_grid(settings.grid, loaded.model, loaded.spec, loaded.part.images, images[:1], f"run {run.path}")
         scores = score_model(loaded.model, loaded.spec, images, loaded.part.labels[:n], chosen,
                              settings.with_grid(cells), progress, run.path.name,
-                             cache=run.file(CACHE) if resume else None, pixel_std=loaded.preprocess.std,
-                             stored=_stored_maps(run, split, chosen, loaded.part.ids[:n], images_digest(loaded.part)))
+                             cache=run.file(CACHE) if resume or ranks.world > 1 else None, pixel_std=loaded.preprocess.std,
+                             stored=_stored_maps(run, split, chosen, loaded.part.ids[:n], images_digest(loaded.part)),
+                             ranks=ranks)
+        if not ranks.is_zero:
+            continue
         result = ModelScores(run.path.name, loaded.spec.name, n, steps, baseline, scores, cells)
         write_outputs(run.path, result)
         results.append(result)
     if len(results) > 1:
         write_combined(combined or run_dirs[0].path, results)
+    ranks.barrier()  # the tables are written when every process returns
     return results
 
 

@@ -1,0 +1,118 @@
+"""Issue 18: `xtl explain / evaluate / faithfulness --devices 2` (two CPU processes, DDP on gloo) give
+the files of one process: the same map shards, predictions, metrics and faithfulness table."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from xtl.distributed import Ranks, launch
+from xtl.errors import XtlError
+from xtl.evaluate import evaluate
+from xtl.explain.runner import explain_run
+from xtl.faithfulness import faithfulness_run
+from xtl.faithfulness.results import read_rows
+from xtl.runs import RunDir
+
+from helpers import XTL, one_line_error, tiny_run
+
+METHODS = "gradcam,saliency"
+FAITHFULNESS = ["--methods", METHODS, "--images", "16", "--steps", "4", "--explain-batch-size", "4",
+                "--batch-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory, cifar):
+    """The same tiny run twice: explained, evaluated and scored by one process, and by two."""
+    root = tmp_path_factory.mktemp("distributed")
+    one = tiny_run(root / "one", cifar, "timm:resnet10t", 32)
+    two = RunDir(shutil.copytree(one.path, root / "two"))
+    explain_run(one, METHODS.split(","), batch_size=8, device="cpu", progress=False, gallery_size=3)
+    evaluate(one, device="cpu")
+    faithfulness_run([one], METHODS.split(","), n_images=16, steps=4, explain_batch_size=4, batch_size=32,
+                     device="cpu", progress=False)
+    for command in (["explain", str(two.path), "--methods", METHODS, "--batch-size", "8"],
+                    ["evaluate", str(two.path)],
+                    ["faithfulness", str(two.path), *FAITHFULNESS]):
+        result = two_processes(command, root)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return one, two
+
+
+def two_processes(command: list[str], cwd) -> subprocess.CompletedProcess:
+    extra = ["--no-progress"] if command[0] != "evaluate" else []
+    return subprocess.run([XTL, *command, "--device", "cpu", "--devices", "2", *extra], capture_output=True,
+                          text=True, timeout=300, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def shards(run: RunDir, method: str) -> dict[str, dict]:
+    """The stored maps of `method`: shard file name (with its set's key folder) -> tensors."""
+    folder = run.path / "explanations" / "test" / method
+    return {str(p.relative_to(folder)): load_file(str(p)) for p in sorted(folder.glob("*/batch_*.safetensors"))}
+
+
+def test_two_processes_store_the_maps_of_one(one_and_two):
+    one, two = one_and_two
+    for method in METHODS.split(","):
+        expected, got = shards(one, method), shards(two, method)
+        assert list(got) == list(expected) and len(got) == 3  # 24 images in batches of 8: the same files
+        for name, tensors in expected.items():
+            assert torch.equal(got[name]["ids"], tensors["ids"]) and torch.equal(got[name]["targets"], tensors["targets"])
+            torch.testing.assert_close(got[name]["raw"], tensors["raw"], rtol=1e-4, atol=1e-5)
+    assert (two.figures / "gallery_correct_gradcam-saliency.png").stat().st_size > 10_000
+
+
+def test_two_processes_evaluate_as_one(one_and_two):
+    one, two = one_and_two
+    assert two.file("predictions.csv").read_text() == one.file("predictions.csv").read_text()
+    metrics = [json.loads(run.file("metrics.json").read_text()) for run in (one, two)]
+    assert metrics[0] == metrics[1]
+
+
+def test_two_processes_score_faithfulness_as_one(one_and_two):
+    one, two = one_and_two
+    expected, got = (read_rows(run.file("faithfulness.csv")) for run in (one, two))
+    assert [r["method"] for r in got] == [r["method"] for r in expected] == ["gradcam", "saliency", "random", "uniform"]
+    timings = {"run", "explain_s", "score_s", "score_images_per_s"}  # the run's name and the time it took
+    for a, b in zip(expected, got):
+        assert set(a) == set(b)
+        for column in set(a) - timings:
+            assert b[column] == (pytest.approx(a[column], rel=1e-4, abs=1e-6) if isinstance(a[column], float)
+                                 else a[column]), column
+
+
+def test_a_killed_two_process_explanation_resumes_per_shard(one_and_two, tmp_path):
+    _, two = one_and_two
+    folder = two.path / "explanations" / "test" / "gradcam"
+    files = sorted(folder.glob("*/batch_*.safetensors"))
+    before = {p: p.stat().st_mtime_ns for p in files}
+    files[1].unlink()  # a batch of rank 1 never written
+    result = two_processes(["explain", str(two.path), "--methods", "gradcam", "--batch-size", "8"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert files[1].is_file()
+    assert all(p.stat().st_mtime_ns == before[p] for p in (files[0], files[2]))
+
+
+def test_shares_of_the_work():
+    ranks = [Ranks(r, 2) for r in range(2)]
+    assert [[k for k in range(5) if r.mine(k)] for r in ranks] == [[0, 2, 4], [1, 3]]
+    assert [list(r.block(5)) for r in ranks] == [[0, 1, 2], [3, 4]]
+    assert launch(1, 1) == Ranks()
+
+
+def test_more_processes_than_the_machine_is_one_line(tmp_path):
+    too_many = (os.cpu_count() or 1) + 1
+    with pytest.raises(XtlError, match=r"^option --devices \d+: on the CPU each device is a process"):
+        launch(too_many, 1, "cpu")
+    result = subprocess.run([XTL, "explain", str(tmp_path), "--devices", "2", "--model", "timm:resnet10t"],
+                            capture_output=True, text=True, timeout=120)
+    one_line_error(result, "options --devices and --num-nodes apply to run directories")
+    result = subprocess.run([XTL, "evaluate", str(tmp_path), "--devices", "0"], capture_output=True, text=True,
+                            timeout=120)
+    one_line_error(result, "--devices")
