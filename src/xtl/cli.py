@@ -137,6 +137,10 @@ def finetune_command(
     test_size: Optional[int] = typer.Option(None, help="Test images."),
     stratified: Optional[bool] = typer.Option(None, "--stratified/--no-stratified", help="random split: keep class proportions."),
     seed: Optional[int] = typer.Option(None, help="Seed of the split, the new head's initialisation and the batch order."),
+    data_path: Optional[str] = typer.Option(None, help="Where the images are while training: memory (decoded once), stream "
+                                            "(decoded per batch; memory does not grow with the data) or auto (memory "
+                                            "if under a quarter of the available memory)."),
+    num_workers: Optional[int] = typer.Option(None, help="--data-path stream: worker processes that decode the images."),
     optimizer: Optional[str] = typer.Option(None, help="adam or adamw."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (after warm-up)."),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay (decoupled with adamw)."),
@@ -216,6 +220,7 @@ _CONFIG_OPTIONS = {
     "stratified", "seed", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "schedule", "warmup_epochs",
     "label_smoothing", "augment", "patience", "bn_momentum", "accelerator", "devices", "num_nodes", "precision",
     "compile", "freeze_blocks", "cache_frozen", "head_epochs", "head_lr", "grad_clip", "eval_batch_size",
+    "data_path", "num_workers",
 }
 
 
@@ -229,7 +234,7 @@ def _train_and_evaluate(config, run, spec, resume: bool, evaluate: bool, progres
 
     # before the data is read: devices or nodes beyond the machine would wait forever (finetune checks too)
     check_training_hardware(resolve_precision(config)[0], config.devices, config.num_nodes)
-    data = load_split(config.source, spec)
+    data = load_split(config.source, spec, config.data_path, config.num_workers)
     finetune(config, data, run, resume=resume, progress=progress)
     if not _is_global_zero():
         return None

@@ -11,7 +11,7 @@ from xtl.settings import Rule, check_known, check_settings, check_types, label  
 
 # Settings that change how fast a model trains and is evaluated, not what it learns: `xtl run`
 # retrains nothing when only these change.
-SPEED_ONLY = ("compile", "eval_batch_size")
+SPEED_ONLY = ("compile", "eval_batch_size", "data_path", "num_workers")
 
 
 # What each setting may hold beyond its type (xtl.settings); every number must also be finite.
@@ -19,6 +19,8 @@ _POSITIVE, _NOT_NEGATIVE = Rule(above=0), Rule(at_least=0)
 RULES: dict[str, Rule] = {
     "normalization": Rule(choices=("model", "paper")),
     "split": Rule(choices=("paper", "random")),
+    "data_path": Rule(choices=("auto", "memory", "stream")),  # xtl.data.stream.DATA_PATHS
+    "num_workers": Rule(at_least=0, note="0: decode in the training process"),
     "optimizer": Rule(choices=("adam", "adamw")),
     "schedule": Rule(choices=("cosine", "constant")),
     **dict.fromkeys(("lr", "head_lr", "batch_size", "epochs", "devices", "num_nodes", "eval_batch_size"), _POSITIVE),
@@ -55,6 +57,8 @@ class RunConfig:
     test_size: int | None = None
     stratified: bool = False
     seed: int = 0
+    data_path: str = "auto"  # memory: decoded once into RAM; stream: decoded per batch; auto: memory if it fits
+    num_workers: int = 2  # stream: worker processes that decode the batches
     # optimisation
     optimizer: str = "adamw"
     lr: float = 3e-4

@@ -94,6 +94,7 @@ class RunDir:
                 "std": list(std),
                 "model": spec.describe(),
                 "split_sizes": {name: len(part) for name, part in split.parts.items()},
+                "data_path": split.data_path,  # what the run's data_path (auto: by the memory) took
             },
             "versions": versions(),
         })
@@ -154,7 +155,7 @@ class RunDir:
 
         config = self.config()
         check_run_source(self.path, self.config_path, config.source)  # a run made elsewhere: say so
-        return load_split(config.source, split_spec(config))
+        return load_split(config.source, split_spec(config), config.data_path, config.num_workers)
 
     def preprocess(self) -> Preprocess:
         derived = self.read()["derived"]

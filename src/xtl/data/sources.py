@@ -43,6 +43,8 @@ class Partition:
     labels: np.ndarray  # int64 [N]
     keys: list[str]  # human-readable key of each item (a relative path, a row number)
     fetch: Callable[[Sequence[int]], list[Image.Image]]
+    # (width, height) of items as decoded, read without decoding them where the source can (streaming)
+    sizes: Callable[[Sequence[int]], list[tuple[int, int]]] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -107,6 +109,19 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
         raise XtlError(f"image file {path} is too large to decode safely ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise XtlError(f"image file {path} cannot be read as an image: {err}") from None
+
+
+def header_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file as `decode_image` gives it (EXIF rotation applied), from its
+    header alone; a file that cannot be read is named when it is decoded."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # a quarter turn: exif_transpose swaps the sides
+                width, height = height, width
+            return width, height
+    except (OSError, SyntaxError, ValueError):
+        return (-1, -1)  # unknown: the part counts as of mixed sizes; decoding names the file
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -203,7 +218,10 @@ def _folder_partition(root: Path, part: str, class_names: list[str]) -> Partitio
     def fetch(ids: Sequence[int]) -> list[Image.Image]:
         return [decode_image(root / keys[i]) for i in ids]
 
-    return Partition(labels=labels, keys=keys, fetch=fetch)
+    def sizes(ids: Sequence[int]) -> list[tuple[int, int]]:
+        return [header_size(root / keys[i]) for i in ids]
+
+    return Partition(labels=labels, keys=keys, fetch=fetch, sizes=sizes)
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -342,7 +360,10 @@ def _torchvision_source(name: str, spec: str, folder_order: bool = False) -> Sou
         def fetch(ids: Sequence[int], data=data, order=order) -> list[Image.Image]:
             return [Image.fromarray(data[order[i]]) for i in ids]
 
-        partitions[part] = Partition(labels=labels, keys=keys, fetch=fetch)
+        def sizes(ids: Sequence[int], data=data) -> list[tuple[int, int]]:
+            return [(data.shape[2], data.shape[1])] * len(ids)
+
+        partitions[part] = Partition(labels=labels, keys=keys, fetch=fetch, sizes=sizes)
     return Source(spec=spec, class_names=sorted(class_names) if folder_order else class_names, partitions=partitions)
 
 

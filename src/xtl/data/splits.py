@@ -1,4 +1,5 @@
-"""Seeded train/val/test splits, kept in memory as uint8 tensors."""
+"""Seeded train/val/test splits, kept in memory as uint8 tensors or streamed from their files
+(`xtl.data.stream`)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class SplitSpec:
 class SplitPart:
     ids: np.ndarray  # int64 positions in the source partition's canonical order
     labels: torch.Tensor  # int64 [N]
-    images: torch.Tensor  # uint8 [N, 3, H, W]
+    images: torch.Tensor  # uint8 [N, 3, H, W], or a StreamedImages indexed like one (data_path="stream")
     keys: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -55,6 +56,7 @@ class Split:
     source: str
     class_names: list[str]
     parts: dict[str, SplitPart]
+    data_path: str = "memory"  # where the images are: "memory" (decoded tensors) or "stream" (decoded per batch)
 
     def __getitem__(self, name: str) -> SplitPart:
         return self.parts[name]
@@ -130,8 +132,16 @@ def _stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> 
     return np.sort(np.concatenate(picks)) if picks else np.empty(0, dtype=np.int64)
 
 
-def load_split(source: str | Source, spec: SplitSpec | None = None) -> Split:
-    """Cut `source` by `spec` and decode the chosen images into memory."""
+def load_split(source: str | Source, spec: SplitSpec | None = None, data_path: str = "memory",
+               num_workers: int = 2) -> Split:
+    """Cut `source` by `spec` and decode the chosen images into memory (`data_path="memory"`), or
+    keep only their ids and decode them per batch in `num_workers` worker processes ("stream"); "auto":
+    memory where the decoded images take under a quarter of the available memory (`xtl.data.stream`).
+    The split's `data_path` says which was taken."""
+    from xtl.data.stream import StreamedImages, choose_data_path, first_size, stored_side
+
+    if num_workers < 0:
+        raise XtlError(f"option --num-workers must be >= 0, not {num_workers}")
     spec = spec or SplitSpec()
     src = source if isinstance(source, Source) else open_source(source)
     train = src.partition("train")
@@ -140,16 +150,23 @@ def load_split(source: str | Source, spec: SplitSpec | None = None) -> Split:
     ids = choose_ids(train.labels, test_labels, spec)
     if test is None and len(ids["test"]) == 0:
         raise XtlError(f"data source {src.spec} has no test/ partition")
+    if data_path != "memory":
+        n_images = sum(len(ids[name]) for name in SPLIT_NAMES)
+        data_path = choose_data_path(data_path, n_images, first_size(train, ids["train"], spec.store_size))
     parts = {}
     for name in SPLIT_NAMES:
         partition = test if name == "test" else train
         part_ids = ids[name]
-        images = images_to_uint8(partition.fetch(part_ids.tolist()), spec.store_size)
+        if data_path == "stream":
+            side, size = stored_side(partition, part_ids, spec.store_size)
+            images = StreamedImages(partition, part_ids, side, size, num_workers)
+        else:
+            images = images_to_uint8(partition.fetch(part_ids.tolist()), spec.store_size)
         parts[name] = SplitPart(
             ids=part_ids.astype(np.int64),
             labels=torch.as_tensor(partition.labels[part_ids], dtype=torch.int64),
             images=images,
             keys=[partition.keys[i] for i in part_ids],
         )
-    return Split(spec=spec, source=src.spec, class_names=src.class_names, parts=parts)
+    return Split(spec=spec, source=src.spec, class_names=src.class_names, parts=parts, data_path=data_path)
 

@@ -13,6 +13,7 @@ from torchmetrics.functional.classification import (
 )
 
 from xtl.data import Preprocess, SplitPart
+from xtl.data.stream import image_batches
 from xtl.models import inference_autocast
 
 
@@ -38,8 +39,9 @@ def predict(
     """Class probabilities for every image of `part`, in batches, on `device`."""
     model.eval().to(device)
     chunks = []
-    for start in range(0, len(part), batch_size):
-        images = part.images[start : start + batch_size].to(device, non_blocking=True)
+    batches = [range(start, min(start + batch_size, len(part))) for start in range(0, len(part), batch_size)]
+    for images in image_batches(part.images, batches):  # a streamed part: decoded ahead in worker processes
+        images = images.to(device, non_blocking=True)
         with inference_autocast(device):
             logits = model(preprocess(images))
         chunks.append(logits.float().softmax(1).cpu())

@@ -49,9 +49,10 @@ def images_digest(part) -> str:
     """A hash of a split part's ids, labels and images (`xtl.data.SplitPart`)."""
     digest = hashlib.blake2b(digest_size=8)
     for tensor in (torch.as_tensor(part.ids), part.labels, part.images):
-        tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+        # streamed images (xtl.data.stream) are hashed a chunk at a time: the same bytes in the same order
+        for chunk in (tensor.chunks() if hasattr(tensor, "chunks") else (tensor,)):
+            digest.update(chunk.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

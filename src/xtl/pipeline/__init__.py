@@ -131,7 +131,7 @@ class Pipeline:
 
         key = fingerprint(config.source, split_spec(config).__dict__)
         if key not in self._splits:
-            self._splits[key] = load_split(config.source, split_spec(config))
+            self._splits[key] = load_split(config.source, split_spec(config), config.data_path, config.num_workers)
         return self._splits[key]
 
     def device(self, config: RunConfig):

@@ -15,6 +15,7 @@ from torch import nn
 
 from xtl.config import RunConfig
 from xtl.data import Preprocess, Split
+from xtl.data.stream import image_batches
 from xtl.device import check_training_hardware, resolve_device
 from xtl.errors import XtlError, gpu_out_of_memory, interrupts_deferred, sigterm_as_interrupt
 from xtl.io import atomic_path, write_csv
@@ -192,8 +193,10 @@ class ModelInputs:
         # bf16 training keeps the cache in bf16 (half the memory; the tail computes in bf16 anyway)
         dtype = torch.bfloat16 if "bf16" in str(fabric._precision.precision) else torch.float32
         outputs: list[list[torch.Tensor]] = [[], []]
-        for start in range(0, len(self.part), config.eval_batch_size):
-            x = self.preprocess(self.part.images[start : start + config.eval_batch_size].to(fabric.device))
+        chunks = [range(start, min(start + config.eval_batch_size, len(self.part)))
+                  for start in range(0, len(self.part), config.eval_batch_size)]
+        for images in image_batches(self.part.images, chunks):
+            x = self.preprocess(images.to(fabric.device))
             for kept, images in zip(outputs, (x, x.flip(-1)) if flips else (x,)):
                 with fabric.autocast():
                     kept.append(parts.trunk(images.contiguous(memory_format=torch.channels_last)).to(dtype))
@@ -205,11 +208,26 @@ class ModelInputs:
         if self.cached is None:
             images = self.part.images[idx].to(device, non_blocking=True)
             return self.preprocess(images, augment=augment, generator=generator)
+        return self._from_cache(idx, augment, generator)
+
+    def _from_cache(self, idx: torch.Tensor, augment: bool, generator: torch.Generator | None) -> torch.Tensor:
         x = self.cached[idx]
         if augment and self.flipped is not None:
             flip = (torch.rand(len(idx), generator=generator) < 0.5).to(x.device)
             x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), self.flipped[idx], x)
         return x
+
+    def batches(self, batches: list[torch.Tensor], device, augment: bool = False,
+                generator: torch.Generator | None = None):
+        """(positions, model input) of each batch of positions, in order: the same inputs as calling this
+        object batch by batch (the same random numbers drawn from `generator`, in the same order), with a
+        streamed part's images decoded ahead in worker processes (`xtl.data.stream`)."""
+        if self.cached is not None:
+            for idx in batches:
+                yield idx, self._from_cache(idx, augment, generator)
+            return
+        for idx, images in zip(batches, image_batches(self.part.images, batches)):
+            yield idx, self.preprocess(images.to(device, non_blocking=True), augment=augment, generator=generator)
 
 
 class fed_from_cache:
@@ -243,10 +261,11 @@ def fit_head(fabric, model: nn.Module, classifier: str, parts: TrunkSplit | None
         with torch.no_grad(), fed_from_cache(model, parts if inputs["train"].cached is not None else None):
             for name, feed in inputs.items():
                 captured.clear()
-                for start in range(0, len(feed.part), config.eval_batch_size):
-                    idx = torch.arange(start, min(start + config.eval_batch_size, len(feed.part)))
+                chunks = [torch.arange(start, min(start + config.eval_batch_size, len(feed.part)))
+                          for start in range(0, len(feed.part), config.eval_batch_size)]
+                for _, x in feed.batches(chunks, fabric.device):
                     with fabric.autocast():
-                        model(feed(idx, fabric.device))
+                        model(x)
                 features[name] = (torch.cat(captured), feed.part.labels.to(fabric.device))
     finally:
         hook.remove()
@@ -290,10 +309,9 @@ def train_one_epoch(fabric, model, optimizer, scheduler, train: "ModelInputs", c
     order = order[fabric.global_rank :: fabric.world_size][:per_device]
     bar.start_epoch(epoch + 1, config.epochs, n_batches)
     readout = StepReadout(epoch, state, bar, fabric.world_size, run)
-    for step in range(n_batches):
-        idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+    batches = [order[step * config.batch_size : (step + 1) * config.batch_size] for step in range(n_batches)]
+    for step, (idx, x) in enumerate(train.batches(batches, fabric.device, augment=config.augment, generator=generator)):
         labels = train.part.labels[idx].to(fabric.device, non_blocking=True)
-        x = train(idx, fabric.device, augment=config.augment, generator=generator)
         with fabric.autocast(), one_image_batches(config, len(idx)):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
@@ -402,11 +420,11 @@ def validate(fabric, model, feed: "ModelInputs", config: RunConfig) -> tuple[flo
     model.eval()
     positions = torch.arange(len(feed.part))[fabric.global_rank :: fabric.world_size]
     total = torch.zeros(3, device=fabric.device)
-    for start in range(0, len(positions), config.eval_batch_size):
-        idx = positions[start : start + config.eval_batch_size]
+    chunks = [positions[start : start + config.eval_batch_size] for start in range(0, len(positions), config.eval_batch_size)]
+    for idx, x in feed.batches(chunks, fabric.device):
         labels = feed.part.labels[idx].to(fabric.device)
         with fabric.autocast():
-            logits = model(feed(idx, fabric.device))
+            logits = model(x)
         total += torch.stack([
             F.cross_entropy(logits.float(), labels, reduction="sum"),
             (logits.argmax(1) == labels).sum().float(),

@@ -1,0 +1,131 @@
+"""The streamed data path (`xtl.data.stream`): the same images and the same training as in memory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from xtl.config import RunConfig
+from xtl.data import SplitSpec, load_split
+from xtl.data import stream
+from xtl.data.stream import StreamedImages
+from xtl.errors import XtlError
+from xtl.evaluate import evaluate
+from xtl.explain.stored import images_digest
+from xtl.runs import RunDir, split_spec
+from xtl.train import finetune
+
+SPEC = SplitSpec("random", train_size=120, val_size=30, test_size=40, seed=5, stratified=True)
+
+
+def _assert_same_images(memory, streamed):
+    assert streamed.data_path == "stream" and memory.data_path == "memory"
+    for name in ("train", "val", "test"):
+        kept, lazy = memory[name].images, streamed[name].images
+        assert isinstance(lazy, StreamedImages) and lazy.shape == kept.shape
+        assert torch.equal(memory[name].labels, streamed[name].labels)
+        assert memory[name].ids.tolist() == streamed[name].ids.tolist()
+        assert torch.equal(lazy[3], kept[3]) and torch.equal(lazy[2:9], kept[2:9])
+        picks = torch.tensor([len(kept) - 1, 0, 2])
+        assert torch.equal(lazy[picks], kept[picks])
+        third = len(lazy) // 3
+        decoded = list(lazy.batches([range(0, third), range(third, 2 * third), range(2 * third, len(lazy))]))
+        assert torch.equal(torch.cat(decoded), kept)  # decoded in 2 worker processes, in order
+        assert images_digest(memory[name]) == images_digest(streamed[name])  # stored maps stay valid
+
+
+def test_streamed_images_are_the_in_memory_images_bit_for_bit(cifar):
+    memory = load_split(str(cifar), SPEC)
+    _assert_same_images(memory, load_split(str(cifar), SPEC, data_path="stream", num_workers=2))
+
+
+def test_streamed_images_of_mixed_sizes_are_resized_as_in_memory(tiny_folder):
+    """A folder of mixed sizes: both paths fit every image to 256 px (`images_to_uint8`), EXIF rotation
+    included in the size check; a folder of one size is kept at its size."""
+    for k, path in enumerate(sorted((tiny_folder / "train" / "cat").iterdir())[:3]):
+        Image.open(path).resize((40 + 10 * k, 30)).save(path)
+    spec = SplitSpec("random", val_size=6, seed=1)
+    memory, streamed = load_split(str(tiny_folder), spec), load_split(str(tiny_folder), spec, data_path="stream")
+    assert memory["train"].images.shape[-1] == 256 and memory["test"].images.shape[-1] == 32
+    _assert_same_images(memory, streamed)
+
+
+TINY = dict(model="timm:resnet10t", pretrained=False, input_size=32, split="random", train_size=200, val_size=40,
+            test_size=40, stratified=True, batch_size=32, epochs=1, warmup_epochs=0.5, patience=0, lr=1e-3)
+
+
+def test_streamed_training_gives_the_in_memory_result(cifar, tmp_path):
+    """1 epoch of resnet10t (random init, 32 px, 200 images, flips and shifts) with the same seed:
+    the same loss at every step, the same validation and test metrics."""
+    results = {}
+    for data_path in ("memory", "stream"):
+        config = RunConfig(source=str(cifar), data_path=data_path, num_workers=2, **TINY)
+        run = RunDir(tmp_path / data_path)
+        data = load_split(config.source, split_spec(config), config.data_path, config.num_workers)
+        state = finetune(config, data, run, progress=False)
+        metrics = evaluate(run, data, device="cpu")
+        assert run.read()["derived"]["data_path"] == data_path
+        results[data_path] = (state, metrics)
+    (memory, m_metrics), (streamed, s_metrics) = results["memory"], results["stream"]
+    assert [b["loss"] for b in streamed.batches] == pytest.approx([b["loss"] for b in memory.batches], abs=1e-5)
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert streamed.epochs[0][key] == pytest.approx(memory.epochs[0][key], abs=1e-5), key
+    assert s_metrics["accuracy"] == pytest.approx(m_metrics["accuracy"])
+    assert s_metrics["confusion_matrix"] == m_metrics["confusion_matrix"]
+
+
+def test_auto_streams_only_when_the_images_would_not_fit(cifar, monkeypatch):
+    # 190 CIFAR images x 32 x 32 x 3 bytes = 583,680 bytes
+    assert stream.decoded_bytes(190, (32, 32)) == 583_680
+    assert load_split(str(cifar), SPEC, data_path="auto").data_path == "memory"
+    monkeypatch.setattr(stream, "available_memory", lambda: 4 * 583_680)  # a quarter of it is just too small
+    assert load_split(str(cifar), SPEC, data_path="auto").data_path == "stream"
+    monkeypatch.setattr(stream, "available_memory", lambda: 4 * 583_680 + 4)
+    assert load_split(str(cifar), SPEC, data_path="auto").data_path == "memory"
+    monkeypatch.setattr(stream, "MEMORY_FRACTION", 1e-9)
+    assert load_split(str(cifar), SPEC, data_path="auto").data_path == "stream"
+
+
+def test_a_bad_image_decoded_in_a_worker_is_one_line(tiny_folder):
+    spec = SplitSpec("random", val_size=6, seed=1)
+    streamed = load_split(str(tiny_folder), spec, data_path="stream", num_workers=2)
+    bad = tiny_folder / streamed["train"].keys[5]
+    bad.write_bytes(b"not an image")
+    with pytest.raises(XtlError, match="cannot be read as an image") as err:
+        list(streamed["train"].images.batches([range(0, 4), range(4, 8)]))
+    assert "\n" not in str(err.value) and str(bad) in str(err.value)
+
+
+def test_data_path_and_workers_are_checked_by_name(cifar):
+    with pytest.raises(XtlError, match=r"^option --data-path must be one of auto, memory, stream, not 'disk'$"):
+        RunConfig(data_path="disk")
+    with pytest.raises(XtlError, match=r"^option --num-workers must be >= 0 \(0: decode in the training process\), not -1$"):
+        RunConfig(num_workers=-1)
+    with pytest.raises(XtlError, match="option --data-path must be one of"):
+        load_split(str(cifar), SPEC, data_path="disk")
+    # speed only: `xtl run` retrains nothing when only these change
+    assert RunConfig(data_path="stream", num_workers=4).learning_settings() == RunConfig().learning_settings()
+
+
+def _xtl(*args):
+    return subprocess.run([sys.executable, "-m", "xtl", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_finetune_streams_from_the_command_line(cifar, tmp_path):
+    done = _xtl("finetune", "--model", "timm:resnet10t", "--random-init", "--input-size", "32", "--split", "random",
+                "--train-size", "64", "--val-size", "16", "--test-size", "16", "--epochs", "1", "--batch-size", "16",
+                "--data-path", "stream", "--num-workers", "1", "--runs-dir", str(tmp_path), "--name", "s",
+                "--no-progress", "--source", str(cifar))
+    assert done.returncode == 0, done.stderr
+    run = RunDir(tmp_path / "s")
+    assert run.read()["run"]["data_path"] == "stream" and run.read()["derived"]["data_path"] == "stream"
+    assert run.metrics()["n_images"] == 16
+    refused = _xtl("finetune", "--data-path", "disk", "--runs-dir", str(tmp_path), "--source", str(cifar))
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert "option --data-path must be one of auto, memory, stream, not 'disk'" in lines[0]
