@@ -129,3 +129,13 @@ def test_finetune_streams_from_the_command_line(cifar, tmp_path):
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr
     assert "option --data-path must be one of auto, memory, stream, not 'disk'" in lines[0]
+
+
+def test_a_shard_of_streamed_images_stays_streamed(cifar):
+    from xtl.data.stream import take
+
+    memory = load_split(str(cifar), SPEC)["test"].images
+    streamed = load_split(str(cifar), SPEC, data_path="stream")["test"].images
+    shard = take(streamed, slice(10, 25))
+    assert isinstance(shard, StreamedImages) and shard.shape == (15, 3, 32, 32)
+    assert torch.equal(shard[0:15], memory[10:25]) and torch.equal(take(memory, slice(10, 25)), memory[10:25])

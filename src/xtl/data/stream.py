@@ -13,6 +13,7 @@ below `MEMORY_FRACTION` of the memory available (`/proc/meminfo`), and streams i
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from typing import Iterable, Iterator, Sequence
@@ -56,10 +57,9 @@ class StreamedImages:
     def decode(self, positions: Iterable[int]) -> torch.Tensor:
         """uint8 [n, 3, H, W] of the images at these positions of the part."""
         positions = list(positions)
-        images = images_to_uint8(self.partition.fetch(self.ids[positions].tolist()), self.side)
         if not positions:
             return torch.empty(0, *self.shape[1:], dtype=torch.uint8)
-        return images
+        return images_to_uint8(self.partition.fetch(self.ids[positions].tolist()), self.side)
 
     def batches(self, batches: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:
         """The decoded batches of positions `batches`, in order, decoded ahead in worker processes."""
@@ -75,6 +75,7 @@ class StreamedImages:
             multiprocessing_context="fork" if "fork" in methods else None,
             # its own generator: the loader's worker seed is not drawn from the global one (dropout's)
             generator=torch.Generator().manual_seed(0),
+            worker_init_fn=_freeze_inherited_objects,
         )
         for batch in loader:
             if isinstance(batch, XtlError):
@@ -84,6 +85,12 @@ class StreamedImages:
     def chunks(self, size: int = 256) -> Iterator[torch.Tensor]:
         """All images in order, `size` at a time (e.g. to hash them) without holding them all."""
         yield from self.batches([range(s, min(s + size, len(self))) for s in range(0, len(self), size)])
+
+
+def _freeze_inherited_objects(worker_id: int) -> None:
+    """A forked worker shares the parent's pages until it writes them; its garbage collector would
+    write to every inherited object's header (copying those pages), so the inherited ones are set aside."""
+    gc.freeze()
 
 
 class _BatchDecoder(torch.utils.data.Dataset):
@@ -100,6 +107,15 @@ class _BatchDecoder(torch.utils.data.Dataset):
             return self.images.decode(positions)
         except XtlError as err:  # handed back whole: raised in the worker, DataLoader would wrap it in a traceback
             return err
+
+
+def take(images, rows: slice):
+    """The images at `rows` as the same kind of thing: a slice of the tensor in memory, or a
+    `StreamedImages` of those files alone (nothing decoded), e.g. one process's shard."""
+    if isinstance(images, StreamedImages):
+        return StreamedImages(images.partition, images.ids[rows], images.side, tuple(images.shape[-1:-3:-1]),
+                              images.num_workers)
+    return images[rows]
 
 
 def image_batches(images, batches: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:

@@ -71,9 +71,11 @@ def _predict_shared(model, part, preprocess, device, batch_size: int, ranks: Ran
         return predict(model, part, preprocess, device, batch_size=batch_size)
     from dataclasses import replace
 
+    from xtl.data.stream import take
+
     mine = ranks.block(-(-len(part) // batch_size))
     rows = slice(mine.start * batch_size, min(mine.stop * batch_size, len(part)))
-    shard = replace(part, ids=part.ids[rows], labels=part.labels[rows], images=part.images[rows], keys=part.keys[rows])
+    shard = replace(part, ids=part.ids[rows], labels=part.labels[rows], images=take(part.images, rows), keys=part.keys[rows])
     # fewer batches than processes: a process without any gathers an empty [0, 0]
     probabilities = ranks.gather(predict(model, shard, preprocess, device, batch_size=batch_size).probabilities)
     if not ranks.is_zero:
