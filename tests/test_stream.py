@@ -139,3 +139,41 @@ def test_a_shard_of_streamed_images_stays_streamed(cifar):
     shard = take(streamed, slice(10, 25))
     assert isinstance(shard, StreamedImages) and shard.shape == (15, 3, 32, 32)
     assert torch.equal(shard[0:15], memory[10:25]) and torch.equal(take(memory, slice(10, 25)), memory[10:25])
+
+
+def test_explanations_and_faithfulness_of_a_streamed_run_are_those_of_the_in_memory_run(cifar, tmp_path):
+    """The same run read both ways (its config.yaml's data_path changed): the same stored maps, under
+    the same key (the images' hash is the same), and the same faithfulness scores."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from xtl.explain.runner import explain_run
+    from xtl.faithfulness.runner import faithfulness_run
+    from xtl.io import read_yaml, write_yaml
+
+    from helpers import tiny_run
+
+    memory = tiny_run(tmp_path / "memory", cifar, "timm:resnet10t", 32)
+    shutil.copytree(memory.path, tmp_path / "stream")
+    streamed = RunDir(tmp_path / "stream")
+    data = read_yaml(streamed.config_path)
+    data["run"]["data_path"] = "stream"
+    write_yaml(streamed.config_path, data)
+    assert isinstance(streamed.load_split()["test"].images, StreamedImages)
+    maps = {}
+    for name, run in (("memory", memory), ("stream", streamed)):
+        paths = explain_run(run, ["gradcam"], n_images=12, batch_size=8, progress=False)
+        shards = sorted((paths["maps"] / "gradcam").glob("*/batch_*.safetensors"))
+        maps[name] = [(s.relative_to(paths["maps"]), load_file(str(s))) for s in shards]
+        faithfulness_run([run], ["gradcam"], n_images=8, steps=4, batch_size=8, device="cpu", progress=False,
+                         resume=False)
+    assert [p for p, _ in maps["memory"]] == [p for p, _ in maps["stream"]]
+    for (_, a), (_, b) in zip(maps["memory"], maps["stream"]):
+        assert torch.equal(a["raw"], b["raw"]) and torch.equal(a["ids"], b["ids"])
+    from xtl.io import read_csv
+
+    timing = {"run", "explain_s", "score_s", "score_images_per_s"}
+    scores = [[{k: v for k, v in row.items() if k not in timing} for row in read_csv(run.path / "faithfulness.csv")]
+              for run in (memory, streamed)]
+    assert scores[0] == scores[1] and scores[0][0]["method"] == "gradcam"  # then the references
