@@ -177,3 +177,33 @@ def test_explanations_and_faithfulness_of_a_streamed_run_are_those_of_the_in_mem
     scores = [[{k: v for k, v in row.items() if k not in timing} for row in read_csv(run.path / "faithfulness.csv")]
               for run in (memory, streamed)]
     assert scores[0] == scores[1] and scores[0][0]["method"] == "gradcam"  # then the references
+
+
+LIMITED = """
+import resource, sys
+import torch
+from xtl.data import SplitSpec, load_split
+from xtl.data.stream import image_batches
+torch.set_num_threads(1)
+size = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize")][0]
+resource.setrlimit(resource.RLIMIT_AS, (size + 400 * 2**20, resource.RLIM_INFINITY))  # 400 MiB more, no more
+spec = SplitSpec("random", train_size=5000, val_size=0, test_size=0, seed=0, store_size=128)
+try:
+    split = load_split(sys.argv[2], spec, data_path=sys.argv[1], num_workers=2)
+    batches = [range(s, min(s + 256, 5000)) for s in range(0, 5000, 256)]
+    print("read", sum(len(x) for x in image_batches(split["train"].images, batches)))
+except MemoryError:
+    print("out of memory")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmSize from /proc")
+def test_a_split_larger_than_the_memory_allowed_is_read_streamed(cifar):
+    """5,000 images at 128 px (240 MiB decoded) under an address-space limit of 400 MiB beyond what the
+    process holds after its imports: the in-memory path runs out, the streamed one reads every image."""
+    outputs = {}
+    for data_path in ("memory", "stream"):
+        done = subprocess.run([sys.executable, "-c", LIMITED, data_path, str(cifar)], capture_output=True, text=True,
+                              timeout=300)
+        outputs[data_path] = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
+    assert outputs == {"memory": "out of memory", "stream": "read 5000"}
