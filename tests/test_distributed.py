@@ -106,10 +106,19 @@ def test_shares_of_the_work():
     assert launch(1, 1) == Ranks()
 
 
-def test_more_processes_than_the_machine_is_one_line(tmp_path):
+def test_more_processes_than_the_machine_is_one_line(tmp_path, monkeypatch):
     too_many = (os.cpu_count() or 1) + 1
     with pytest.raises(XtlError, match=r"^option --devices \d+: on the CPU each device is a process"):
         launch(too_many, 1, "cpu")
+    with pytest.raises(XtlError, match=r"^option --num-nodes 2: several nodes need a launcher on each node"):
+        launch(1, 2, "cpu")
+    with pytest.raises(XtlError, match=r"^option --device cuda:1 with --devices 2: each process takes its own device"):
+        launch(2, 1, "cuda:1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(XtlError, match=r"^options --devices 2 x --num-nodes 1 make 2 processes, but the launcher "
+                                       r"started WORLD_SIZE=3"):
+        launch(2, 1, "cpu")
     result = subprocess.run([XTL, "explain", str(tmp_path), "--devices", "2", "--model", "timm:resnet10t"],
                             capture_output=True, text=True, timeout=120)
     one_line_error(result, "options --devices and --num-nodes apply to run directories")
