@@ -153,11 +153,14 @@ class RunExplainer(LoadedRun):
             else:  # rank 0 makes it (and removes what it replaces) alone
                 folders[method] = method_folder(self.run, self.split_name, method) / set_key(info)
         ranks.barrier()
-        lines = PlainProgress(f"explain {self.run.path.name}", "+".join(methods), n,
-                              enabled=not sys.stderr.isatty() and ranks.is_zero)
+        # with several processes rank 0 reports its own share (its batches, its images)
+        own = [positions for k, positions in enumerate(batches) if ranks.mine(k)]
+        what = f"explain {self.run.path.name}" + (f" (process 1 of {ranks.world})" if ranks.world > 1 else "")
+        lines = PlainProgress(what, "+".join(methods), sum(map(len, own)), enabled=not sys.stderr.isatty() and ranks.is_zero)
+        done = 0
         with progress_bar(progress and ranks.is_zero) as bar, \
                 sigterm_as_interrupt(lambda: f"finished shards are kept in {out}; the same command continues"):
-            tasks = {m: bar.add_task(f"{self.run.path.name}: {m}", total=len(batches)) for m in methods}
+            tasks = {m: bar.add_task(f"{self.run.path.name}: {m}", total=len(own)) for m in methods}
             # batch by batch, every method on each: "images done" means done by every method
             for k, positions in enumerate(batches):
                 if not ranks.mine(k):
@@ -171,7 +174,8 @@ class RunExplainer(LoadedRun):
                             raise XtlError(f"out of GPU memory explaining {self.run.path} with {method} and --batch-size "
                                            f"{batch_size}; try a smaller --batch-size (finished shards are kept)") from None
                     bar.advance(tasks[method])
-                lines.update(positions[-1] + 1)
+                done += len(positions)
+                lines.update(done)
         ranks.barrier()  # every process's shards written: the set is whole
         return out
 
