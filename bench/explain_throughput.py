@@ -24,6 +24,7 @@ import torch
 
 from common import header, markdown_table, median, save, timed, uint8_images
 from xtl.config import preset
+from xtl.errors import XtlError
 from xtl.explain import explain, methods_for
 from xtl.models import build_model
 from xtl.runs import model_preprocess
@@ -105,7 +106,13 @@ def main() -> None:
                 continue
             n = args.slow_batch if method in SLOW else args.batch
             options = {"verify": False} if args.no_verify and method not in methods_for("cnn") else {}
-            ips = measure(model, images[:n], targets[:n], method, args.repeats, **options)
+            try:
+                ips = measure(model, images[:n], targets[:n], method, args.repeats, **options)
+            except XtlError as err:  # a method refusing this model (e.g. DeepLift on ReLU6): say so, go on
+                print(f"  {name} {method}: refused: {err}", flush=True)
+                rows.append({"model": name, "method": method, "input": spec.input_size, "batch": n,
+                             "images_per_s": float("nan")})
+                continue
             rows.append({"model": name, "method": method + (" (verify off)" if options else ""),
                          "input": spec.input_size, "batch": n, "images_per_s": ips})
             print(f"  {name} {method}: {ips:.2f} images/s", flush=True)

@@ -85,3 +85,24 @@ def cifar_images(cifar: Path, n_per_class: int = 1, classes: tuple[str, ...] = (
             images.append(torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1))
             labels.append(label)
     return torch.stack(images), torch.tensor(labels)
+
+
+def noise_images(n: int, size: int, seed: int = 1):
+    """A seeded batch of standard-normal "preprocessed" images [n, 3, size, size]."""
+    import torch
+
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def cifar_resnet18(cifar: Path, n_per_class: int):
+    """A random-init timm ResNet-18 (10 classes, 32 px, eval) and CIFAR test images preprocessed for it:
+    (model, spec, images, labels)."""
+    import torch
+
+    from xtl.models import build_model, preprocessing
+
+    torch.manual_seed(0)
+    model, spec = build_model("timm:resnet18", 10, pretrained=False, input_size=32)
+    model.eval()
+    raw, labels = cifar_images(cifar, n_per_class=n_per_class)
+    return model, spec, preprocessing(model, spec)(raw), labels

@@ -9,20 +9,16 @@ import pytest
 import scipy.stats
 import torch
 
-from helpers import cifar_images
+from helpers import cifar_resnet18
 from xtl.analysis import metrics as M
 from xtl.errors import XtlError
 from xtl.explain import explain
-from xtl.models import build_model, preprocessing
+from xtl.models import build_model
 
 
 @pytest.fixture(scope="module")
 def resnet(cifar):
-    torch.manual_seed(0)
-    model, spec = build_model("timm:resnet18", 10, pretrained=False, input_size=32)
-    model.eval()
-    raw, labels = cifar_images(cifar, n_per_class=1)
-    return model, spec, preprocessing(model, spec)(raw), labels
+    return cifar_resnet18(cifar, n_per_class=1)
 
 
 def _box(shape=(2, 6, 6), rows=slice(1, 3), cols=slice(1, 3)) -> torch.Tensor:

@@ -172,14 +172,14 @@ def test_browser_shows_both_models_and_refuses_bad_uploads(server, runs, cifar, 
         assert "timm:resnet10t" in page.inner_text("#metrics") and "HTML report" in page.inner_text("#metrics")
 
         upload(page, cat)
-        wait_for_maps(page, (2, 4))  # CNN: gradcam, saliency; ViT: also transformer_attribution, attention_rollout
+        wait_for_maps(page, (2, 5))  # CNN: gradcam, saliency; ViT: also transformer_attribution, attnlrp, attention_rollout
         assert "Explained 0000.jpg" in page.inner_text("#status")
         for k in (0, 1):
             top5 = page.inner_text(f"#model-{k}-top5")
             assert sum(name in top5 for name in runs[0].class_names) >= 5, top5
             assert "heatmaps of class" in page.inner_text(f"#model-{k}-caption")
         captions = page.inner_text("#model-1-maps")
-        assert "transformer_attribution" in captions and "attention_rollout" in captions
+        assert all(m in captions for m in ("transformer_attribution", "attnlrp", "attention_rollout"))
         page.screenshot(path=ARTIFACTS / "app.png", full_page=True)
         if os.environ.get("XTL_DOCS_SCREENSHOTS"):  # refresh the README's picture on request only
             shutil.copy(ARTIFACTS / "app.png", REPO / "docs" / "images" / "app.png")
@@ -200,7 +200,7 @@ def test_browser_shows_both_models_and_refuses_bad_uploads(server, runs, cifar, 
         page.click("#pick input")
         page.get_by_role("option").filter(has_text="misclassified").first.click()
         page.wait_for_function("document.querySelector('#status').innerText.includes('picked test image')", timeout=30_000)
-        wait_for_maps(page, (2, 4))
+        wait_for_maps(page, (2, 5))
 
         refusals = {
             not_an_image(tmp_path / "scores.txt"): "scores.txt is not an image",
@@ -222,7 +222,7 @@ def test_browser_shows_both_models_and_refuses_bad_uploads(server, runs, cifar, 
         page.screenshot(path=ARTIFACTS / "app_too_large.png")
 
         upload(page, cifar_image(cifar, "ship"))  # the server still answers
-        wait_for_maps(page, (2, 4))
+        wait_for_maps(page, (2, 5))
         assert "Explained 0000.jpg" in page.inner_text("#status")
     assert outside == [], f"the page fetched from outside the machine: {outside}"
 

@@ -7,14 +7,14 @@ import torch
 import torchvision
 from torch import nn
 
+from helpers import noise_images
 from xtl.errors import XtlError
 from xtl.explain import explain
 
 torch.set_num_threads(1)
 
 
-def _images(n: int, size: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+_images = noise_images
 
 
 @pytest.fixture(scope="module")

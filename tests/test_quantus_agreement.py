@@ -16,21 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import cifar_images
+from helpers import cifar_resnet18
 from xtl.analysis import metrics as M
 from xtl.explain import explain
-from xtl.models import build_model, preprocessing
 
 quantus = pytest.importorskip("quantus")
 
 
 @pytest.fixture(scope="module")
 def setup(cifar):
-    torch.manual_seed(0)
-    model, spec = build_model("timm:resnet18", 10, pretrained=False, input_size=32)
-    model.eval()
-    raw, _ = cifar_images(cifar, n_per_class=2)
-    images = preprocessing(model, spec)(raw)
+    model, spec, images, _ = cifar_resnet18(cifar, n_per_class=2)
     targets = model(images).argmax(dim=1).detach()
     saliency = explain(model, images, targets, "saliency", spec=spec).maps
     # a little seeded jitter makes every value distinct (Quantus orders with NumPy's unstable

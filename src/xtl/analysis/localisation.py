@@ -44,11 +44,9 @@ CSV_NAME = "localisation.csv"
 FIGURE_NAME = "localisation.png"
 REFERENCE_METHODS = ("random", "centre")
 METRICS = ("pointing_game", "relevance_mass", "relevance_rank")
-# cheap methods per family, scored by default (every other registered one may be named; lrp_epsilon
-# took 75 s for 16 canvases of EfficientNet-Lite0 on the loaded 2-core CPU of BENCHMARKS.md, so it is
-# left to --methods)
+# cheap methods per family, scored by default (every other registered one may be named)
 DEFAULT_METHODS = {
-    "cnn": ("gradcam", "saliency", "input_x_gradient", "integrated_gradients"),
+    "cnn": ("gradcam", "saliency", "input_x_gradient", "integrated_gradients", "lrp_epsilon"),
     "vit": ("transformer_attribution", "attnlrp", "attention_rollout", "gradcam", "saliency", "input_x_gradient",
             "integrated_gradients"),
 }

@@ -282,10 +282,13 @@ def robustness_sentences(rows: list[dict]) -> list[str]:
             continue
         parts = [f"{r['method']} {r['max_sensitivity_mean']:.2f} [{r['max_sensitivity_low']:.2f}, "
                  f"{r['max_sensitivity_high']:.2f}]" for r in mine]
-        out.append(f"{model}: under input noise of {ROBUSTNESS['radius']} (normalised units) the maps change by "
-                   f"at most (max-sensitivity, relative to the map, lower is steadier): " + ", ".join(parts)
-                   + f"; the most robust is {mine[0]['method']}"
-                   + (" (on few images: overlapping intervals do not rank)" if len(mine) > 1 else "") + ".")
+        text = (f"{model}: under input noise of {ROBUSTNESS['radius']} (normalised units) the maps change by "
+                f"at most (max-sensitivity, relative to the map, lower is steadier): " + ", ".join(parts))
+        if len(mine) > 1:
+            clear = mine[0]["max_sensitivity_high"] < mine[1]["max_sensitivity_low"]
+            text += (f"; {mine[0]['method']} is the most robust (its interval clear of the others')" if clear
+                     else "; the intervals overlap, so these images do not rank the methods")
+        out.append(text + ".")
     return out
 
 

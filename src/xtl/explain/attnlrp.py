@@ -56,6 +56,7 @@ from xtl.explain.transformer_attribution import (
     BlockWeights,
     VitLayout,
     _add_position,
+    position_start,
     verify_logits,
     vit_layout,
 )
@@ -197,8 +198,7 @@ def _with_position(layout: VitLayout, tokens: Tensor, position: Tensor | None, b
         return tokens
     if book is None:
         return _add_position(layout, tokens, position)
-    start = 0 if layout.position_covers_prefix else layout.num_prefix
-    _add_position(layout, tokens, position)  # its shape check and message
+    start = position_start(layout, tokens, position)
     return torch.cat([tokens[:, :start], add_bias(book, tokens[:, start:], position)], dim=1)
 
 

@@ -351,11 +351,17 @@ def _forward(layout: VitLayout, images: Tensor) -> ForwardTrace:
 def _add_position(layout: VitLayout, tokens: Tensor, position: Tensor | None) -> Tensor:
     if position is None:
         return tokens
+    start = position_start(layout, tokens, position)
+    return torch.cat([tokens[:, :start], tokens[:, start:] + position], dim=1)
+
+
+def position_start(layout: VitLayout, tokens: Tensor, position: Tensor) -> int:
+    """The first token the position embedding is added to; one line when the counts disagree."""
     start = 0 if layout.position_covers_prefix else layout.num_prefix
     if position.shape[1] != tokens.shape[1] - start:
         raise XtlError(f"the position embedding has {position.shape[1]} tokens, the image gives "
                        f"{tokens.shape[1] - start}: use the model's input size")
-    return torch.cat([tokens[:, :start], tokens[:, start:] + position], dim=1)
+    return start
 
 
 def _block_forward(weights: BlockWeights, h: Tensor) -> BlockTrace:
