@@ -16,6 +16,7 @@ where it is absent, CIFAR-10 comes from torchvision instead (`xtl.data.fallback`
 
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 import warnings
@@ -228,6 +229,14 @@ def _folder_partition(root: Path, part: str, class_names: list[str]) -> Partitio
 
 
 def _hf_source(name: str, spec: str) -> Source:
+    """A `datasets.DatasetDict` with train (and test) splits, from `load_from_disk(DIR)` or `load_dataset(NAME)`.
+
+    Rows are read on demand from the memory-mapped Arrow files, in memory and streamed alike
+    (`--data-path stream` decodes them in forked worker processes), so memory does not grow with the
+    data set. Pixels are decoded as an image folder's are (EXIF rotation, `_to_rgb`, the size limit),
+    and `sizes` reads image headers only. `streaming=True` (iterable) data sets are not supported:
+    seeded splits need random access to the rows.
+    """
     import datasets
 
     offline = None
@@ -264,13 +273,58 @@ def _hf_source(name: str, spec: str) -> Source:
             continue
         ds = loaded[part]
         labels = np.asarray(ds[label_col], dtype=np.int64)
+        keys = [f"{part}/{i}" for i in range(len(labels))]
+        mode = getattr(ds.features[image_col], "mode", None)
+        # rows as stored ({"bytes", "path"}), nothing decoded: a feature change, the Arrow data is not copied
+        undecoded = ds.cast_column(image_col, datasets.Image(decode=False))
 
-        def fetch(ids: Sequence[int], ds=ds) -> list[Image.Image]:
-            rows = ds.select(list(ids))[image_col]
-            return [_to_rgb(img) for img in rows]
+        def fetch(ids: Sequence[int], undecoded=undecoded, keys=keys, mode=mode) -> list[Image.Image]:
+            rows = undecoded.select(list(ids))[image_col]
+            return [_hf_decode(row, mode, f"image {keys[i]} of data source {spec}") for i, row in zip(ids, rows)]
 
-        partitions[part] = Partition(labels=labels, keys=[f"{part}/{i}" for i in range(len(labels))], fetch=fetch)
+        def sizes(ids: Sequence[int], undecoded=undecoded, keys=keys, mode=mode) -> list[tuple[int, int]]:
+            rows = undecoded.select(list(ids))[image_col]
+            return [_hf_size(row, mode, f"image {keys[i]} of data source {spec}") for i, row in zip(ids, rows)]
+
+        partitions[part] = Partition(labels=labels, keys=keys, fetch=fetch, sizes=sizes)
     return Source(spec=spec, class_names=class_names, partitions=partitions)
+
+
+def _hf_file(row: dict):
+    """What PIL opens for a stored image row: its bytes, or its file where only a local path is
+    stored; None for a remote file (`datasets` fetches it)."""
+    if row.get("bytes") is not None:
+        return io.BytesIO(row["bytes"])
+    path = row.get("path")
+    return path if path and os.path.isfile(path) else None
+
+
+def _hf_decode(row: dict, mode: str | None, name: str) -> Image.Image:
+    """One stored image row as 8-bit RGB, decoded as `decode_image` decodes a file (`mode`: the
+    feature's own conversion, which `datasets` applies first); one line naming the row otherwise."""
+    file = _hf_file(row)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if file is None:
+                import datasets
+
+                return _to_rgb(datasets.Image(mode=mode).decode_example(row))  # EXIF rotation included
+            with Image.open(file) as img:
+                img = ImageOps.exif_transpose(img)
+                if mode and img.mode != mode:
+                    img = img.convert(mode)
+                return _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise XtlError(f"{name} is too large to decode safely ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise XtlError(f"{name} cannot be read as an image: {err}") from None
+
+
+def _hf_size(row: dict, mode: str | None, name: str) -> tuple[int, int]:
+    """(width, height) of a stored image row as `_hf_decode` gives it, from its header where it is here."""
+    file = _hf_file(row)
+    return header_size(file) if file is not None else _hf_decode(row, mode, name).size
 
 
 def _first_column(ds, candidates, feature_type, spec) -> str:
