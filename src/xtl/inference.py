@@ -49,8 +49,48 @@ class LoadedRun:
         """The images at these positions of the split, preprocessed for the model, on its device."""
         return self.preprocess(self.part.images[positions].to(self.device))
 
+    def lazy_inputs(self, n: int) -> "SplitInputs":
+        """The first `n` images of the split as `inputs(slice(0, n))` gives them, a batch at a time."""
+        return SplitInputs(self, n)
+
     def _saved_probabilities(self) -> torch.Tensor | None:
         if not self.run.file("predictions.csv").is_file():
             return None
         ids, _, probabilities = read_predictions(self.run)
         return probabilities if ids.tolist() == self.part.ids.tolist() else None
+
+
+class SplitInputs:
+    """The first `n` images of a loaded run's split, preprocessed for its model on its device, made a
+    batch at a time: indexed by a slice (or iterated by `batches`) like the tensor
+    `LoadedRun.inputs(slice(0, n))`, the same values, without holding all of them. A streamed split's
+    batches (`xtl.data.stream`) are decoded ahead in its worker processes; memory stays that of a batch
+    whatever `n` is (`xtl faithfulness` on a data set larger than memory)."""
+
+    dtype = torch.float32
+
+    def __init__(self, loaded: LoadedRun, n: int) -> None:
+        self.loaded, self.n = loaded, n
+        first = loaded.inputs(slice(0, 1))
+        self.shape = torch.Size((n, *first.shape[1:]))
+        self.device = first.device
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if not isinstance(rows, slice):
+            raise TypeError("SplitInputs is indexed by a slice of rows")
+        return self.loaded.inputs(slice(*rows.indices(self.n)))
+
+    def batches(self, parts: Sequence[slice]):
+        """The preprocessed images of each slice of rows, in order (decoded ahead where streamed)."""
+        from xtl.data.stream import image_batches
+
+        ranges = [range(*part.indices(self.n)) for part in parts]
+        for images in image_batches(self.loaded.part.images, ranges):
+            yield self.loaded.preprocess(images.to(self.device))
+
+    def chunks(self, size: int = 256):
+        """All rows in order, `size` at a time (e.g. to hash them)."""
+        yield from self.batches([slice(s, min(s + size, self.n)) for s in range(0, self.n, size)])

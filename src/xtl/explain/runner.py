@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from xtl.data.stream import image_batches
 from xtl.distributed import SINGLE, Ranks
 from xtl.errors import XtlError, sigterm_as_interrupt
 from xtl.explain import METHODS, explain, methods_for
@@ -122,8 +123,11 @@ class RunExplainer(LoadedRun):
     """A loaded run (`xtl.inference.LoadedRun`: model, preprocessing, split, probabilities) that
     explains images of its split: maps streamed to disk, gallery rows."""
 
-    def explain_positions(self, positions: list[int], method: str, target: str = "predicted", **options):
-        images = self.inputs(positions)
+    def explain_positions(self, positions: list[int], method: str, target: str = "predicted",
+                          images: torch.Tensor | None = None, **options):
+        """`images`: the uint8 images at `positions` where already decoded (a streamed split's batch
+        decoded ahead in a worker process), else they are read from the split."""
+        images = self.inputs(positions) if images is None else self.preprocess(images.to(self.device))
         targets = None if target == "predicted" else self.part.labels[positions].to(self.device)
         return explain(self.model, images, targets, method=method, **options)
 
@@ -161,15 +165,22 @@ class RunExplainer(LoadedRun):
         with progress_bar(progress and ranks.is_zero) as bar, \
                 sigterm_as_interrupt(lambda: f"finished shards are kept in {out}; the same command continues"):
             tasks = {m: bar.add_task(f"{self.run.path.name}: {m}", total=len(own)) for m in methods}
+            # the batches some method still lacks, decoded ahead (a streamed split: in worker processes)
+            todo = [k for k, positions in enumerate(batches)
+                    if ranks.mine(k) and any(not (folders[m] / names[k]).is_file() for m in methods)]
+            decoded = image_batches(self.part.images, [batches[k] for k in todo])
             # batch by batch, every method on each: "images done" means done by every method
             for k, positions in enumerate(batches):
                 if not ranks.mine(k):
                     continue
+                images = next(decoded) if todo and todo[0] == k else None
+                if images is not None:
+                    todo.pop(0)
                 for method in methods:
                     shard = folders[method] / names[k]
                     if not shard.is_file():
                         try:
-                            self._write_shard(shard, positions, method, target, options.get(method) or {})
+                            self._write_shard(shard, positions, method, target, options.get(method) or {}, images)
                         except torch.cuda.OutOfMemoryError:
                             raise XtlError(f"out of GPU memory explaining {self.run.path} with {method} and --batch-size "
                                            f"{batch_size}; try a smaller --batch-size (finished shards are kept)") from None
@@ -179,10 +190,11 @@ class RunExplainer(LoadedRun):
         ranks.barrier()  # every process's shards written: the set is whole
         return out
 
-    def _write_shard(self, shard: Path, positions: list[int], method: str, target: str, options: dict) -> None:
+    def _write_shard(self, shard: Path, positions: list[int], method: str, target: str, options: dict,
+                     images: torch.Tensor | None = None) -> None:
         from safetensors.torch import save_file
 
-        result = self.explain_positions(positions, method, target, **options)
+        result = self.explain_positions(positions, method, target, images, **options)
         tensors = {
             "raw": result.raw.cpu().contiguous(),
             "targets": result.targets.cpu().contiguous(),

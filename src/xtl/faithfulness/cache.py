@@ -51,7 +51,9 @@ def fingerprint(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, se
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     for tensor in (images, labels):
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().float().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        # images made a batch at a time (`xtl.inference.SplitInputs`) are hashed so: the same bytes in order
+        for chunk in (tensor.chunks() if hasattr(tensor, "chunks") else (tensor,)):
+            digest.update(chunk.detach().float().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -207,10 +207,37 @@ def random_maps(shape: tuple[int, int, int], seed: int = 0, device: torch.device
                 grid: int | None = None) -> torch.Tensor:
     """Independent uniform noise per pixel from a seeded CPU generator: the same maps on every device.
     With `grid`, per cell of the G x G grid (constant over each cell's block of pixels)."""
-    if grid is None:
-        return torch.rand(shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    cells = torch.rand((shape[0], grid * grid), generator=torch.Generator().manual_seed(seed))
-    return cells[:, cell_ids(shape[1:], grid)].view(shape).to(device)
+    return RandomMaps(shape, seed, device, grid).rows(slice(None))
+
+
+class RandomMaps:
+    """`random_maps(shape, seed, device, grid)` a run of rows (images) at a time: `rows(part)` equals
+    `random_maps(...)[part]` without making the other rows' maps. The seeded generator is read in
+    order: rows asked for in increasing order are drawn once, the rows skipped on the way are drawn
+    and dropped a bounded chunk at a time (asking for earlier rows starts it again)."""
+
+    def __init__(self, shape: tuple[int, int, int], seed: int = 0, device: torch.device | str = "cpu",
+                 grid: int | None = None) -> None:
+        self.shape, self.seed, self.device, self.grid = tuple(shape), seed, device, grid
+        self.per_row = shape[1] * shape[2] if grid is None else grid * grid  # values drawn per image
+        self._restart()
+
+    def _restart(self) -> None:
+        self.generator, self.position = torch.Generator().manual_seed(self.seed), 0
+
+    def rows(self, part: slice) -> torch.Tensor:
+        start, stop, _ = part.indices(self.shape[0])
+        if start < self.position:
+            self._restart()
+        while self.position < start:  # the CPU generator's values come out in order: skipped ones are drawn
+            k = min(start - self.position, max(1, 2**24 // self.per_row))
+            torch.rand(k * self.per_row, generator=self.generator)
+            self.position += k
+        values = torch.rand((stop - start, self.per_row), generator=self.generator)
+        self.position = stop
+        if self.grid is not None:
+            values = values[:, cell_ids(self.shape[1:], self.grid)]
+        return values.view(stop - start, *self.shape[1:]).to(self.device)
 
 
 def uniform_maps(shape: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:

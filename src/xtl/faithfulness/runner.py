@@ -36,9 +36,9 @@ from xtl.explain import METHODS, explain
 from xtl.explain.base import upsample_and_normalise
 from xtl.explain.runner import applicable_methods, read_stored_maps
 from xtl.explain.stored import images_digest
-from xtl.faithfulness.cache import CACHE, cache_folder, read_batch, write_batch
+from xtl.faithfulness.cache import CACHE, batch_path, cache_folder, read_batch, write_batch
 from xtl.faithfulness.metrics import Curve
-from xtl.faithfulness.perturbation import check_grid_size, make_progress, predict_classes, random_maps, score_maps, uniform_maps
+from xtl.faithfulness.perturbation import RandomMaps, check_grid_size, make_progress, predict_classes, score_maps, uniform_maps
 from xtl.faithfulness.results import (  # noqa: F401  (write_csv, read_rows, grid_label: re-exported)
     ACCURACY_METRICS,
     MethodScores,
@@ -69,6 +69,8 @@ def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, 
     """Explain `images` with each method, score the maps and the random/uniform references.
 
     `model`: any classifier (see `xtl.explain.explain`); `spec`: its description, or None.
+    `images`: preprocessed [N, 3, H, W], or an `xtl.inference.SplitInputs` that makes them a batch at a
+    time (so `xtl faithfulness` holds a batch, not the N images: the references too are made per batch).
 
     `settings`: how (default `FaithfulnessSettings()`); its grid must be cells per side or None
     (`settings.with_grid`). The images go through in batches of `settings.explain_batch_size`. With
@@ -95,9 +97,7 @@ def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, 
     labels = labels.cpu().long()
     n = images.shape[0]
     names = list(methods) + list(REFERENCES)
-    shape = (n, *images.shape[-2:])
-    references = {"random": random_maps(shape, settings.seed, images.device, grid),
-                  "uniform": uniform_maps(shape, images.device)}
+    references = _References((n, *images.shape[-2:]), settings.seed, images.device, grid)
     step = settings.explain_batch_size
     batches = [slice(s, min(s + step, n)) for s in range(0, n, step)]
     if cache is not None:
@@ -118,12 +118,13 @@ def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, 
     with make_progress() if progress is True and not lines else nullcontext(held) as bar, \
             sigterm_as_interrupt(on_interrupt), _out_of_memory_message(title, settings):
         task = bar.add_task(f"{title}: explain and score", total=len(batches)) if bar is not None else None
+        decoded = _Ahead(images, batches, [k for k in range(len(batches)) if not _cached(cache, names, k, batches[k])])
         for k, part in enumerate(batches):
             kept = {name: read_batch(cache, name, k, part) for name in names} if cache is not None else {}
             todo = [name for name in names if kept.get(name) is None]
             if todo:
-                computed = _score_batch(model, spec, images[part], labels[part], [m for m in methods if m in todo],
-                                        {r: references[r][part] for r in REFERENCES if r in todo}, settings,
+                computed = _score_batch(model, spec, decoded.take(k), labels[part], [m for m in methods if m in todo],
+                                        references(part, todo), settings,
                                         seed=settings.seed + k, pixel_std=pixel_std,
                                         stored={m: (raw[part], t[part]) for m, (raw, t) in (stored or {}).items()
                                                 if len(t) >= part.stop})
@@ -155,20 +156,63 @@ def _score_own_batches(model, spec, images, labels, methods, settings, cache, pi
     a barrier, so that every batch is in the cache when rank 0 reads them all."""
     with sigterm_as_interrupt(lambda: f"finished batches are kept in {cache}; the same command continues"), \
             _out_of_memory_message(f"rank {ranks.rank}", settings):
+        decoded = _Ahead(images, batches, [k for k in range(len(batches))
+                                           if ranks.mine(k) and not _cached(cache, names, k, batches[k])])
         for k, part in enumerate(batches):
             if not ranks.mine(k):
                 continue
             todo = [name for name in names if read_batch(cache, name, k, part) is None]
             if not todo:
                 continue
-            computed = _score_batch(model, spec, images[part], labels[part], [m for m in methods if m in todo],
-                                    {r: references[r][part] for r in REFERENCES if r in todo}, settings,
+            computed = _score_batch(model, spec, decoded.take(k), labels[part], [m for m in methods if m in todo],
+                                    references(part, todo), settings,
                                     seed=settings.seed + k, pixel_std=pixel_std,
                                     stored={m: (raw[part], t[part]) for m, (raw, t) in (stored or {}).items()
                                             if len(t) >= part.stop})
             for name, scores in computed.items():
                 write_batch(cache, name, k, part, scores)
     ranks.barrier()
+
+
+class _References:
+    """The random and uniform reference maps of a batch's rows: the rows of `random_maps(shape, ...)` and
+    `uniform_maps(shape)` of all the images, made a batch at a time (`RandomMaps`)."""
+
+    def __init__(self, shape: tuple[int, int, int], seed: int, device, grid: int | None) -> None:
+        self.random, self.device = RandomMaps(shape, seed, device, grid), device
+
+    def __call__(self, part: slice, wanted: Sequence[str]) -> dict[str, torch.Tensor]:
+        maps = {}
+        if "random" in wanted:
+            maps["random"] = self.random.rows(part)
+        if "uniform" in wanted:
+            maps["uniform"] = uniform_maps((part.stop - part.start, *self.random.shape[1:]), self.device)
+        return maps
+
+
+class _Ahead:
+    """The images of batches `wanted` (indices into `batches`), made in order ahead of use where
+    `images` makes them a batch at a time (`xtl.inference.SplitInputs`: a streamed split decoded in
+    worker processes); `take(k)` also serves a batch that was not foreseen (read directly)."""
+
+    def __init__(self, images, batches: list[slice], wanted: list[int]) -> None:
+        self.images, self.batches, self.wanted = images, batches, list(wanted)
+        self.stream = images.batches([batches[k] for k in wanted]) if hasattr(images, "batches") and wanted else None
+
+    def take(self, k: int) -> torch.Tensor:
+        if self.stream is not None:
+            while self.wanted and self.wanted[0] < k:  # foreseen, then found in the cache after all
+                self.wanted.pop(0)
+                next(self.stream)
+            if self.wanted and self.wanted[0] == k:
+                self.wanted.pop(0)
+                return next(self.stream)
+        return self.images[self.batches[k]]
+
+
+def _cached(cache: Path | None, names: list[str], k: int, part: slice) -> bool:
+    """Whether every name's scores of batch k are in the cache (its files exist)."""
+    return cache is not None and all(batch_path(cache, name, k, part).is_file() for name in names)
 
 
 def _print_line(text: str) -> None:
@@ -288,7 +332,7 @@ def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n
         loaded = LoadedRun(run, split, ranks.device or device)
         chosen = _chosen_methods(loaded.spec.family, settings.methods, loaded.spec.name)
         n = min(settings.n_images, len(loaded.part))
-        images = loaded.inputs(slice(0, n))
+        images = loaded.lazy_inputs(n)  # made a batch at a time: memory does not grow with n
         cells = resolve_grid(settings.grid, loaded.model, loaded.spec, loaded.part.images, images[:1], f"run {run.path}")
         scores = score_model(loaded.model, loaded.spec, images, loaded.part.labels[:n], chosen,
                              settings.with_grid(cells), progress, run.path.name,
