@@ -545,3 +545,17 @@ def test_the_markdown_table_says_what_plus_minus_is():
     text = markdown_table(_table_rows("run", "efficientnet_lite0"))
     assert "| efficientnet_lite0 |" in text and "0.100 ± 0.049" in text
     assert text.rstrip().endswith("random and uniform are reference maps.") and "± : half-width of the 95 %" in text
+
+
+@pytest.mark.parametrize("grid", [None, 4])
+def test_random_maps_made_a_batch_at_a_time_are_the_rows_of_all(grid):
+    """Faithfulness makes its random reference a batch at a time: the same values as all at once, in
+    any order of batches (skipped rows drawn and dropped, earlier rows drawn again)."""
+    from xtl.faithfulness.perturbation import RandomMaps, random_maps
+
+    whole = random_maps((30, 16, 12), seed=5, grid=grid)
+    maker = RandomMaps((30, 16, 12), seed=5, grid=grid)
+    for part in (slice(4, 9), slice(9, 10), slice(20, 30), slice(0, 3), slice(None)):
+        assert torch.equal(maker.rows(part), whole[part])
+    if grid is not None:
+        assert torch.equal(whole[:, :4, :3], whole[:, :1, :1].expand(-1, 4, 3))  # constant over a cell

@@ -207,3 +207,62 @@ def test_a_split_larger_than_the_memory_allowed_is_read_streamed(cifar):
                               timeout=300)
         outputs[data_path] = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
     assert outputs == {"memory": "out of memory", "stream": "read 5000"}
+
+
+def test_explain_and_faithfulness_decode_a_streamed_split_in_worker_processes(cifar, tmp_path, monkeypatch):
+    """`xtl explain` and `xtl faithfulness` on a streamed run: every batch decoded in a DataLoader worker
+    (none in the main process), and faithfulness fed a batch at a time (`SplitInputs`) scores as it
+    does the tensor of all the images, under the same cache key."""
+    import os
+
+    from xtl.explain.runner import RunExplainer
+    from xtl.faithfulness.cache import cache_folder
+    from xtl.faithfulness.runner import score_model
+    from xtl.faithfulness.settings import FaithfulnessSettings
+    from xtl.inference import LoadedRun, SplitInputs
+
+    from helpers import tiny_run
+
+    run = tiny_run(tmp_path / "run", cifar, "timm:resnet10t", 32, data_path="stream")
+    log = tmp_path / "decoded.txt"
+    decode = StreamedImages.decode
+
+    def logged(self, positions):
+        positions = list(positions)
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {len(positions)}\n")
+        return decode(self, positions)
+
+    def decoders() -> list[tuple[int, int]]:
+        found = [tuple(map(int, line.split())) for line in log.read_text().splitlines()] if log.is_file() else []
+        log.unlink(missing_ok=True)
+        return found
+
+    explainer = RunExplainer(run, "test", "cpu")
+    assert isinstance(explainer.part.images, StreamedImages)
+    explainer.images_digest, explainer.probabilities  # noqa: B018  (read before the count starts)
+    monkeypatch.setattr(StreamedImages, "decode", logged)  # forked workers inherit it
+    explainer.stream(["gradcam"], 24, 8, "predicted", progress=False)
+    decoded = decoders()
+    assert sum(n for _, n in decoded) == 24 and os.getpid() not in {pid for pid, _ in decoded}
+
+    loaded = LoadedRun(run, "test", "cpu")
+    lazy = loaded.lazy_inputs(16)
+    assert isinstance(lazy, SplitInputs) and lazy.shape == (16, 3, 32, 32)
+    decoders()
+    settings = FaithfulnessSettings(steps=4, explain_batch_size=4, batch_size=16)
+    labels = loaded.part.labels[:16]
+    scores = score_model(loaded.model, loaded.spec, lazy, labels, ["gradcam"], settings)
+    decoded = decoders()
+    assert sum(n for _, n in decoded) == 16 and os.getpid() not in {pid for pid, _ in decoded}
+    monkeypatch.undo()
+    whole = loaded.inputs(slice(0, 16))
+    assert torch.equal(torch.cat(list(lazy.batches([slice(0, 5), slice(5, 16)]))), whole)
+    expected = score_model(loaded.model, loaded.spec, whole, labels, ["gradcam"], settings)
+    for a, b in zip(expected, scores):
+        assert a.method == b.method and set(a.curves) == set(b.curves)
+        for column in a.curves:
+            assert torch.equal(a.curves[column].values, b.curves[column].values), (a.method, column)
+    std = loaded.preprocess.std
+    assert cache_folder(tmp_path, loaded.model, lazy, labels, settings, std) == \
+        cache_folder(tmp_path, loaded.model, whole, labels, settings, std)
