@@ -125,3 +125,40 @@ def test_more_processes_than_the_machine_is_one_line(tmp_path, monkeypatch):
     result = subprocess.run([XTL, "evaluate", str(tmp_path), "--devices", "0"], capture_output=True, text=True,
                             timeout=120)
     one_line_error(result, "--devices")
+
+
+def test_a_killed_two_process_faithfulness_resumes_per_batch(one_and_two, tmp_path):
+    """A batch of rank 1 lost (the job killed before it was written): the same command computes that
+    batch alone and the table is the one of the whole run."""
+    _, two = one_and_two
+    cache = sorted(two.file("faithfulness_cache").glob("*/gradcam/batch_*.safetensors"))
+    assert len(cache) == 4  # 16 images in batches of 4, dealt out to 2 processes
+    before = {p: p.stat().st_mtime_ns for p in cache}
+    table = shutil.copy(two.file("faithfulness.csv"), tmp_path / "before.csv")
+    cache[1].unlink()
+    result = two_processes(["faithfulness", str(two.path), *FAITHFULNESS], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert cache[1].is_file() and all(p.stat().st_mtime_ns == before[p] for p in cache if p != cache[1])
+    drop_timing = lambda rows: [{k: v for k, v in r.items() if k not in {"explain_s", "score_s", "score_images_per_s"}}  # noqa: E731
+                                for r in rows]
+    assert drop_timing(read_rows(two.file("faithfulness.csv"))) == drop_timing(read_rows(table))
+
+
+def test_processes_started_by_torchrun_are_joined_not_spawned(one_and_two, tmp_path):
+    """`torchrun --nproc-per-node 2 -m xtl explain RUN --devices 2`: Fabric joins the two processes
+    torchrun started (its environment) instead of starting its own; the maps are those of one process."""
+    import sys
+
+    one, _ = one_and_two
+    run = RunDir(shutil.copytree(one.path, tmp_path / "torchrun", ignore=shutil.ignore_patterns("explanations")))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "xtl", "explain", str(run.path), "--methods", "gradcam", "--batch-size", "8",
+                             "--device", "cpu", "--devices", "2", "--no-progress"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = shards(one, "gradcam"), shards(run, "gradcam")
+    assert list(got) == list(expected)
+    for name, tensors in expected.items():
+        assert torch.equal(got[name]["ids"], tensors["ids"])
+        torch.testing.assert_close(got[name]["raw"], tensors["raw"], rtol=1e-4, atol=1e-5)
