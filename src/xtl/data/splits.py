@@ -161,7 +161,7 @@ def load_split(source: str | Source, spec: SplitSpec | None = None, data_path: s
             side, size = stored_side(partition, part_ids, spec.store_size)
             images = StreamedImages(partition, part_ids, side, size, num_workers)
         else:
-            images = images_to_uint8(partition.fetch(part_ids.tolist()), spec.store_size)
+            images = decode_into_memory(partition, part_ids, spec.store_size, f"split part '{name}' of {src.spec}")
         parts[name] = SplitPart(
             ids=part_ids.astype(np.int64),
             labels=torch.as_tensor(partition.labels[part_ids], dtype=torch.int64),
@@ -170,3 +170,24 @@ def load_split(source: str | Source, spec: SplitSpec | None = None, data_path: s
         )
     return Split(spec=spec, source=src.spec, class_names=src.class_names, parts=parts, data_path=data_path)
 
+
+def decode_into_memory(partition, ids: np.ndarray, store_size: int | None, what: str, chunk: int = 512) -> torch.Tensor:
+    """uint8 [N, 3, H, W] of the images `ids` of `partition`, as `images_to_uint8` stacks them all (the
+    same values), decoded `chunk` at a time into one tensor: the peak is the decoded images and one
+    chunk, not every image twice. Running out of memory is one line that names the way out."""
+    from xtl.data.stream import decoded_bytes, stored_side
+
+    if len(ids) == 0:
+        return images_to_uint8([], store_size)
+    side, (width, height) = stored_side(partition, ids, store_size)
+    try:
+        images = torch.empty((len(ids), 3, height, width), dtype=torch.uint8)
+        for start in range(0, len(ids), chunk):
+            images[start : start + chunk] = images_to_uint8(partition.fetch(ids[start : start + chunk].tolist()), side)
+    except (MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "allocate memory" not in str(err):
+            raise
+        raise XtlError(f"out of memory decoding the {len(ids):,} images of {what} into memory "
+                       f"({decoded_bytes(len(ids), (width, height)) / 2**20:,.0f} MiB); use --data-path stream "
+                       "(decoded per batch) or auto") from None
+    return images

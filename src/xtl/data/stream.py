@@ -104,9 +104,18 @@ class _BatchDecoder(torch.utils.data.Dataset):
 
     def __getitem__(self, positions: list[int]) -> torch.Tensor | XtlError:
         try:
-            return self.images.decode(positions)
+            images = self.images.decode(positions)
         except XtlError as err:  # handed back whole: raised in the worker, DataLoader would wrap it in a traceback
             return err
+        try:
+            # moved to shared memory here, not in the queue's feeder thread: a failure there is lost and the
+            # main process waits for the batch forever; here it is handed back as one line
+            return images.share_memory_()
+        except RuntimeError as err:
+            return XtlError(
+                f"a decode worker could not hand over a batch of {len(positions)} images "
+                f"({images.numel() / 2**20:.0f} MiB) through shared memory ({str(err).splitlines()[0]}); "
+                "free memory (or /dev/shm), or use fewer --num-workers or smaller batches")
 
 
 def take(images, rows: slice):
