@@ -252,7 +252,6 @@ def test_explain_and_faithfulness_decode_a_streamed_split_in_worker_processes(ci
     """`xtl explain` and `xtl faithfulness` on a streamed run: every batch decoded in a DataLoader worker
     (none in the main process), and faithfulness fed a batch at a time (`SplitInputs`) scores as it
     does the tensor of all the images, under the same cache key."""
-
     from xtl.explain.runner import RunExplainer
     from xtl.faithfulness.cache import cache_folder
     from xtl.faithfulness.runner import score_model
