@@ -303,3 +303,62 @@ def test_explain_and_faithfulness_decode_a_streamed_split_in_worker_processes(ci
     std = loaded.preprocess.std
     assert cache_folder(tmp_path, loaded.model, lazy, labels, settings, std) == \
         cache_folder(tmp_path, loaded.model, whole, labels, settings, std)
+
+
+CLI_LIMITED = """
+import resource, sys
+import lightning.fabric, timm, torch  # the heavy imports first: the limit is on what the command adds
+import xtl.cli, xtl.explain.runner, xtl.faithfulness.runner, xtl.train  # noqa: F401
+size = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize")][0]
+resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[1]) * 2**20, resource.RLIM_INFINITY))
+sys.argv = ["xtl", *sys.argv[2:]]
+xtl.cli.main()
+"""
+
+
+@pytest.fixture(scope="module")
+def large_images(tmp_path_factory, cifar) -> Path:
+    """A folder of 700 real CIFAR-10 images enlarged to 512 x 512 (4 classes; 550 MiB decoded)."""
+    root = tmp_path_factory.mktemp("large")
+    for part, per_class in (("train", 150), ("test", 25)):
+        for name in ("airplane", "cat", "ship", "truck"):
+            (root / part / name).mkdir(parents=True)
+            for f in sorted((cifar / part / name).iterdir())[:per_class]:
+                Image.open(f).resize((512, 512), Image.Resampling.BILINEAR).save(root / part / name / f.name, quality=85)
+    return root
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmSize from /proc")
+def test_finetune_explain_and_faithfulness_run_streamed_where_memory_would_not_do(large_images, tmp_path):
+    """The commands themselves under an address-space limit of 400 MiB beyond what the process holds
+    after its imports, on 700 images of 512 px (550 MiB decoded): `xtl finetune --data-path memory`
+    stops with one line naming --data-path stream; streamed, `xtl finetune`, `xtl explain` and
+    `xtl faithfulness` all finish."""
+    from xtl.faithfulness.results import read_rows
+
+    from helpers import one_line_error
+
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}  # arenas: see the test above
+
+    def limited(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", CLI_LIMITED, "400", *args], capture_output=True, text=True,
+                              timeout=600, env=env, cwd=tmp_path)
+
+    finetune_args = ["finetune", "--source", str(large_images), "--model", "timm:resnet10t", "--random-init",
+                     "--input-size", "32", "--split", "random", "--train-size", "560", "--val-size", "40",
+                     "--test-size", "100", "--epochs", "1", "--batch-size", "16", "--eval-batch-size", "16",
+                     "--device", "cpu", "--no-progress", "--runs-dir", str(tmp_path)]
+    refused = limited(*finetune_args, "--name", "memory", "--data-path", "memory")
+    one_line_error(refused, "out of memory decoding the 560 images of split part 'train'", "use --data-path stream")
+    done = limited(*finetune_args, "--name", "stream", "--data-path", "stream")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = RunDir(tmp_path / "stream")
+    assert run.config().data_path == "stream" and run.file("predictions.csv").is_file()
+    done = limited("explain", str(run.path), "--methods", "gradcam", "--images", "32", "--device", "cpu",
+                   "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((run.path / "explanations" / "test" / "gradcam").glob("*/batch_*.safetensors"))) == 2
+    done = limited("faithfulness", str(run.path), "--methods", "gradcam", "--images", "8", "--steps", "4",
+                   "--grid", "8", "--batch-size", "8", "--explain-batch-size", "4", "--device", "cpu", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [row["method"] for row in read_rows(run.file("faithfulness.csv"))] == ["gradcam", "random", "uniform"]
