@@ -116,12 +116,14 @@ def header_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) of an image file as `decode_image` gives it (EXIF rotation applied), from its
     header alone; a file that cannot be read is named when it is decoded."""
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # a quarter turn: exif_transpose swaps the sides
-                width, height = height, width
-            return width, height
-    except (OSError, SyntaxError, ValueError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decoding it says so in one line
+            with Image.open(path) as img:
+                width, height = img.size
+                if img.getexif().get(0x0112) in (5, 6, 7, 8):  # a quarter turn: exif_transpose swaps the sides
+                    width, height = height, width
+                return width, height
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return (-1, -1)  # unknown: the part counts as of mixed sizes; decoding names the file
 
 
