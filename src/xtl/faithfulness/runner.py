@@ -102,11 +102,22 @@ def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, 
     batches = [slice(s, min(s + step, n)) for s in range(0, n, step)]
     if cache is not None:
         cache = cache_folder(cache, model, images, labels, settings, pixel_std)
+
+    def compute(k: int, part: slice, todo: list[str], decoded: _Ahead) -> dict[str, MethodScores]:
+        """Batch k's scores of the names in `todo` (ROAD noise from seed + k), each put in the cache."""
+        computed = _score_batch(model, spec, decoded.take(k), labels[part], [m for m in methods if m in todo],
+                                references(part, todo), settings, seed=settings.seed + k, pixel_std=pixel_std,
+                                stored={m: (raw[part], t[part]) for m, (raw, t) in (stored or {}).items()
+                                        if len(t) >= part.stop})
+        for name, scores in computed.items():
+            if cache is not None:
+                write_batch(cache, name, k, part, scores)
+        return computed
+
     if ranks.world > 1:
         if cache is None:
             raise XtlError("faithfulness on several processes merges through the cache of finished batches; give a cache")
-        _score_own_batches(model, spec, images, labels, methods, settings, cache, pixel_std, stored, references,
-                           batches, names, ranks)
+        _score_own_batches(compute, images, settings, cache, batches, names, ranks)
         if not ranks.is_zero:
             return []
         progress = False  # every batch is read back from the cache now
@@ -123,15 +134,7 @@ def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, 
             kept = {name: read_batch(cache, name, k, part) for name in names} if cache is not None else {}
             todo = [name for name in names if kept.get(name) is None]
             if todo:
-                computed = _score_batch(model, spec, decoded.take(k), labels[part], [m for m in methods if m in todo],
-                                        references(part, todo), settings,
-                                        seed=settings.seed + k, pixel_std=pixel_std,
-                                        stored={m: (raw[part], t[part]) for m, (raw, t) in (stored or {}).items()
-                                                if len(t) >= part.stop})
-                for name, scores in computed.items():
-                    if cache is not None:
-                        write_batch(cache, name, k, part, scores)
-                    kept[name] = scores
+                kept.update(compute(k, part, todo, decoded))
             for name in names:
                 done[name].append(kept[name])
             if bar is not None:
@@ -150,8 +153,7 @@ def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, 
     return results
 
 
-def _score_own_batches(model, spec, images, labels, methods, settings, cache, pixel_std, stored, references,
-                       batches, names, ranks: Ranks) -> None:
+def _score_own_batches(compute, images, settings, cache, batches, names, ranks: Ranks) -> None:
     """This process's batches (`ranks.mine`) scored into the cache, as one process scores them; then
     a barrier, so that every batch is in the cache when rank 0 reads them all."""
     with sigterm_as_interrupt(lambda: f"finished batches are kept in {cache}; the same command continues"), \
@@ -162,15 +164,8 @@ def _score_own_batches(model, spec, images, labels, methods, settings, cache, pi
             if not ranks.mine(k):
                 continue
             todo = [name for name in names if read_batch(cache, name, k, part) is None]
-            if not todo:
-                continue
-            computed = _score_batch(model, spec, decoded.take(k), labels[part], [m for m in methods if m in todo],
-                                    references(part, todo), settings,
-                                    seed=settings.seed + k, pixel_std=pixel_std,
-                                    stored={m: (raw[part], t[part]) for m, (raw, t) in (stored or {}).items()
-                                            if len(t) >= part.stop})
-            for name, scores in computed.items():
-                write_batch(cache, name, k, part, scores)
+            if todo:
+                compute(k, part, todo, decoded)
     ranks.barrier()
 
 
