@@ -125,6 +125,10 @@ def test_more_processes_than_the_machine_is_one_line(tmp_path, monkeypatch):
     result = subprocess.run([XTL, "evaluate", str(tmp_path), "--devices", "0"], capture_output=True, text=True,
                             timeout=120)
     one_line_error(result, "--devices")
+    for command in ("explain", "evaluate", "faithfulness"):  # checked before the processes start: one line, not two
+        result = subprocess.run([XTL, command, str(tmp_path / "missing"), "--devices", "2", "--device", "cpu"],
+                                capture_output=True, text=True, timeout=120)
+        one_line_error(result, f"run directory {tmp_path / 'missing'} has no config.yaml")
 
 
 def test_a_killed_two_process_faithfulness_resumes_per_batch(one_and_two, tmp_path):

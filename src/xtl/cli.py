@@ -577,8 +577,11 @@ def faithfulness_command(
         results = [faithfulness_imagenet(imagenet_sample, model, out=folder, **options)]
         console.print(f"faithfulness: {folder}/faithfulness.csv, {folder}/figures/faithfulness_curves.png")
     else:
+        run_dirs = [RunDir(r) for r in runs]
+        for run in run_dirs:  # before the processes start: a bad folder is one line, not one per process
+            run.read()
         ranks = _ranks(devices, num_nodes, device)
-        results = faithfulness_run([RunDir(r) for r in runs], split=split, combined=out, ranks=ranks, **options)
+        results = faithfulness_run(run_dirs, split=split, combined=out, ranks=ranks, **options)
         if not ranks.is_zero:
             return
         console.print(f"faithfulness: faithfulness.csv and figures/faithfulness_curves.png in {', '.join(map(str, runs))}")
