@@ -31,6 +31,8 @@ import time
 import zlib
 from pathlib import Path
 
+from common import save
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -157,10 +159,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['n']:,} | {r['path']} | {r['decoded_mib']} | {r['main_peak_rss_mib']} | "
                      f"{r['peak_total_pss_mib']} | {r['load_s']} | {r['epoch_s']} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    save({}, None, "\n".join(lines), args.markdown)  # printed, and written to --markdown
 
 
 if __name__ == "__main__":

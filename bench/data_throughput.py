@@ -41,6 +41,7 @@ from pathlib import Path
 
 import yaml
 
+from common import save
 from data_memory import machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,10 +175,7 @@ def main() -> None:
     for p in args.paths:
         lines.append(f"| {p} | {med[p]['small_s']:.1f} | {med[p]['large_s']:.1f} | {number(med[p]['explain'])} | "
                      f"{spread(results[p]['explain'])} | {number(med[p]['explain'] / med[base]['explain'], 2)} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    save({}, None, "\n".join(lines), args.markdown)  # printed, and written to --markdown
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import save
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO / "../shared/data/cifar10"
 
@@ -88,10 +90,7 @@ def main() -> None:
              "", f"| processes | wall, {small} images (s) | wall, {large} images (s) | images/s (marginal) | speed-up |",
              "|---:|---:|---:|---:|---:|"]
     lines += [f"| {p} | {a:.1f} | {b:.1f} | {r:.1f} | {r / base:.2f}x |" for p, a, b, r in rows]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    save({}, None, "\n".join(lines), args.markdown)  # printed, and written to --markdown
 
 
 if __name__ == "__main__":
