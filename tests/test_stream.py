@@ -93,6 +93,26 @@ def test_auto_streams_only_when_the_images_would_not_fit(cifar, monkeypatch):
     assert load_split(str(cifar), SPEC, data_path="auto").data_path == "stream"
 
 
+def test_the_size_of_a_png_is_read_from_its_header_without_decoding_it(tmp_path, monkeypatch):
+    """PIL's getexif() on a PNG decodes the whole image to look for EXIF after the pixels; the header
+    read for the streamed path's sizes does not (an EXIF rotation stored before them still counts)."""
+    from PIL import PngImagePlugin
+
+    from xtl.data.sources import header_size
+
+    plain, rotated = tmp_path / "plain.png", tmp_path / "rotated.png"
+    Image.new("RGB", (300, 200)).save(plain)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn
+    Image.new("RGB", (300, 200)).save(rotated, exif=exif)
+
+    def no_decoding(self):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
+    assert header_size(plain) == (300, 200) and header_size(rotated) == (200, 300)
+
+
 def test_a_bad_image_decoded_in_a_worker_is_one_line(tiny_folder):
     spec = SplitSpec("random", val_size=6, seed=1)
     streamed = load_split(str(tiny_folder), spec, data_path="stream", num_workers=2)
@@ -235,6 +255,8 @@ def test_a_split_larger_than_the_memory_allowed_is_read_streamed(cifar):
 def test_in_memory_images_are_decoded_a_chunk_at_a_time_as_all_at_once(tiny_folder, cifar):
     """The in-memory path fills one tensor a chunk at a time: the values `images_to_uint8` gives for all
     the images at once, for images of one size and of mixed sizes."""
+    from dataclasses import replace
+
     from xtl.data.sources import images_to_uint8, open_source
     from xtl.data.splits import decode_into_memory
 
@@ -246,6 +268,9 @@ def test_in_memory_images_are_decoded_a_chunk_at_a_time_as_all_at_once(tiny_fold
         whole = images_to_uint8(partition.fetch(ids.tolist()))
         assert torch.equal(decode_into_memory(partition, ids, None, "test", chunk=3), whole)
         assert torch.equal(decode_into_memory(partition, ids, 48, "test", chunk=7), images_to_uint8(partition.fetch(ids.tolist()), 48))
+        # headers that mislead (an EXIF rotation stored after a PNG's pixels): decoded all at once, as before
+        misled = replace(partition, sizes=lambda chosen: [(16, 16)] * len(chosen))
+        assert torch.equal(decode_into_memory(misled, ids, None, "test", chunk=3), whole)
 
 
 def test_explain_and_faithfulness_decode_a_streamed_split_in_worker_processes(cifar, tmp_path, monkeypatch):

@@ -120,7 +120,10 @@ def header_size(path: str | os.PathLike) -> tuple[int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decoding it says so in one line
             with Image.open(path) as img:
                 width, height = img.size
-                if img.getexif().get(0x0112) in (5, 6, 7, 8):  # a quarter turn: exif_transpose swaps the sides
+                # a PNG without an eXIf chunk before its pixels: PIL's getexif() would decode the whole image
+                # to look for one after them (rare; `decode_into_memory` checks the decoded sizes)
+                orientation = None if img.format == "PNG" and "exif" not in img.info else img.getexif().get(0x0112)
+                if orientation in (5, 6, 7, 8):  # a quarter turn: exif_transpose swaps the sides
                     width, height = height, width
                 return width, height
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):

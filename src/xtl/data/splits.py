@@ -183,7 +183,11 @@ def decode_into_memory(partition, ids: np.ndarray, store_size: int | None, what:
     try:
         images = torch.empty((len(ids), 3, height, width), dtype=torch.uint8)
         for start in range(0, len(ids), chunk):
-            images[start : start + chunk] = images_to_uint8(partition.fetch(ids[start : start + chunk].tolist()), side)
+            decoded = images_to_uint8(partition.fetch(ids[start : start + chunk].tolist()), side)
+            if decoded.shape[1:] != images.shape[1:]:  # a header that misled (e.g. EXIF stored after a PNG's pixels)
+                del images, decoded
+                return images_to_uint8(partition.fetch(ids.tolist()), store_size)  # all at once, as before
+            images[start : start + chunk] = decoded
     except (MemoryError, RuntimeError) as err:
         if isinstance(err, RuntimeError) and "allocate memory" not in str(err):
             raise
