@@ -577,8 +577,14 @@ def faithfulness_command(
         results = [faithfulness_imagenet(imagenet_sample, model, out=folder, **options)]
         console.print(f"faithfulness: {folder}/faithfulness.csv, {folder}/figures/faithfulness_curves.png")
     else:
+        from xtl.faithfulness.settings import FaithfulnessSettings
+
+        # the settings, then the run folders, before the processes start: one line, not one per process
+        FaithfulnessSettings(steps=steps, baseline=baseline, grid=options["grid"], batch_size=batch_size,
+                             explain_batch_size=explain_batch_size, seed=seed, n_images=images, split=split,
+                             methods=chosen)
         run_dirs = [RunDir(r) for r in runs]
-        for run in run_dirs:  # before the processes start: a bad folder is one line, not one per process
+        for run in run_dirs:
             run.read()
         ranks = _ranks(devices, num_nodes, device)
         results = faithfulness_run(run_dirs, split=split, combined=out, ranks=ranks, **options)
