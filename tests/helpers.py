@@ -58,6 +58,30 @@ def tiny_run(path: Path, cifar: Path, model: str, input_size: int, **overrides) 
     return run
 
 
+def assert_same_images(memory, streamed) -> None:
+    """The split read in memory and streamed (`xtl.data.stream`): the same parts, ids, keys, labels and
+    uint8 images bit for bit, indexed every way and decoded in 2 worker processes, and the same
+    images digest (stored maps stay valid)."""
+    import torch
+
+    from xtl.data.stream import StreamedImages
+    from xtl.explain.stored import images_digest
+
+    assert memory.data_path == "memory" and streamed.data_path == "stream"
+    for name in ("train", "val", "test"):
+        kept, lazy = memory[name].images, streamed[name].images
+        assert isinstance(lazy, StreamedImages) and lazy.shape == kept.shape
+        assert torch.equal(memory[name].labels, streamed[name].labels)
+        assert memory[name].ids.tolist() == streamed[name].ids.tolist() and memory[name].keys == streamed[name].keys
+        assert torch.equal(lazy[2], kept[2]) and torch.equal(lazy[1:7], kept[1:7])
+        picks = torch.tensor([len(kept) - 1, 0, 3])
+        assert torch.equal(lazy[picks], kept[picks])
+        half = len(lazy) // 2
+        decoded = list(lazy.batches([range(0, half), range(half, len(lazy))]))  # in 2 worker processes, in order
+        assert torch.equal(torch.cat(decoded), kept)
+        assert images_digest(memory[name]) == images_digest(streamed[name])
+
+
 @contextlib.contextmanager
 def chromium_page(viewport: tuple[int, int] = (1280, 900)) -> Iterator:
     """A Playwright page in Debian's headless Chromium (never `playwright install`)."""

@@ -18,32 +18,17 @@ from xtl.data import stream
 from xtl.data.stream import StreamedImages
 from xtl.errors import XtlError
 from xtl.evaluate import evaluate
-from xtl.explain.stored import images_digest
 from xtl.runs import RunDir, split_spec
 from xtl.train import finetune
+
+from helpers import assert_same_images
 
 SPEC = SplitSpec("random", train_size=120, val_size=30, test_size=40, seed=5, stratified=True)
 
 
-def _assert_same_images(memory, streamed):
-    assert streamed.data_path == "stream" and memory.data_path == "memory"
-    for name in ("train", "val", "test"):
-        kept, lazy = memory[name].images, streamed[name].images
-        assert isinstance(lazy, StreamedImages) and lazy.shape == kept.shape
-        assert torch.equal(memory[name].labels, streamed[name].labels)
-        assert memory[name].ids.tolist() == streamed[name].ids.tolist()
-        assert torch.equal(lazy[3], kept[3]) and torch.equal(lazy[2:9], kept[2:9])
-        picks = torch.tensor([len(kept) - 1, 0, 2])
-        assert torch.equal(lazy[picks], kept[picks])
-        third = len(lazy) // 3
-        decoded = list(lazy.batches([range(0, third), range(third, 2 * third), range(2 * third, len(lazy))]))
-        assert torch.equal(torch.cat(decoded), kept)  # decoded in 2 worker processes, in order
-        assert images_digest(memory[name]) == images_digest(streamed[name])  # stored maps stay valid
-
-
 def test_streamed_images_are_the_in_memory_images_bit_for_bit(cifar):
     memory = load_split(str(cifar), SPEC)
-    _assert_same_images(memory, load_split(str(cifar), SPEC, data_path="stream", num_workers=2))
+    assert_same_images(memory, load_split(str(cifar), SPEC, data_path="stream", num_workers=2))
 
 
 def test_streamed_images_of_mixed_sizes_are_resized_as_in_memory(tiny_folder):
@@ -54,7 +39,7 @@ def test_streamed_images_of_mixed_sizes_are_resized_as_in_memory(tiny_folder):
     spec = SplitSpec("random", val_size=6, seed=1)
     memory, streamed = load_split(str(tiny_folder), spec), load_split(str(tiny_folder), spec, data_path="stream")
     assert memory["train"].images.shape[-1] == 256 and memory["test"].images.shape[-1] == 32
-    _assert_same_images(memory, streamed)
+    assert_same_images(memory, streamed)
 
 
 TINY = dict(model="timm:resnet10t", pretrained=False, input_size=32, split="random", train_size=200, val_size=40,

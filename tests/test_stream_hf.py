@@ -14,12 +14,10 @@ from PIL import Image, ImageFile
 
 from xtl.data import SplitSpec, load_split
 from xtl.data.sources import open_source
-from xtl.data.stream import StreamedImages
 from xtl.errors import XtlError
-from xtl.explain.stored import images_digest
 from xtl.runs import RunDir
 
-from helpers import class_folder
+from helpers import assert_same_images, class_folder
 
 datasets = pytest.importorskip("datasets")
 
@@ -66,28 +64,12 @@ def hf_mixed(tmp_path_factory, cifar):
     return folder, f"hf:{_save_hf(folder, root / 'saved')}"
 
 
-def _assert_same_images(memory, streamed):
-    assert memory.data_path == "memory" and streamed.data_path == "stream"
-    for name in ("train", "val", "test"):
-        kept, lazy = memory[name].images, streamed[name].images
-        assert isinstance(lazy, StreamedImages) and lazy.shape == kept.shape
-        assert torch.equal(memory[name].labels, streamed[name].labels)
-        assert memory[name].ids.tolist() == streamed[name].ids.tolist() and memory[name].keys == streamed[name].keys
-        assert torch.equal(lazy[2], kept[2]) and torch.equal(lazy[1:7], kept[1:7])
-        picks = torch.tensor([len(kept) - 1, 0, 3])
-        assert torch.equal(lazy[picks], kept[picks])
-        half = len(lazy) // 2
-        decoded = list(lazy.batches([range(0, half), range(half, len(lazy))]))  # in 2 worker processes
-        assert torch.equal(torch.cat(decoded), kept)
-        assert images_digest(memory[name]) == images_digest(streamed[name])
-
-
 def test_streamed_hf_images_are_the_in_memory_images_bit_for_bit(hf_data):
     folder, spec = hf_data
     memory = load_split(spec, SPEC)
     streamed = load_split(spec, SPEC, data_path="stream", num_workers=2)
     assert streamed.class_names == list(CLASSES) and streamed["train"].images.shape == (30, 3, 32, 32)
-    _assert_same_images(memory, streamed)
+    assert_same_images(memory, streamed)
     # decoded as the image folder they were saved from is: the same ids, labels and pixels
     as_folder = load_split(str(folder), SPEC)
     for name in ("train", "val", "test"):
@@ -101,7 +83,7 @@ def test_streamed_hf_images_of_mixed_sizes_are_resized_as_in_memory(hf_mixed):
     split = SplitSpec("random", val_size=6, seed=1)
     memory, streamed = load_split(spec, split), load_split(spec, split, data_path="stream", num_workers=2)
     assert memory["train"].images.shape[-2:] == (256, 256) and memory["test"].images.shape[-2:] == (32, 32)
-    _assert_same_images(memory, streamed)
+    assert_same_images(memory, streamed)
     as_folder = load_split(str(folder), split)
     for name in ("train", "val", "test"):
         assert torch.equal(as_folder[name].images, memory[name].images)

@@ -84,7 +84,7 @@ class StreamedImages:
 
     def chunks(self, size: int = 256) -> Iterator[torch.Tensor]:
         """All images in order, `size` at a time (e.g. to hash them) without holding them all."""
-        yield from self.batches([range(s, min(s + size, len(self))) for s in range(0, len(self), size)])
+        yield from self.batches(consecutive_batches(len(self), size))
 
 
 def _freeze_inherited_objects(worker_id: int) -> None:
@@ -116,6 +116,11 @@ class _BatchDecoder(torch.utils.data.Dataset):
                 f"a decode worker could not hand over a batch of {len(positions)} images "
                 f"({images.numel() / 2**20:.0f} MiB) through shared memory ({str(err).splitlines()[0]}); "
                 "free memory (or /dev/shm), or use fewer --num-workers or smaller batches")
+
+
+def consecutive_batches(n: int, size: int) -> list[range]:
+    """Positions 0..n-1 in consecutive batches of `size` (the last one shorter)."""
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 def take(images, rows: slice):

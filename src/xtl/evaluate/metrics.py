@@ -13,7 +13,7 @@ from torchmetrics.functional.classification import (
 )
 
 from xtl.data import Preprocess, SplitPart
-from xtl.data.stream import image_batches
+from xtl.data.stream import consecutive_batches, image_batches
 from xtl.models import inference_autocast
 
 
@@ -39,8 +39,7 @@ def predict(
     """Class probabilities for every image of `part`, in batches, on `device`."""
     model.eval().to(device)
     chunks = []
-    batches = [range(start, min(start + batch_size, len(part))) for start in range(0, len(part), batch_size)]
-    for images in image_batches(part.images, batches):  # a streamed part: decoded ahead in worker processes
+    for images in image_batches(part.images, consecutive_batches(len(part), batch_size)):  # a streamed part: decoded ahead in worker processes
         images = images.to(device, non_blocking=True)
         with inference_autocast(device):
             logits = model(preprocess(images))

@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from xtl.data.stream import image_batches
+from xtl.data.stream import consecutive_batches, image_batches
 from xtl.distributed import SINGLE, Ranks
 from xtl.errors import XtlError, sigterm_as_interrupt
 from xtl.explain import METHODS, explain, methods_for
@@ -145,7 +145,7 @@ class RunExplainer(LoadedRun):
         one process writes); rank 0 opens the sets first, and all have finished when this returns."""
         out = self.run.path / "explanations" / self.split_name
         n = len(self.part) if n_images is None else min(n_images, len(self.part))
-        batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+        batches = [list(positions) for positions in consecutive_batches(n, batch_size)]
         names = [f"batch_{k:05d}_{positions[0]}-{positions[-1]}.safetensors" for k, positions in enumerate(batches)]
         options = options or {}
         folders = {}

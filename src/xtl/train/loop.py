@@ -15,7 +15,7 @@ from torch import nn
 
 from xtl.config import RunConfig
 from xtl.data import Preprocess, Split
-from xtl.data.stream import image_batches
+from xtl.data.stream import consecutive_batches, image_batches
 from xtl.device import check_training_hardware, resolve_device
 from xtl.errors import XtlError, gpu_out_of_memory, interrupts_deferred, sigterm_as_interrupt
 from xtl.io import atomic_path, write_csv
@@ -193,9 +193,7 @@ class ModelInputs:
         # bf16 training keeps the cache in bf16 (half the memory; the tail computes in bf16 anyway)
         dtype = torch.bfloat16 if "bf16" in str(fabric._precision.precision) else torch.float32
         outputs: list[list[torch.Tensor]] = [[], []]
-        chunks = [range(start, min(start + config.eval_batch_size, len(self.part)))
-                  for start in range(0, len(self.part), config.eval_batch_size)]
-        for images in image_batches(self.part.images, chunks):
+        for images in image_batches(self.part.images, consecutive_batches(len(self.part), config.eval_batch_size)):
             x = self.preprocess(images.to(fabric.device))
             for kept, images in zip(outputs, (x, x.flip(-1)) if flips else (x,)):
                 with fabric.autocast():
