@@ -437,12 +437,16 @@ def run_command(
     gallery_size: Optional[int] = typer.Option(None, help="Images per misclassified gallery."),
     faithfulness_methods: Optional[str] = typer.Option(None, help="Comma-separated methods scored (default: the explained ones)."),
     faithfulness_images: Optional[int] = typer.Option(None, help="Score the first N test images."),
-    faithfulness_steps: Optional[int] = typer.Option(None, help="Masked fractions 0, 1/steps, ..., 1."),
-    faithfulness_baseline: Optional[str] = typer.Option(None, help="zero, mean, blur or road (ROAD's noisy linear imputation)."),
+    faithfulness_steps: Optional[int] = typer.Option(None, help="Steps of each faithfulness curve, 0 to its maximum inclusive."),
+    faithfulness_baseline: Optional[str] = typer.Option(None, help="Comma-separated: zero, mean, blur or road (ROAD's "
+                                                        "noisy linear imputation); default zero,road."),
     faithfulness_batch_size: Optional[int] = typer.Option(None, help="Perturbed images per forward pass."),
-    faithfulness_grid: Optional[str] = typer.Option(None, help="Perturb the cells of a G x G grid: a number (32: "
-                                                    "CIFAR's own pixels), model (each model's own grid; the default), "
-                                                    "native or none (pixels)."),
+    faithfulness_grid: Optional[str] = typer.Option(None, help="Perturb the cells of a G x G grid: common (the "
+                                                    "default: one grid for every model, CIFAR's own 32 x 32 pixels), a "
+                                                    "number, model (each model's own grid), native or none (pixels)."),
+    faithfulness_sensitivity_grids: Optional[str] = typer.Option(None, help="Comma-separated further grids scored under "
+                                                                 "the first baseline (the report's grid-sensitivity "
+                                                                 "appendix); default model,none."),
     title: Optional[str] = typer.Option(None, help="Title of the report."),
     device: Optional[str] = typer.Option(None, help="Where evaluating, explaining and scoring run: auto, cpu, cuda, "
                                          "cuda:N or mps (default: each model's fine-tuning accelerator, --train accelerator=...)."),
@@ -462,7 +466,9 @@ def run_command(
         "models": _list(models), "explain_methods": _list(explain_methods), "faithfulness_methods": _list(faithfulness_methods),
         "explain_images": None if images == "all" else images, "explain_batch_size": explain_batch_size,
         "explain_target": explain_target, "gallery_size": gallery_size, "faithfulness_images": faithfulness_images,
-        "faithfulness_steps": faithfulness_steps, "faithfulness_baseline": faithfulness_baseline,
+        "faithfulness_steps": faithfulness_steps, "faithfulness_baseline": _list(faithfulness_baseline),
+        "faithfulness_sensitivity_grids": None if faithfulness_sensitivity_grids is None else [
+            int(g) if g.lstrip("-").isdigit() else g for g in _list(faithfulness_sensitivity_grids) or []],
         "faithfulness_batch_size": faithfulness_batch_size,
         "faithfulness_grid": int(faithfulness_grid) if (faithfulness_grid or "").lstrip("-").isdigit() else faithfulness_grid,
         "train": parse_assignments(train, "--train") if train else None,
@@ -481,14 +487,15 @@ def _list(text: Optional[str]) -> Optional[list[str]]:
     return [part.strip() for part in text.split(",") if part.strip()] if text is not None else None
 
 
-def _grid(text: str) -> int | str | None:
-    """--grid: a number of cells per side, model, native or none."""
-    if text in ("none", "native", "model"):
+def _grid(text: str, option: str = "--grid") -> int | str | None:
+    """--grid: a number of cells per side, common, model, native or none."""
+    if text in ("none", "native", "model", "common"):
         return None if text == "none" else text
     try:
         return int(text)
     except ValueError:
-        raise XtlError(f"option --grid must be a number of cells per side, model, native or none, not '{text}'") from None
+        raise XtlError(f"option {option} must be a number of cells per side, common, model, native or none, "
+                       f"not '{text}'") from None
 
 
 def _count_or_all(text: Optional[str], option: str) -> int | str | None:
@@ -539,12 +546,17 @@ def faithfulness_command(
                                           "don't apply to a model are skipped). random and uniform are always scored."),
     images: int = typer.Option(100, help="Score the first N images of the split (or of the ImageNet sample)."),
     split: str = typer.Option("test", help="train, val or test."),
-    steps: int = typer.Option(10, help="Masked fractions 0, 1/steps, ..., 1 (10: Chefer's 10 % steps)."),
-    baseline: str = typer.Option("zero", help="What a masked pixel becomes: zero (after normalisation), mean, blur "
-                                 "or road (Rong et al. 2022: the weighted mean of its neighbours plus noise)."),
-    grid: str = typer.Option("none", help="Perturb the cells of a G x G grid instead of pixels: a number, model (the "
-                             "model's own grid: ViT patches, the CAM layer's cells), native (the source images' "
-                             "resolution, e.g. 32 for CIFAR-10) or none (pixels)."),
+    steps: int = typer.Option(10, help="Steps of each curve, from 0 to its maximum inclusive (10: 0, 10 %, ..., 100 % "
+                              "and Chefer's 0, 10 %, ..., 90 %)."),
+    baseline: str = typer.Option("zero,road", help="What a masked pixel becomes, one or several (comma-separated), each "
+                                 "scored in full: zero (after normalisation), mean, blur or road (Rong et al. 2022: "
+                                 "the weighted mean of its neighbours plus noise)."),
+    grid: str = typer.Option("common", help="Perturb the cells of a G x G grid instead of pixels: common (one grid for "
+                             "every model: the source images' resolution where coarser than the input, e.g. 32 for "
+                             "CIFAR-10, else 28), a number, model (each model's own grid: ViT patches, the CAM "
+                             "layer's cells), native (the source images' resolution) or none (pixels)."),
+    sensitivity_grids: str = typer.Option("", help="Comma-separated further grids (as --grid) scored under the first "
+                                          "baseline, for the grid-sensitivity table (e.g. model,none)."),
     batch_size: int = typer.Option(64, help="Perturbed images per forward pass."),
     explain_batch_size: int = typer.Option(8, help="Images per explanation batch."),
     seed: int = typer.Option(0, help="Seed of the random maps."),
@@ -566,23 +578,28 @@ def faithfulness_command(
     if bool(runs) == (imagenet_sample is not None):
         raise XtlError("option --imagenet-sample: give either run directories or --imagenet-sample, not both or neither")
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    options = dict(methods=chosen, n_images=images, steps=steps, baseline=baseline, batch_size=batch_size,
+    from xtl.faithfulness.runner import baseline_list
+
+    extra = [_grid(g.strip(), "--sensitivity-grids") for g in sensitivity_grids.split(",") if g.strip()]
+    options = dict(methods=chosen, n_images=images, steps=steps, baseline=baseline_list(baseline), batch_size=batch_size,
                    explain_batch_size=explain_batch_size, seed=seed, progress=progress, grid=_grid(grid),
-                   device=_device(device))
+                   extra_grids=extra, device=_device(device))
     if out is not None:
         _output_folder(out, "--out")
     if imagenet_sample is not None:
         _one_process(devices, num_nodes, "--imagenet-sample")
         folder = out or Path("runs") / f"faithfulness-{model.replace(':', '_').replace('/', '_')}"
-        results = [faithfulness_imagenet(imagenet_sample, model, out=folder, **options)]
+        results = faithfulness_imagenet(imagenet_sample, model, out=folder, **options)
         console.print(f"faithfulness: {folder}/faithfulness.csv, {folder}/figures/faithfulness_curves.png")
     else:
         from xtl.faithfulness.settings import FaithfulnessSettings
 
         # the settings, then the run folders, before the processes start: one line, not one per process
-        FaithfulnessSettings(steps=steps, baseline=baseline, grid=options["grid"], batch_size=batch_size,
-                             explain_batch_size=explain_batch_size, seed=seed, n_images=images, split=split,
-                             methods=chosen)
+        for each_baseline in options["baseline"]:
+            for each_grid in [options["grid"], *extra]:
+                FaithfulnessSettings(steps=steps, baseline=each_baseline, grid=each_grid, batch_size=batch_size,
+                                     explain_batch_size=explain_batch_size, seed=seed, n_images=images, split=split,
+                                     methods=chosen)
         run_dirs = [RunDir(r) for r in runs]
         for run in run_dirs:
             run.read()

@@ -228,6 +228,7 @@ class _AttnLrpMethod(ExplainMethod):
     families: ClassVar[frozenset[str]] = frozenset({"vit"})
     callable_targets: ClassVar[bool] = False  # relevance starts at one class's logit
     signed: ClassVar[bool] = True
+    decomposes_logit: ClassVar[bool] = True
     attention_rule: ClassVar[str] = "uniform"
 
     def attribute(self, model: nn.Module, images: Tensor, targets: Tensor, spec: ModelDescription | None = None,

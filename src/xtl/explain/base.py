@@ -72,6 +72,9 @@ class ExplainMethod:
     class_discriminative: ClassVar[bool] = True  # does the map depend on the target class?
     gradient_based: ClassVar[bool] = True  # sensitive to the weights (model-randomisation check)
     signed: ClassVar[bool] = False  # raw maps keep a sign (evidence for and against): drawn zero-centred
+    # raw maps are a relevance decomposition of the target logit at the pixels (LRP-type): their sum is
+    # the part of the logit that reaches the pixels (`xtl.faithfulness` reports it as logit_share)
+    decomposes_logit: ClassVar[bool] = False
     callable_targets: ClassVar[bool] = True  # can explain any scalar of the output (a callable target)
     reference: ClassVar[str] = ""  # the paper, in one line
 

@@ -83,6 +83,7 @@ class LrpMethod(ExplainMethod):
 
     families = frozenset({"cnn"})
     signed = True
+    decomposes_logit = True
     callable_targets = False  # relevance starts at one class's logit
 
     def option_defaults(self) -> dict:

@@ -1,6 +1,8 @@
 """The resume cache of a faithfulness job: each finished batch's scores of each method, on disk.
 
-    runs/<name>/faithfulness_cache/<key>/<method>/batch_<k>_<first>-<last>.safetensors
+    runs/<name>/faithfulness_cache/<key>/<map set>/batch_<k>_<first>-<last>.safetensors
+
+(a map set: a method in one reading, `method` or `method:reading`, or a reference map)
 
 `<key>` is a fingerprint of everything the scores depend on (the model's weights, the images,
 their labels and the scoring settings), so a killed job run again with the same command computes
@@ -18,11 +20,13 @@ import torch
 from torch import nn
 
 from xtl.faithfulness.metrics import Curve
+from xtl.faithfulness.readings import split_name
 from xtl.faithfulness.results import MethodScores
 from xtl.faithfulness.settings import FaithfulnessSettings
 from xtl.io import atomic_path
 
 CACHE = "faithfulness_cache"  # the folder, in a run (or the output folder)
+PROTOCOL = 2  # of the scores a batch file holds (`cache_settings`)
 
 
 def cache_folder(root: Path, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -32,10 +36,12 @@ def cache_folder(root: Path, model: nn.Module, images: torch.Tensor, labels: tor
 
 
 def cache_settings(settings: FaithfulnessSettings, pixel_std: Sequence[float]) -> dict:
-    """The settings the scores depend on, as the key holds them (unchanged: existing caches stay valid)."""
+    """The settings the scores depend on, as the key holds them. `protocol` 2: each metric's own fractions
+    up to its maximum inclusive, signed maps in three readings, the logit share (caches of the first
+    protocol are not read)."""
     key = dict(steps=settings.steps, baseline=settings.baseline, batch_size=settings.batch_size,
                explain_batch_size=settings.explain_batch_size, seed=settings.seed,
-               method_options=settings.method_options or {})
+               method_options=settings.method_options or {}, protocol=PROTOCOL)
     if settings.cells is not None:  # only where not the default: the caches of per-pixel scoring stay valid
         key["grid"] = settings.cells
     if settings.baseline == "road":
@@ -64,7 +70,7 @@ def batch_path(cache: Path, name: str, k: int, part: slice) -> Path:
 def write_batch(cache: Path, name: str, k: int, part: slice, scores: MethodScores) -> None:
     from safetensors.torch import save_file
 
-    tensors = {}
+    tensors = {f"extra.{key}.values": value for key, value in scores.extras.items()}
     for column, curve in scores.curves.items():
         tensors.update({f"{column}.x": curve.x, f"{column}.values": curve.values, f"{column}.auc": curve.auc})
     metadata = {"explain_s": repr(scores.explain_seconds), "score_s": repr(scores.score_seconds)}
@@ -83,8 +89,10 @@ def read_batch(cache: Path, name: str, k: int, part: slice) -> MethodScores | No
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-        columns = sorted({key.rsplit(".", 1)[0] for key in tensors})
+        extras = {key.split(".")[1]: t for key, t in tensors.items() if key.startswith("extra.")}
+        columns = sorted({key.rsplit(".", 1)[0] for key in tensors if not key.startswith("extra.")})
         curves = {c: Curve(tensors[f"{c}.x"], tensors[f"{c}.values"], tensors[f"{c}.auc"]) for c in columns}
-        return MethodScores(name, curves, float(metadata["explain_s"]), float(metadata["score_s"]))
+        method, reading = split_name(name)
+        return MethodScores(method, curves, float(metadata["explain_s"]), float(metadata["score_s"]), reading, extras)
     except Exception:
         return None

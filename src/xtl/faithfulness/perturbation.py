@@ -9,7 +9,7 @@ raster order, so an all-equal map masks row by row from the top and the result n
 the sort's implementation. ViTs are perturbed pixel by pixel too (their maps are upsampled), so
 CNNs and ViTs are scored on one scale. A masked pixel takes the baseline value (`BASELINES`).
 
-`grid=G` perturbs a coarse grid instead of pixels: each map is averaged over the G x G cells of
+`grid=G` perturbs a grid of cells instead of pixels: each map is averaged over the G x G cells of
 the input (cell (i, j) covers the pixels y, x with y * G // H == i and x * G // W == j: the
 nearest-neighbour upsampling of the cell grid, whole blocks also where H or W is not a multiple
 of G), the cells are ranked as pixels are (stable, ties in raster order over cells), and masking
@@ -47,7 +47,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from xtl.errors import XtlError
-from xtl.faithfulness.metrics import Curve, get_metrics, metric_curve
+from xtl.faithfulness.metrics import Curve, get_metrics, metric_curve, scoring_fractions
 from xtl.models import inference_autocast
 from xtl.models.registry import IMAGENET_STD
 
@@ -273,10 +273,9 @@ def relevance_ranks(maps: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order, dtype=torch.int32).scatter_(1, order, positions)
 
 
-def masked_counts(steps: int, n_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grid of masked fractions 0, 1/steps, ..., 1 and the pixel (or cell) count masked at each."""
-    fractions = torch.arange(steps + 1, dtype=torch.float64) / steps
-    return fractions, torch.round(fractions * n_pixels).long()
+def masked_counts(fractions: torch.Tensor, n_pixels: int) -> torch.Tensor:
+    """The pixel (or cell) count masked at each of the masked `fractions` (`scoring_fractions`)."""
+    return torch.round(fractions * n_pixels).long()
 
 
 def perturbation_masks(ranks: torch.Tensor, counts: torch.Tensor, most_first: torch.Tensor,
@@ -398,7 +397,7 @@ def score_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, map
     model.eval()
     try:
         with _bar(progress, description) as advance:
-            advance.total(2 * n + len(maps) * n * 2 * (steps - 1))
+            advance.total(2 * n + len(maps) * n * 2 * (len(scoring_fractions(chosen, steps)) - 2))
             fill = baseline_inputs(images, baseline, seed, pixel_std)
             noise = fill if baseline == "road" else None  # road's fully masked image is its noise
             ends = torch.cat(forward_logits(model, 2 * n, lambda s: _end_points(images, fill, s), batch_size, advance,
@@ -412,7 +411,11 @@ def score_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, map
         model.train(was_training)
 
 
-NAMED_GRIDS = ("native", "model")  # the source images' own pixels; the model's own feature grid
+# "common": one grid for every model of a job, fixed before any result (`xtl.faithfulness.runner.common_grid`):
+# the source images' own pixels where they are coarser than the input (CIFAR-10: 32), else COMMON_GRID;
+# "native": the source images' own pixels; "model": each model's own feature grid (patches, CAM cells)
+NAMED_GRIDS = ("common", "native", "model")
+COMMON_GRID = 28  # cells per side of the common grid where the source is not coarser than the input
 
 
 def check_scoring_options(steps: int, batch_size: int, baseline: str = "zero", grid: int | str | None = None,
@@ -428,7 +431,7 @@ def check_scoring_options(steps: int, batch_size: int, baseline: str = "zero", g
     if native and grid in NAMED_GRIDS:
         return
     if grid is not None and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
-        choices = "a number of cells per side >= 1" + (", native, model" if native else "") + " or none (pixels)"
+        choices = "a number of cells per side >= 1" + (", common, native, model" if native else "") + " or none (pixels)"
         raise XtlError(f"option --grid must be {choices}, not {grid!r}")
 
 
@@ -468,11 +471,12 @@ def _score_one(model, perturb: _Perturb, labels, maps, targets, ends: Readout, s
     images, grid = perturb.images, perturb.grid
     n = images.shape[0]
     ranks = relevance_ranks(maps if grid is None else cell_maps(maps, grid))
-    fractions, counts = masked_counts(steps, ranks.shape[1])
-    # jobs: image-major, then series (most relevant first, least relevant first), then fractions 1..steps-1
-    inner = max(steps - 1, 1)
-    job = torch.arange(n * 2 * (steps - 1))
-    image_of, series_of, step_of = job // (2 * inner), (job // inner) % 2, job % inner + 1
+    fractions = scoring_fractions(chosen, steps)
+    counts = masked_counts(fractions, ranks.shape[1])
+    # jobs: image-major, then series (most relevant first, least relevant first), then the interior fractions
+    inner = len(fractions) - 2
+    job = torch.arange(n * 2 * inner)
+    image_of, series_of, step_of = job // max(2 * inner, 1), (job // max(inner, 1)) % 2, job % max(inner, 1) + 1
 
     def make_inputs(part: slice) -> torch.Tensor:
         idx = image_of[part].to(images.device)
@@ -482,17 +486,17 @@ def _score_one(model, perturb: _Perturb, labels, maps, targets, ends: Readout, s
     middle = forward_jobs(model, len(job), make_inputs, targets[image_of], batch_size, advance, bf16)
     seconds = time.perf_counter() - started
     series = {
-        "probability": _series(ends.probability, middle.probability, n, steps),
+        "probability": _series(ends.probability, middle.probability, n, inner),
         "accuracy": _series(ends.predicted.eq(labels.repeat(2)).float(),
-                            middle.predicted.eq(labels[image_of]).float(), n, steps),
+                            middle.predicted.eq(labels[image_of]).float(), n, inner),
     }
-    curves = {m.name: metric_curve(m, fractions, series[m.quantity]) for m in chosen}
+    curves = {m.name: metric_curve(m, fractions, series[m.quantity], steps) for m in chosen}
     return Scores(targets=targets, curves=curves, seconds=seconds, n_forward=len(job))
 
 
-def _series(ends: torch.Tensor, middle: torch.Tensor, n: int, steps: int) -> dict[str, torch.Tensor]:
-    """{"most", "least"} -> [B, steps + 1]: the unperturbed value, the interior steps, the fully masked value."""
-    middle = middle.view(n, 2, steps - 1)
+def _series(ends: torch.Tensor, middle: torch.Tensor, n: int, inner: int) -> dict[str, torch.Tensor]:
+    """{"most", "least"} -> [B, inner + 2]: the unperturbed value, the `inner` interior fractions, the fully masked value."""
+    middle = middle.view(n, 2, inner)
     return {name: torch.cat([ends[:n, None], middle[:, k], ends[n:, None]], dim=1)
             for k, name in enumerate(("most", "least"))}
 

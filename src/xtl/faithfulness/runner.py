@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -38,7 +39,17 @@ from xtl.explain.runner import applicable_methods, read_stored_maps
 from xtl.explain.stored import images_digest
 from xtl.faithfulness.cache import CACHE, batch_path, cache_folder, read_batch, write_batch
 from xtl.faithfulness.metrics import Curve
-from xtl.faithfulness.perturbation import RandomMaps, check_grid_size, make_progress, predict_classes, score_maps, uniform_maps
+from xtl.faithfulness.perturbation import (
+    COMMON_GRID,
+    RandomMaps,
+    check_grid_size,
+    forward_logits,
+    make_progress,
+    predict_classes,
+    score_maps,
+    uniform_maps,
+)
+from xtl.faithfulness.readings import read_raw, readings_of, set_name, split_name
 from xtl.faithfulness.results import (  # noqa: F401  (write_csv, read_rows, grid_label: re-exported)
     ACCURACY_METRICS,
     MethodScores,
@@ -49,7 +60,7 @@ from xtl.faithfulness.results import (  # noqa: F401  (write_csv, read_rows, gri
     write_csv,
     write_outputs,
 )
-from xtl.faithfulness.settings import DEFAULT_METHODS, REFERENCES, FaithfulnessSettings
+from xtl.faithfulness.settings import DEFAULT_BASELINES, DEFAULT_METHODS, REFERENCES, FaithfulnessSettings
 from xtl.faithfulness.tables import faithfulness_table, markdown_table, table_columns  # noqa: F401  (re-exported)
 from xtl.inference import LoadedRun
 from xtl.models import ModelSpec
@@ -96,7 +107,7 @@ def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, 
     pixel_std = tuple(spec.std if pixel_std is None else pixel_std)
     labels = labels.cpu().long()
     n = images.shape[0]
-    names = list(methods) + list(REFERENCES)
+    names = [set_name(m, r) for m in methods for r in readings_of(m)] + list(REFERENCES)
     references = _References((n, *images.shape[-2:]), settings.seed, images.device, grid)
     step = settings.explain_batch_size
     batches = [slice(s, min(s + step, n)) for s in range(0, n, step)]
@@ -105,10 +116,12 @@ def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, 
 
     def compute(k: int, part: slice, todo: list[str], decoded: _Ahead) -> dict[str, MethodScores]:
         """Batch k's scores of the names in `todo` (ROAD noise from seed + k), each put in the cache."""
-        computed = _score_batch(model, spec, decoded.take(k), labels[part], [m for m in methods if m in todo],
+        wanted = [m for m in methods if any(set_name(m, r) in todo for r in readings_of(m))]
+        computed = _score_batch(model, spec, decoded.take(k), labels[part], wanted,
                                 references(part, todo), settings, seed=settings.seed + k, pixel_std=pixel_std,
                                 stored={m: (raw[part], t[part]) for m, (raw, t) in (stored or {}).items()
                                         if len(t) >= part.stop})
+        computed = {name: scores for name, scores in computed.items() if name in todo}
         for name, scores in computed.items():
             if cache is not None:
                 write_batch(cache, name, k, part, scores)
@@ -218,24 +231,33 @@ def _print_line(text: str) -> None:
 def _score_batch(model, spec, images, labels, methods, references, settings: FaithfulnessSettings, seed: int = 0,
                  pixel_std: Sequence[float] | None = None, stored: dict | None = None) -> dict[str, MethodScores]:
     """One batch of images: the methods' maps (`stored` ones where they explain the predicted
-    classes) and the given reference maps, scored (`seed`: of this batch's ROAD noise)."""
+    classes), each signed method's in its three readings, and the given reference maps, scored
+    (`seed`: of this batch's ROAD noise). Keyed by map set name (`readings.set_name`)."""
     method_options, explain_batch_size = settings.method_options, settings.explain_batch_size
     predicted = predict_classes(model, images, settings.batch_size)
     wrong = torch.nonzero(predicted.cpu() != labels).flatten()
-    maps, seconds = {}, {}
+    size = tuple(images.shape[-2:])
+    maps, seconds, extras = {}, {}, {}
+    logits = None
     for method in methods:
         raw, targets = (stored or {}).get(method, (None, None))
         if raw is None or method_options.get(method):
-            maps[method], seconds[method] = _explain_all(model, spec, images, predicted, method, explain_batch_size,
-                                                         method_options.get(method, {}), None, "")
-            continue
-        # stored maps where they explain the class predicted here; the others (an image whose
-        # prediction flips between float32 and bf16) are explained again
-        maps[method], seconds[method] = upsample_and_normalise(raw.to(images.device), tuple(images.shape[-2:])), 0.0
-        other = torch.nonzero(targets.cpu() != predicted.cpu()).flatten().to(images.device)
-        if len(other):
-            maps[method][other], seconds[method] = _explain_all(model, spec, images[other], predicted[other], method,
-                                                                explain_batch_size, {}, None, "")
+            raw, seconds[method] = _explain_all(model, spec, images, predicted, method, explain_batch_size,
+                                                method_options.get(method, {}), None, "")
+        else:
+            # stored maps where they explain the class predicted here; the others (an image whose
+            # prediction flips between float32 and bf16) are explained again
+            raw, seconds[method] = raw.to(images.device).float().clone(), 0.0
+            other = torch.nonzero(targets.cpu() != predicted.cpu()).flatten().to(images.device)
+            if len(other):
+                raw[other], seconds[method] = _explain_all(model, spec, images[other], predicted[other], method,
+                                                           explain_batch_size, {}, None, "")
+        maps.update(_read_maps(method, raw, size))
+        if METHODS[method].decomposes_logit:
+            if logits is None:  # float32, as the maps are computed
+                logits = torch.cat(forward_logits(model, len(images), lambda s: images[s], settings.batch_size, bf16=False))
+            explained = logits.gather(1, predicted.cpu()[:, None])[:, 0].double()
+            extras[method] = {"logit_share": raw.flatten(1).sum(1).double().cpu() / explained}
     maps.update(references)
     perturbation = dict(grid=settings.cells, seed=seed, pixel_std=pixel_std)
     scores = score_maps(model, images, labels, maps, predicted.cpu(), settings.steps, settings.baseline,
@@ -243,11 +265,18 @@ def _score_batch(model, spec, images, labels, methods, references, settings: Fai
     true_scores = _true_class_scores(model, spec, images, labels, wrong, methods, settings, seconds, perturbation)
     results = {}
     for name, s in scores.items():
+        method, reading = split_name(name)
         curves = dict(s.curves)
         for metric in ACCURACY_METRICS:
             curves[f"{metric}_true"] = _merge(s.curves[metric], true_scores.get(name, {}).get(metric), wrong)
-        results[name] = MethodScores(name, curves, seconds.get(name, 0.0), s.seconds)
+        results[name] = MethodScores(method, curves, seconds.get(method, 0.0), s.seconds, reading,
+                                     extras.get(method, {}))
     return results
+
+
+def _read_maps(method: str, raw: torch.Tensor, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Map set name -> maps at input size in [0, 1], one per reading of the method (`readings`)."""
+    return {set_name(method, r): upsample_and_normalise(read_raw(raw, r), size) for r in readings_of(method)}
 
 
 def _out_of_memory_message(title: str, settings: FaithfulnessSettings):
@@ -259,18 +288,18 @@ def _out_of_memory_message(title: str, settings: FaithfulnessSettings):
 
 
 def _explain_all(model, spec, images, targets, method, batch_size, options, bar, title) -> tuple[torch.Tensor, float]:
-    """Maps [B, H, W] of `method` for `targets`, `batch_size` images at a time."""
+    """Raw maps [B, h, w] of `method` for `targets` (on its own grid, sign kept), `batch_size` images at a time."""
     task = bar.add_task(f"{title}: {method}", total=len(images)) if bar is not None else None
     started = time.perf_counter()
     chunks = []
     for start in range(0, len(images), batch_size):
         part = slice(start, start + batch_size)
         batch = images[part].contiguous(memory_format=torch.channels_last)  # as in scoring: faster on the CPU
-        chunks.append(explain(model, batch, targets[part].to(images.device), method, spec, **options).maps)
+        chunks.append(explain(model, batch, targets[part].to(images.device), method, spec, **options).raw.float())
         if bar is not None:
             bar.advance(task, len(chunks[-1]))
-    maps = torch.cat(chunks) if chunks else torch.empty(0, *images.shape[-2:], device=images.device)
-    return maps, time.perf_counter() - started
+    raw = torch.cat(chunks) if chunks else torch.empty(0, *images.shape[-2:], device=images.device)
+    return raw.to(images.device), time.perf_counter() - started
 
 
 def _true_class_scores(model, spec, images, labels, wrong, methods, settings: FaithfulnessSettings, seconds,
@@ -283,9 +312,10 @@ def _true_class_scores(model, spec, images, labels, wrong, methods, settings: Fa
     index = wrong.to(images.device)
     maps = {}
     for method in chosen:
-        maps[method], extra = _explain_all(model, spec, images[index], labels[wrong].to(images.device), method,
-                                           settings.explain_batch_size, settings.method_options.get(method, {}), None,
-                                           " (true class)")
+        raw, extra = _explain_all(model, spec, images[index], labels[wrong].to(images.device), method,
+                                  settings.explain_batch_size, settings.method_options.get(method, {}), None,
+                                  " (true class)")
+        maps.update(_read_maps(method, raw, tuple(images.shape[-2:])))
         seconds[method] += extra
     scores = score_maps(model, images[index], labels[wrong], maps, labels[wrong], settings.steps, settings.baseline,
                         settings.batch_size, ACCURACY_METRICS, False, "score (true class)", **perturbation)
@@ -305,44 +335,75 @@ def _merge(predicted: Curve, true_on_wrong: Curve | None, wrong: torch.Tensor) -
 
 
 def faithfulness_run(run_dirs: list[RunDir], methods: list[str] | None = None, n_images: int = 100,
-                     split: str = "test", steps: int = 10, baseline: str = "zero", batch_size: int = 64,
-                     explain_batch_size: int = 8, seed: int = 0, device: str | None = None, progress: bool = True,
-                     combined: Path | None = None, method_options: dict[str, dict] | None = None,
-                     resume: bool = True, grid: int | str | None = None, ranks: Ranks = SINGLE) -> list[ModelScores]:
-    """Score each run's methods on the first `n_images` of its split; write each run's table and
-    figure, and the combined table and figure (into `combined`, default the first run) when
-    several runs are given. With `resume`, finished batches are kept in and read back from
-    `<run>/faithfulness_cache/` (False: compute everything, keep nothing, e.g. to time it).
+                     split: str = "test", steps: int = 10, baseline: str | Sequence[str] = DEFAULT_BASELINES,
+                     batch_size: int = 64, explain_batch_size: int = 8, seed: int = 0, device: str | None = None,
+                     progress: bool = True, combined: Path | None = None,
+                     method_options: dict[str, dict] | None = None, resume: bool = True,
+                     grid: int | str | None = "common", extra_grids: Sequence[int | str | None] = (),
+                     ranks: Ranks = SINGLE) -> list[ModelScores]:
+    """Score each run's methods on the first `n_images` of its split under each baseline; write each
+    run's tables (`results.write_outputs`: means, per-image scores, paired tests) and figure, and the
+    combined ones (into `combined`, default the first run) when several runs are given. With `resume`,
+    finished batches are kept in and read back from `<run>/faithfulness_cache/` (False: compute
+    everything, keep nothing, e.g. to time it).
     `ranks` (`xtl.distributed.launch`): the batches shared out among processes, which always go through
     the cache; rank 0 writes the tables and returns the scores, the others return [].
-    `grid`: cells per side of the perturbed grid, "native" (the source images' own resolution,
-    e.g. 32 for CIFAR-10) or None (pixels of the model's input)."""
-    settings = FaithfulnessSettings(steps=steps, baseline=baseline, grid=grid, batch_size=batch_size,
+    `baseline`: one name or several (`DEFAULT_BASELINES`: zero and ROAD's imputation), each scored in full.
+    `grid`: cells per side of the perturbed grid, "common" (the default: one grid for every run, fixed
+    before any result, `common_grid`), "native" (the source images' own resolution), "model" (each
+    model's own grid), a number, or None (pixels of the model's input). `extra_grids`: more grids scored
+    under the first baseline only (the grid-sensitivity table). Returns one `ModelScores` per run,
+    baseline and grid, the main grid's first."""
+    baselines = baseline_list(baseline)
+    grids = [grid] + [g for g in extra_grids if g != grid]
+    checked = [FaithfulnessSettings(steps=steps, baseline=b, grid=g, batch_size=batch_size,
                                     explain_batch_size=explain_batch_size, seed=seed, n_images=n_images, split=split,
                                     methods=methods, method_options=method_options or {})
+               for b in baselines for g in grids]
+    settings = checked[0]
     for run in run_dirs:
         run.read()
-    results = []
+    loaded_runs = []
     for run in run_dirs:
         loaded = LoadedRun(run, split, ranks.device or device)
-        chosen = _chosen_methods(loaded.spec.family, settings.methods, loaded.spec.name)
         n = min(settings.n_images, len(loaded.part))
-        images = loaded.lazy_inputs(n)  # made a batch at a time: memory does not grow with n
-        cells = resolve_grid(settings.grid, loaded.model, loaded.spec, loaded.part.images, images[:1], f"run {run.path}")
-        scores = score_model(loaded.model, loaded.spec, images, loaded.part.labels[:n], chosen,
-                             settings.with_grid(cells), progress, run.path.name,
-                             cache=run.file(CACHE) if resume or ranks.world > 1 else None, pixel_std=loaded.preprocess.std,
-                             stored=_stored_maps(run, split, chosen, loaded.part.ids[:n], images_digest(loaded.part)),
-                             ranks=ranks)
+        loaded_runs.append((run, loaded, n, loaded.lazy_inputs(n)))  # made a batch at a time: memory does not grow with n
+    commons = {common_grid(loaded.part.images, images[:1], f"run {run.path}") for run, loaded, _, images in loaded_runs}
+    common = commons.pop() if len(commons) == 1 else COMMON_GRID  # the same for every model of the job
+    results = []
+    for run, loaded, n, images in loaded_runs:
+        chosen = _chosen_methods(loaded.spec.family, settings.methods, loaded.spec.name)
+        stored = _stored_maps(run, split, chosen, loaded.part.ids[:n], images_digest(loaded.part))
+        mine = []
+        for g in grids:
+            cells = common if g == "common" else resolve_grid(g, loaded.model, loaded.spec, loaded.part.images,
+                                                               images[:1], f"run {run.path}")
+            for b in baselines if g == grid else baselines[:1]:
+                scores = score_model(loaded.model, loaded.spec, images, loaded.part.labels[:n], chosen,
+                                     replace(settings, baseline=b).with_grid(cells), progress,
+                                     f"{run.path.name} ({b}, grid {grid_label(cells)})",
+                                     cache=run.file(CACHE) if resume or ranks.world > 1 else None,
+                                     pixel_std=loaded.preprocess.std, stored=stored, ranks=ranks)
+                if ranks.is_zero:
+                    mine.append(ModelScores(run.path.name, loaded.spec.name, n, steps, b, scores, cells,
+                                            ids=[str(i) for i in loaded.part.ids[:n]]))
         if not ranks.is_zero:
             continue
-        result = ModelScores(run.path.name, loaded.spec.name, n, steps, baseline, scores, cells)
-        write_outputs(run.path, result)
-        results.append(result)
-    if len(results) > 1:
+        write_outputs(run.path, mine)
+        results.extend(mine)
+    if len(run_dirs) > 1 and results:
         write_combined(combined or run_dirs[0].path, results)
     ranks.barrier()  # the tables are written when every process returns
     return results
+
+
+def baseline_list(baseline: str | Sequence[str]) -> list[str]:
+    """One baseline or several (a list, or names separated by commas), each once, in order."""
+    names = baseline.split(",") if isinstance(baseline, str) else list(baseline)
+    names = list(dict.fromkeys(str(n).strip() for n in names if str(n).strip()))
+    if not names:
+        raise XtlError("option --baseline must name at least one baseline")
+    return names
 
 
 def _stored_maps(run: RunDir, split: str, methods: list[str], ids,
@@ -366,8 +427,10 @@ def _stored_maps(run: RunDir, split: str, methods: list[str], ids,
 
 def resolve_grid(grid: int | str | None, model: nn.Module, spec: ModelSpec, source_images: torch.Tensor,
                  one_input: torch.Tensor, what: str) -> int | None:
-    """A grid choice as cells per side: "native" (the source images' side), "model" (`model_grid`), a
-    number, or None (pixels)."""
+    """A grid choice as cells per side: "common" (`common_grid`), "native" (the source images' side),
+    "model" (`model_grid`), a number, or None (pixels)."""
+    if grid == "common":
+        return common_grid(source_images, one_input, what)
     if grid == "native":
         return native_grid(source_images, what)
     if grid == "model":
@@ -375,11 +438,27 @@ def resolve_grid(grid: int | str | None, model: nn.Module, spec: ModelSpec, sour
     return grid
 
 
+def common_grid(source_images: torch.Tensor, one_input: torch.Tensor, what: str) -> int | None:
+    """The grid of `grid="common"`, fixed before any result and the same for every model of a job: the
+    source images' own side where they are square and no finer than the input (CIFAR-10's 32 x 32 at
+    any input size of 32 px or more: one cell per CIFAR pixel, as much detail as the data has),
+    otherwise `COMMON_GRID` (28) cells per side, or the input's pixels where it is smaller than that.
+    It does not depend on the model: unlike "model" (a 4 x 4 CAM grid for one model, 8 x 8 patches for
+    another), it scores a pixel-precise map and a coarse map on one scale, and lets a fine map show
+    what it knows."""
+    height, width = source_images.shape[-2:]
+    side = min(one_input.shape[-2:])
+    if height == width and height <= side:
+        return int(height)
+    return None if side <= COMMON_GRID else COMMON_GRID
+
+
 def model_grid(model: nn.Module, spec: ModelSpec, one_input: torch.Tensor) -> int:
     """The model's own grid at this input size: a ViT's patches per side, or the side of the output of
-    a CNN's CAM layer (`spec.target_layer`), where its maps are made. Measured on the `make run` models
-    (BENCHMARKS.md), perturbing these cells separates the maps from the random and uniform references
-    best: a masked cell is what the model's own maps can point at."""
+    a CNN's CAM layer (`spec.target_layer`), where its maps are made. Not the default: it differs
+    between models (the two make-run models are scored on 4 x 4 and 8 x 8 cells), so it cannot put
+    two models on one scale, and a pixel-precise map averaged over such cells is scored as a CAM
+    would be (`common_grid` is the default; BENCHMARKS.md has the grid-sensitivity table)"""
     from xtl.explain.base import patch_grid
     from xtl.explain.cam import layer_outputs
     from xtl.models import submodule
@@ -431,19 +510,25 @@ def load_imagenet_sample(folder: Path, n_images: int, size: int) -> tuple[torch.
 
 def faithfulness_imagenet(folder: Path, model: str = "efficientnet_lite0", methods: list[str] | None = None,
                           n_images: int = 200, out: Path = Path("runs/faithfulness-imagenet"), steps: int = 10,
-                          baseline: str = "zero", batch_size: int = 64, explain_batch_size: int = 8, seed: int = 0,
-                          device: str | None = None, progress: bool = True,
+                          baseline: str | Sequence[str] = DEFAULT_BASELINES, batch_size: int = 64,
+                          explain_batch_size: int = 8, seed: int = 0, device: str | None = None, progress: bool = True,
                           method_options: dict[str, dict] | None = None, resume: bool = True,
-                          grid: int | str | None = None) -> ModelScores:
+                          grid: int | str | None = "common", extra_grids: Sequence[int | str | None] = ()
+                          ) -> list[ModelScores]:
     """Score the methods on a pretrained ImageNet classifier (its own head) and the imagenet-sample images
-    (`resume`: as in `faithfulness_run`, the cache in `<out>/faithfulness_cache/`; `grid`: as there,
-    "native" being the model's input size, as the sample is decoded at it: per pixel)."""
+    (`resume`: as in `faithfulness_run`, the cache in `<out>/faithfulness_cache/`; `baseline`, `grid`,
+    `extra_grids`: as there; the sample is decoded at the model's input size, so "common" is 28 x 28
+    cells and "native" is per pixel). One `ModelScores` per baseline and grid."""
     from xtl.data import Preprocess
     from xtl.models import build_model
 
-    settings = FaithfulnessSettings(steps=steps, baseline=baseline, grid=grid, batch_size=batch_size,
+    baselines = baseline_list(baseline)
+    grids = [grid] + [g for g in extra_grids if g != grid]
+    checked = [FaithfulnessSettings(steps=steps, baseline=b, grid=g, batch_size=batch_size,
                                     explain_batch_size=explain_batch_size, seed=seed, n_images=n_images,
                                     methods=methods, method_options=method_options or {})
+               for b in baselines for g in grids]
+    settings = checked[0]
     if not Path(folder).is_dir():
         raise XtlError(f"option --imagenet-sample: {folder} is not a directory")
     device = resolve_device(device)
@@ -452,10 +537,15 @@ def faithfulness_imagenet(folder: Path, model: str = "efficientnet_lite0", metho
     chosen = _chosen_methods(spec.family, settings.methods, spec.name)
     raw, labels = load_imagenet_sample(Path(folder), n_images, spec.input_size)
     images = Preprocess(spec.input_size, spec.mean, spec.std)(raw.to(device))
-    cells = resolve_grid(settings.grid, net, spec, raw, images[:1], str(folder))
-    scores = score_model(net, spec, images, labels, chosen, settings.with_grid(cells), progress,
-                         f"{spec.name} (ImageNet)", cache=Path(out) / CACHE if resume else None, pixel_std=spec.std)
-    result = ModelScores(Path(out).name, spec.name, len(labels), steps, baseline, scores, cells)
-    write_outputs(Path(out), result)
-    return result
-
+    results = []
+    for g in grids:
+        # the photos are finer than the input they were decoded at: the common grid is COMMON_GRID
+        cells = min(COMMON_GRID, spec.input_size) if g == "common" else resolve_grid(g, net, spec, raw, images[:1],
+                                                                                       str(folder))
+        for b in baselines if g == grid else baselines[:1]:
+            scores = score_model(net, spec, images, labels, chosen, replace(settings, baseline=b).with_grid(cells),
+                                 progress, f"{spec.name} (ImageNet, {b}, grid {grid_label(cells)})",
+                                 cache=Path(out) / CACHE if resume else None, pixel_std=spec.std)
+            results.append(ModelScores(Path(out).name, spec.name, len(labels), steps, b, scores, cells))
+    write_outputs(Path(out), results)
+    return results

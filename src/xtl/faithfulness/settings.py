@@ -18,6 +18,9 @@ from xtl.explain import METHODS
 from xtl.faithfulness.perturbation import NAMED_GRIDS, check_scoring_options
 
 REFERENCES = ("random", "uniform")  # map sets scored beside every method, to compare against
+# the baselines a job scores by default: a fixed fill (zero: the data set's mean colour) and ROAD's noisy
+# linear imputation (Rong et al. 2022), whose filled pixels tell the model little about the mask
+DEFAULT_BASELINES = ("zero", "road")
 DEFAULT_METHODS = {  # methods=None: these, where the model's family has them
     "cnn": ["gradcam", "gradcam++", "layercam", "saliency", "integrated_gradients", "lrp_epsilon"],
     "vit": ["transformer_attribution", "attnlrp", "attention_rollout", "raw_attention", "gradcam", "saliency",
@@ -31,8 +34,9 @@ SPLITS = ("train", "val", "test")
 class FaithfulnessSettings:
     """What the scores depend on (and what the resume cache is keyed on), and which images and methods.
 
-    `steps`: points of each curve; `baseline`: what masked pixels become (`BASELINES`); `grid`: cells
-    per side of the perturbed grid, "native", "model" or None (pixels); `batch_size`: perturbed images
+    `steps`: each curve's steps (at most 1 / steps wide, `metrics.metric_fractions`); `baseline`: what
+    masked pixels become (`BASELINES`); `grid`: cells per side of the perturbed grid, "common" (the
+    default: one grid for every model, `runner.common_grid`), "native", "model" or None (pixels); `batch_size`: perturbed images
     per forward pass; `explain_batch_size`: images explained (and scored) at a time; `seed`: of the
     random maps and ROAD's noise; `n_images`: the first images of `split`; `methods`: the methods
     asked for (None: the family's defaults; the references are always scored); `method_options`:
@@ -41,7 +45,7 @@ class FaithfulnessSettings:
 
     steps: int = 10
     baseline: str = "zero"
-    grid: int | str | None = None
+    grid: int | str | None = "common"
     batch_size: int = 64
     explain_batch_size: int = 8
     seed: int = 0

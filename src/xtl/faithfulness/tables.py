@@ -14,21 +14,34 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from xtl.faithfulness.metrics import METRICS
+from xtl.faithfulness.metrics import GAPS, METRICS
 from xtl.faithfulness.results import ACCURACY_METRICS
 from xtl.faithfulness.settings import REFERENCES
 from xtl.runs import run_title
 
 Z_95 = 1.96  # two-sided 95 % quantile of the normal distribution
-PLUS_MINUS = ("± : half-width of the 95 % confidence interval of the mean AUC over the images "
-              "(1.96 × sample std of the per-image AUCs / √images, normal approximation). "
-              "Bold: the best explanation method of a column; random and uniform are reference maps.")
+PLUS_MINUS = ("± : half-width of the 95 % confidence interval of the mean over the images "
+              "(1.96 × sample std of the per-image values / √images, normal approximation); the paired tests "
+              "(faithfulness_tests.csv) decide which map set is better. SRG: the symmetric relevance gain, "
+              "least-relevant-first minus most-relevant-first area (insertion − deletion, negative − positive; "
+              "0 for a random ranking). Bold: the largest (or smallest) mean of a column; random and uniform are "
+              "reference maps. (signed), (positive part), (|R|): how a signed map was read.")
+
+
+GAP_HEADERS = {"srg": "SRG prob", "srg_accuracy": "SRG acc"}
 
 
 def table_columns() -> list[tuple[str, str]]:
-    """(CSV column, header) of the table: every metric of the predicted class, accuracy ones also of the true class."""
-    columns = [(m.name, f"{m.name} {m.arrow}") for m in METRICS.values()]
+    """(CSV column, header) of the table: the two gaps first (what the report leads with), then every
+    metric of the predicted class, accuracy ones also of the true class."""
+    columns = [(g.name, f"{GAP_HEADERS.get(g.name, g.name)} {g.arrow}") for g in GAPS.values()]
+    columns += [(m.name, f"{m.name} {m.arrow}") for m in METRICS.values()]
     return columns + [(f"{name}_true", f"{name} (true) {METRICS[name].arrow}") for name in ACCURACY_METRICS]
+
+
+def higher_is_better(column: str) -> bool:
+    name = column.removesuffix("_true")
+    return GAPS[name].higher_is_better if name in GAPS else METRICS[name].higher_is_better
 
 
 def faithfulness_table(rows: list[dict]) -> Group:
@@ -38,20 +51,20 @@ def faithfulness_table(rows: list[dict]) -> Group:
     table's columns cannot hold a long model name beside eight numbers on an 80-100 column
     terminal); the method column never wraps or cuts either. A caption says what ± is."""
     heading = Text(f"Faithfulness: AUC on {_images(rows)} images, {rows[0]['steps']:.0f} steps, "
-                   f"baseline {rows[0]['baseline']}{_grid_words(rows)}", style="bold")
+                   f"baseline {'/'.join(dict.fromkeys(str(r['baseline']) for r in rows))}{_grid_words(rows)}", style="bold")
     tables = []
     for group in _by_run(rows):
-        table = Table(title=Text(run_title(group[0]["run"], group[0]["model"]), style="bold", no_wrap=True,
-                                 overflow="fold"),
+        title = f"{run_title(group[0]['run'], group[0]['model'])}: baseline {group[0]['baseline']}, {_grid_of(group[0])}"
+        table = Table(title=Text(title, style="bold", no_wrap=True, overflow="fold"),
                       title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0))
-        table.add_column("method", no_wrap=True, min_width=max(len(str(r["method"])) for r in group))
+        table.add_column("map set", no_wrap=True, min_width=max(len(_label(r)) for r in group))
         for _, header in table_columns():  # wide enough for the header's longest word and for "0.123 ±"
             table.add_column(header, justify="right", min_width=max(7, *map(len, header.split())))
         table.add_column("explain s", justify="right")
         table.add_column("score img/s", justify="right")
         # Text cells, not markup: the same table on a console that reads markup and on one that does not
         for row, cells in _formatted(group, lambda text: Text(text, style="bold")):
-            table.add_row(Text(str(row["method"])), *[Text(c) if isinstance(c, str) else c for c in cells],
+            table.add_row(Text(_label(row)), *[Text(c) if isinstance(c, str) else c for c in cells],
                           Text(f"{row['explain_s']:.1f}"), Text(f"{row['score_images_per_s']:.1f}"))
         tables.append(table)
     return Group(heading, *tables, Text(PLUS_MINUS, style="dim"))
@@ -60,19 +73,44 @@ def faithfulness_table(rows: list[dict]) -> Group:
 def markdown_table(rows: list[dict]) -> str:
     """The table as Markdown (for BENCHMARKS.md): mean AUC ± 95 % CI half-width, the best in bold."""
     columns = table_columns()
-    lines = ["| model | images | method | " + " | ".join(h for _, h in columns) + " | explain s | score img/s |",
-             "|---|---|---|" + "---|" * len(columns) + "---|---|"]
+    lines = ["| model | baseline | grid | images | map set | " + " | ".join(h for _, h in columns)
+             + " | logit share | explain s | score img/s |",
+             "|---|---|---|---|---|" + "---|" * len(columns) + "---|---|---|"]
     for group in _by_run(rows):
         for row, cells in _formatted(group, lambda text: f"**{text}**"):
-            lines.append(f"| {row['model']} | {row['n_images']:.0f} | {row['method']} | " + " | ".join(cells)
-                         + f" | {row['explain_s']:.1f} | {row['score_images_per_s']:.1f} |")
-    return "\n".join(lines) + "\n\n" + PLUS_MINUS + "\n"
+            lines.append(f"| {row['model']} | {row['baseline']} | {row.get('grid', 'pixel')} | {row['n_images']:.0f} | "
+                         f"{_label(row)} | " + " | ".join(cells) + f" | {logit_share(row)} | {row['explain_s']:.1f} | "
+                         f"{row['score_images_per_s']:.1f} |")
+    return "\n".join(lines) + "\n\n" + PLUS_MINUS + " " + LOGIT_SHARE + "\n"
+
+
+LOGIT_SHARE = ("logit share: the mean share of the explained logit that reaches the pixels (LRP-type methods; the "
+               "rest is absorbed by biases, tokens and softmaxes), so such a map is not a decomposition of the logit.")
+
+
+def logit_share(row: dict) -> str:
+    """The mean logit share of an LRP-type map set ("-" for the others)."""
+    value = row.get("logit_share")
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.2f} ± {half_width(row, 'logit_share'):.2f}"
+
+
+def _label(row: dict) -> str:
+    """The map set's name: the label column, or (older tables) the method."""
+    return str(row.get("label") or row["method"])
+
+
+def _grid_of(row: dict) -> str:
+    grid = str(row.get("grid", "pixel"))
+    return "per pixel" if grid == "pixel" else f"{grid} x {grid} grid"
 
 
 def _by_run(rows: list[dict]) -> list[list[dict]]:
-    groups: dict[str, list[dict]] = {}
+    """The rows of each run, baseline and grid, in order."""
+    groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault(row["run"], []).append(row)
+        groups.setdefault((row["run"], str(row.get("baseline")), str(row.get("grid", "pixel"))), []).append(row)
     return list(groups.values())
 
 
@@ -89,17 +127,16 @@ def _formatted(rows: list[dict], emphasis: Callable[[str], Any]) -> list[tuple[d
     """Each row with its metric cells; the best explanation method of each column emphasised."""
     columns = [c for c, _ in table_columns()]
     best = {c: _best(rows, c) for c in columns}
-    return [(row, [emphasis(_cell(row, c)) if best[c] == row["method"] else _cell(row, c) for c in columns])
+    return [(row, [emphasis(_cell(row, c)) if best[c] == _label(row) else _cell(row, c) for c in columns])
             for row in rows]
 
 
 def _best(rows: list[dict], column: str) -> str | None:
-    metric = METRICS[column.removesuffix("_true")]
     candidates = [r for r in rows if r["method"] not in REFERENCES and column in r]
     if not candidates:
         return None
-    pick = max if metric.higher_is_better else min
-    return pick(candidates, key=lambda r: r[column])["method"]
+    pick = max if higher_is_better(column) else min
+    return _label(pick(candidates, key=lambda r: r[column]))
 
 
 def half_width(row: dict, column: str) -> float:

@@ -250,23 +250,30 @@ class Pipeline:
 
     def faithfulness_settings(self) -> list:
         c = self.config
+        from xtl.faithfulness.cache import PROTOCOL
+
         return [c.faithfulness_methods or c.explain_methods, c.faithfulness_images, c.faithfulness_steps,
-                c.faithfulness_baseline, c.faithfulness_batch_size, c.faithfulness_grid]
+                c.baselines, c.faithfulness_batch_size, c.faithfulness_grid, c.faithfulness_sensitivity_grids, PROTOCOL]
 
     def faithfulness(self) -> None:
         from xtl.faithfulness import faithfulness_run, faithfulness_table
 
         c = self.config
+        pixels = lambda g: None if g == "none" else g  # noqa: E731
         results = faithfulness_run(
             list(self.runs.values()), c.faithfulness_methods or c.explain_methods, c.faithfulness_images,
-            steps=c.faithfulness_steps, baseline=c.faithfulness_baseline, batch_size=c.faithfulness_batch_size,
-            grid=None if c.faithfulness_grid == "none" else c.faithfulness_grid, combined=self.folder, device=c.device,
+            steps=c.faithfulness_steps, baseline=c.baselines, batch_size=c.faithfulness_batch_size,
+            grid=pixels(c.faithfulness_grid), extra_grids=[pixels(g) for g in c.faithfulness_sensitivity_grids],
+            combined=self.folder, device=c.device,
             progress=self.progress or not sys.stderr.isatty(),  # a log gets one plain line per batch and method
         )
-        if len(results) == 1:  # the report reads the combined table in every case
-            shutil.copyfile(self.runs[c.models[0]].file("faithfulness.csv"), self.folder / "faithfulness_combined.csv")
-            shutil.copyfile(self.runs[c.models[0]].figures / "faithfulness_curves.png",
-                            self.folder / "figures" / "faithfulness_combined.png")
+        if len(self.runs) == 1:  # the report reads the combined tables in every case
+            run = self.runs[c.models[0]]
+            for own, combined in (("faithfulness.csv", "faithfulness_combined.csv"),
+                                  ("faithfulness_images.csv", "faithfulness_combined_images.csv"),
+                                  ("faithfulness_tests.csv", "faithfulness_combined_tests.csv")):
+                shutil.copyfile(run.file(own), self.folder / combined)
+            shutil.copyfile(run.figures / "faithfulness_curves.png", self.folder / "figures" / "faithfulness_combined.png")
         Console(width=None if sys.stdout.isatty() else 150, markup=False).print(
             faithfulness_table([row for r in results for row in r.rows()]))
 

@@ -20,6 +20,7 @@ TRAINING_PRESET = {"quick": "quick", "paper": "paper", "offline-full": "default"
 QUICK_METHODS = ["gradcam", "transformer_attribution", "attnlrp", "attention_rollout", "saliency"]
 FULL_METHODS = QUICK_METHODS + ["integrated_gradients", "lrp_epsilon", "cp_lrp", "occlusion", "kernel_shap"]
 FAITHFULNESS_BASELINES = ("zero", "mean", "blur", "road")  # xtl.faithfulness.BASELINES, without importing torch
+GRID_NAMES = ("common", "model", "native", "none")  # xtl.faithfulness's named grids, and none (pixels)
 
 
 # What each key may hold beyond its type (xtl.settings); `faithfulness_grid`, `device`, the models and
@@ -27,7 +28,6 @@ FAITHFULNESS_BASELINES = ("zero", "mean", "blur", "road")  # xtl.faithfulness.BA
 RULES: dict[str, Rule] = {
     "preset": Rule(choices=PRESETS),
     "explain_target": Rule(choices=("predicted", "true")),
-    "faithfulness_baseline": Rule(choices=FAITHFULNESS_BASELINES),
     **dict.fromkeys(("explain_batch_size", "gallery_size", "faithfulness_images", "faithfulness_steps",
                      "faithfulness_batch_size"), Rule(at_least=1)),
     "explain_images": Rule(at_least=1, none="all"),
@@ -52,13 +52,18 @@ class PipelineConfig:
     gallery_size: int = 10
     faithfulness_methods: list[str] | None = None  # None: the explained methods
     faithfulness_images: int = 100
-    faithfulness_steps: int = 5  # masked fractions 0, 1/steps, ..., 1 (the GPU presets: 10, Chefer et al.'s 10 % steps)
-    faithfulness_baseline: str = "zero"
+    # each curve from 0 to its maximum inclusive in steps of at most 1/steps (10: Chefer et al.'s 10 % steps)
+    faithfulness_steps: int = 10
+    # what masked pixels become, each scored in full: zero (the data set's mean colour) and ROAD's imputation
+    faithfulness_baseline: list[str] | str = field(default_factory=lambda: ["zero", "road"])
     faithfulness_batch_size: int = 64
-    # perturb the cells of a G x G grid: a number (32: one CIFAR pixel each), "model" (each model's own
-    # grid: a ViT's patches, a CNN's CAM layer; it separates maps from the references best, BENCHMARKS.md),
-    # "native" (the source images' pixels), or "none" / null (the model input's pixels)
-    faithfulness_grid: int | str | None = "model"
+    # perturb the cells of a G x G grid, fixed before any result: "common" (one grid for every model: the
+    # source images' pixels where coarser than the input, CIFAR's 32 x 32, else 28 x 28), a number, "model"
+    # (each model's own grid: a ViT's patches, a CNN's CAM layer), "native" (the source images' pixels), or
+    # "none" / null (the model input's pixels)
+    faithfulness_grid: int | str | None = "common"
+    # further grids scored under the first baseline: the report's grid-sensitivity appendix ([] for none)
+    faithfulness_sensitivity_grids: list[int | str | None] = field(default_factory=lambda: ["model", "none"])
     title: str | None = None  # of the report
     # where evaluating, explaining and scoring run: auto, cpu, cuda, cuda:N or mps (None: each model's
     # fine-tuning accelerator, `train.accelerator`, which is where fine-tuning runs)
@@ -78,10 +83,18 @@ class PipelineConfig:
             raise XtlError(f"{label('models', where)} must name at least one model")
         if len(set(self.models)) != len(self.models):
             raise XtlError(f"{label('models', where)} names a model twice: {', '.join(self.models)}")
-        grid = self.faithfulness_grid
-        if grid is not None and not (grid in ("model", "native", "none") or (isinstance(grid, int) and grid >= 1)):
-            raise XtlError(f"{label('faithfulness_grid', where)} must be a number >= 1, model, native or none (pixels), "
-                           f"not {grid!r}")
+        for key, grids in (("faithfulness_grid", [self.faithfulness_grid]),
+                           ("faithfulness_sensitivity_grids", self.faithfulness_sensitivity_grids)):
+            for grid in grids:
+                if grid is not None and not (grid in GRID_NAMES or (isinstance(grid, int) and not isinstance(grid, bool)
+                                                                    and grid >= 1)):
+                    raise XtlError(f"{label(key, where)} must be a number >= 1, common, model, native or none (pixels), "
+                                   f"not {grid!r}")
+        baselines = self.baselines
+        unknown = [b for b in baselines if b not in FAITHFULNESS_BASELINES]
+        if unknown or not baselines:
+            raise XtlError(f"{label('faithfulness_baseline', where)} must be one or more of "
+                           f"{', '.join(FAITHFULNESS_BASELINES)}, not {self.faithfulness_baseline!r}")
         if self.device is not None:
             from xtl.device import resolve_device
 
@@ -95,6 +108,12 @@ class PipelineConfig:
             self.run_config(model, where)  # every model's training settings must be valid too
         for methods_key in ("explain_methods", "faithfulness_methods"):
             _check_methods(getattr(self, methods_key) or [], label(methods_key, where))
+
+    @property
+    def baselines(self) -> list[str]:
+        """`faithfulness_baseline` as a list (one name, a comma-separated string, or a list)."""
+        value = self.faithfulness_baseline
+        return [b.strip() for b in value.split(",") if b.strip()] if isinstance(value, str) else list(value)
 
     def run_config(self, model: str, where: str = "option") -> RunConfig:
         """The fine-tuning configuration of one model: its training preset, then `train`, then `per_model`."""
@@ -125,7 +144,8 @@ def preset_config(name: str) -> PipelineConfig:
 
     - `quick`: `make run`. EfficientNet-Lite0 and DINOv2 ViT-S/14 (offline weights) on a stratified
       4,500/500/1,000 subset at low resolution, frozen early blocks cached (xtl.config.preset), maps
-      of 100 test images scored on each model's own grid in 5 steps: a 2-core CPU in 10 minutes.
+      of 100 test images scored on one common grid (CIFAR's 32 x 32) in 10 steps under the zero and the
+      ROAD baseline, every signed map in three readings, with paired tests: a 2-core CPU in 10 minutes.
     - `paper`: the paper's experiment. AlexNet, ResNet-34 and ViT-B/16 (ImageNet-21k) from the hubs,
       the paper's split and hyperparameters; needs a GPU and network access for the weights.
     - `offline-full`: EfficientNet-Lite0 and DINOv2 ViT-S/14 with our recipe on the paper split.

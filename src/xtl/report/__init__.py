@@ -180,14 +180,15 @@ def _data_context(folder: Path | None, results: list[ModelResult], figures: Figu
 
 
 def _faithfulness_context(folder: Path | None, results: list[ModelResult], figures: Figures) -> dict[str, Any] | None:
-    from xtl.faithfulness.results import read_rows
+    from xtl.faithfulness.results import read_rows, read_tests
     from xtl.faithfulness.settings import REFERENCES
-    from xtl.faithfulness.tables import table_columns
+    from xtl.faithfulness.tables import logit_share, table_columns
 
     combined = folder / "faithfulness_combined.csv" if folder else None
     unscored: list[str] = []
     if combined is not None and combined.is_file():
         rows = read_rows(combined)
+        tests = read_tests(folder / "faithfulness_combined_tests.csv")
         figure = figures.add(folder / "figures" / "faithfulness_combined.png", "faithfulness_combined.png",
                              FOLDER_FIGURES["faithfulness_combined"])
     else:
@@ -198,32 +199,72 @@ def _faithfulness_context(folder: Path | None, results: list[ModelResult], figur
         unscored = [r.name for r in results if r not in scored]
         results = scored
         rows = [row for r in scored for row in read_rows(r.run.file("faithfulness.csv"))]
+        tests = [t for r in scored for t in read_tests(r.run.file("faithfulness_tests.csv"))]
         figure = None
+    main_grid = str(rows[0].get("grid", "pixel")) if rows else "pixel"
+    main = [r for r in rows if str(r.get("grid", "pixel")) == main_grid]
     columns = table_columns()
-    table = []
-    for row in rows:
-        cells = []
-        for column, _ in columns:
+
+    def cells(row: dict, chosen: list[tuple[str, str]]) -> list[str]:
+        out = []
+        for column, _ in chosen:
             if column not in row:
-                cells.append("-")
+                out.append("-")
                 continue
             half = 1.96 * row[f"{column}_std"] / max(row["n_images"], 1) ** 0.5
-            cells.append(f"{row[column]:.3f} ± {half:.3f}")
-        table.append({"model": row["model"], "method": row["method"], "reference": row["method"] in REFERENCES,
-                      "cells": cells})
+            out.append(f"{row[column]:.3f} ± {half:.3f}")
+        return out
+
+    table = [{"model": row["model"], "method": row.get("label") or row["method"], "baseline": row.get("baseline", ""),
+              "reference": row["method"] in REFERENCES, "cells": cells(row, columns), "logit_share": logit_share(row)}
+             for row in main]
     return {
         "headers": [header for _, header in columns],
-        "findings": faithfulness_findings(rows),
+        "findings": faithfulness_findings(main, tests),
         "rows": table,
-        "n_images": sorted({int(r["n_images"]) for r in rows}),
-        "steps": int(rows[0]["steps"]) if rows else 0,
-        "baseline": rows[0]["baseline"] if rows else "",
-        "grids": _grids(rows),
+        "n_images": sorted({int(r["n_images"]) for r in main}),
+        "steps": int(main[0]["steps"]) if main else 0,
+        "baseline": ", ".join(dict.fromkeys(str(r["baseline"]) for r in main)),
+        "grids": _grids(main),
+        "family": int(tests[0]["family"]) if tests else 0,
+        "sensitivity": _sensitivity(rows),
         "figure": figure,
         "unscored": unscored,
         "per_run": [f for f in (figures.add(r.run.figures / "faithfulness_curves.png", f"{r.name}_faithfulness_curves.png",
                                             f"{r.model}: faithfulness curves") for r in results) if f] if figure is None else [],
     }
+
+
+def _sensitivity(rows: list[dict]) -> dict[str, Any] | None:
+    """The grid-sensitivity appendix: each map set's two gaps on every grid it was scored on (under the
+    first baseline), and its rank among its model's map sets on each grid."""
+    grids = list(dict.fromkeys(str(r.get("grid", "pixel")) for r in rows))
+    if len(grids) < 2:
+        return None
+    baseline = str(rows[0].get("baseline", ""))
+    chosen = [r for r in rows if str(r.get("baseline", "")) == baseline]
+    by_set: dict[tuple, dict[str, dict]] = {}
+    for r in chosen:
+        by_set.setdefault((r["run"], r["model"], r.get("label") or r["method"]), {})[str(r.get("grid", "pixel"))] = r
+    ranks: dict[tuple, int] = {}
+    for grid in grids:
+        for measure in ("srg", "srg_accuracy"):
+            for run in {k[0] for k in by_set}:
+                scored = [(k, v[grid][measure]) for k, v in by_set.items() if k[0] == run and grid in v
+                          and measure in v[grid]]
+                for rank, (k, _) in enumerate(sorted(scored, key=lambda kv: -kv[1]), start=1):
+                    ranks[(k, grid, measure)] = rank
+    table = []
+    for key, per_grid in by_set.items():
+        row_cells = []
+        for grid in grids:
+            for measure in ("srg", "srg_accuracy"):
+                r = per_grid.get(grid)
+                row_cells.append(f"{r[measure]:+.3f} (#{ranks[(key, grid, measure)]})" if r and measure in r else "-")
+        table.append({"model": key[1], "method": key[2], "cells": row_cells})
+    names = {"pixel": "pixels"}
+    return {"baseline": baseline, "headers": [f"{names.get(g, g + ' x ' + g)}: {m}" for g in grids
+                                              for m in ("SRG prob", "SRG acc")], "rows": table}
 
 
 ANALYSIS_FIGURES = {

@@ -344,105 +344,151 @@ def last_epoch_notes(results: list[ModelResult]) -> list[str]:
 
 # ----------------------------------------------------------------------------- faithfulness in words
 
-Z95 = 1.96
+GAP_WORDS = {
+    "srg": "the probability gap (insertion − deletion, the symmetric relevance gain; higher is better, 0 for a "
+           "random ranking)",
+    "srg_accuracy": "the accuracy gap (negative − positive perturbation; higher is better, 0 for a random ranking)",
+}
 
 
-def _interval(row: dict, column: str) -> tuple[float, float, float]:
-    """(mean, low, high): the mean AUC with its 95 % interval (normal approximation over images),
-    the half-width the faithfulness table prints."""
-    half = Z95 * row[f"{column}_std"] / math.sqrt(max(row["n_images"], 1))
-    return row[column], row[column] - half, row[column] + half
+def _signed(label: str) -> bool:
+    return label.endswith("(signed)")
 
 
-def _beats(method: dict, reference: dict, column: str, higher_is_better: bool) -> bool:
-    """The method's interval lies wholly on the better side of the reference's."""
-    _, low, high = _interval(method, column)
-    _, ref_low, ref_high = _interval(reference, column)
-    return low > ref_high if higher_is_better else high < ref_low
+def _difference(t: dict) -> str:
+    return f"{t['mean']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}]"
 
 
-def _metric_words(column: str) -> tuple[str, bool]:
-    from xtl.faithfulness.metrics import METRICS
+def faithfulness_findings(rows: list[dict], tests: list[dict] | None = None) -> list[tuple[str, list[str]]]:
+    """Per model (and baseline, where there are several), on each gap (`xtl.faithfulness.metrics.GAPS`):
+    which map sets beat both reference maps (random and uniform), and which map sets beat which others
+    of the same model, by the Holm-corrected paired tests (`tests`: the rows of the job's
+    faithfulness_tests.csv, `xtl.faithfulness.paired`); every other comparison is "cannot decide".
+    Each map set is named with its reading (`attnlrp (signed)`, `attnlrp (positive part)`), and a
+    sentence that compares a signed reading with another reading says so. LRP-type map sets get a
+    sentence on the share of the explained logit that reaches the pixels. `rows`: the faithfulness
+    CSV's rows (`xtl.faithfulness.results.read_rows`); only the main grid's (the first row's) are read."""
+    from xtl.faithfulness.settings import REFERENCES
 
-    name = column.removesuffix("_true")
-    words = {"deletion": "deletion", "insertion": "insertion", "positive": "positive perturbation",
-             "negative": "negative perturbation"}.get(name, name)
-    higher = METRICS[name].higher_is_better
-    words += " with true-class maps" if column.endswith("_true") else ""
-    return f"{words} ({'higher' if higher else 'lower'} is better)", higher
+    if not rows:
+        return []
+    grid = str(rows[0].get("grid", "pixel"))
+    rows = [r for r in rows if str(r.get("grid", "pixel")) == grid]
+    tests = [t for t in (tests or []) if str(t["grid"]) == grid]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["run"], str(row.get("baseline", ""))), []).append(row)
+    models = list(dict.fromkeys((g[0]["run"], g[0]["model"]) for g in groups.values()))
+    names = [m for _, m in models]
+    several_baselines = len({b for _, b in groups}) > 1
+    family = int(tests[0]["family"]) if tests else 0
+    out = []
+    for (run, baseline), group in groups.items():
+        model = group[0]["model"]
+        label = model if names.count(model) == 1 else run_title(run, model)
+        heading = f"{label}, baseline {baseline}" if several_baselines else label
+        refs = {r["method"] for r in group if r["method"] in REFERENCES}
+        methods = [r for r in group if r["method"] not in REFERENCES]
+        n = min(int(r["n_images"]) for r in group)
+        if len(refs) < len(REFERENCES):
+            out.append((heading, [f"For {label} the table lacks a reference map (random and uniform): no method is "
+                                  f"compared with them."]))
+            continue
+        if not methods:
+            out.append((heading, [f"For {label} the table holds only the reference maps, no explanation method."]))
+            continue
+        if n < 2:
+            out.append((heading, [f"For {label} only {n} image was scored: the intervals are not defined and no "
+                                  f"method is compared with the reference maps."]))
+            continue
+        mine = [t for t in tests if t["run"] == run and str(t["baseline"]) == baseline]
+        if not mine:
+            out.append((heading, [f"For {label} there are no paired tests (faithfulness_tests.csv): run `xtl "
+                                  f"faithfulness` again to compare the methods on the same images."]))
+            continue
+        sentences = []
+        for measure, words in GAP_WORDS.items():
+            here = [t for t in mine if t["measure"] == measure]
+            if not here:
+                continue
+            sentences.append(_reference_sentence(label, words, here, family, n))
+            sentences.extend(_method_sentences(label, here))
+        sentences.extend(_logit_share_sentences(label, methods))
+        out.append((heading, sentences))
+    return out
+
+
+def _reference_sentence(label: str, words: str, tests: list[dict], family: int, n: int) -> str:
+    """Which map sets beat both references on one gap (Holm), with the differences against each."""
+    from xtl.faithfulness.settings import REFERENCES
+
+    against = [t for t in tests if t["kind"] == "reference"]
+    sets = list(dict.fromkeys(t["first"] for t in against))
+    beats = {s: all(t["verdict"] == "first" for t in against if t["first"] == s) and
+             len([t for t in against if t["first"] == s]) == len(REFERENCES) for s in sets}
+    worse = [s for s in sets if any(t["verdict"] == "second" and t["second"] == "random"
+                                    for t in against if t["first"] == s)]
+    shown = lambda s: s + " (" + ", ".join(f"vs {t['second']} {_difference(t)}" for t in against  # noqa: E731
+                                            if t["first"] == s) + ")"
+    test_words = f"paired tests on the same {n} images, Holm-corrected over the report's {family} comparisons"
+    winners = [s for s in sets if beats[s]]
+    if winners:
+        sentence = (f"On {words}, {_join(winners)} beat{'s' if len(winners) == 1 else ''} both reference maps for "
+                    f"{label} ({test_words}): " + "; ".join(shown(s) for s in winners) + ".")
+        rest = [s for s in sets if not beats[s]]
+        if rest:
+            sentence += f" For {_join(rest)} the tests cannot decide against both references."
+    else:
+        sentence = (f"On {words}, no map set of {label} beats both reference maps ({test_words}; "
+                    + "; ".join(shown(s) for s in sets) + "): the data cannot decide.")
+    if worse:
+        sentence += f" {_join(worse)} {'is' if len(worse) == 1 else 'are'} worse than the random map on this gap."
+    return sentence
+
+
+def _method_sentences(label: str, tests: list[dict]) -> list[str]:
+    """Which map sets of one model beat which others on one gap (Holm), and how many pairs cannot be decided.
+    A pair of a signed reading with another reading is said to be one."""
+    pairs = [t for t in tests if t["kind"] == "method"]
+    if not pairs:
+        return []
+    decided = []
+    for t in pairs:
+        if t["verdict"] == "cannot decide":
+            continue
+        better, worse = (t["first"], t["second"]) if t["verdict"] == "first" else (t["second"], t["first"])
+        sign = 1 if t["verdict"] == "first" else -1
+        d = {"mean": sign * t["mean"], "low": sign * (t["low"] if sign > 0 else t["high"]),
+             "high": sign * (t["high"] if sign > 0 else t["low"])}
+        mixed = " (a signed reading against another reading)" if _signed(better) != _signed(worse) else ""
+        decided.append(f"{better} over {worse} {_difference(d)}{mixed}")
+    undecided = len(pairs) - len(decided)
+    if not decided:
+        return [f"Between the methods of {label} the paired tests cannot decide any of the {len(pairs)} pairs."]
+    return [f"Between the methods of {label}: " + "; ".join(decided) + "."
+            + (f" The other {undecided} pair{'s' if undecided != 1 else ''} cannot be decided." if undecided else "")]
+
+
+def _logit_share_sentences(label: str, methods: list[dict]) -> list[str]:
+    """The share of the explained logit that reaches the pixels, for LRP-type map sets (one sentence per method)."""
+    sentences, seen = [], set()
+    for r in methods:
+        share = r.get("logit_share")
+        if share is None or not math.isfinite(share) or r["method"] in seen:
+            continue
+        seen.add(r["method"])
+        half = Z95 * r.get("logit_share_std", 0.0) / math.sqrt(max(r["n_images"], 1))
+        sentences.append(f"{r['method']} of {label}: on average {share:.2f} ± {half:.2f} of the explained logit reaches "
+                         f"the pixels (the rest goes to biases, tokens and softmaxes), so its map is not a "
+                         f"decomposition of the logit.")
+    return sentences
 
 
 def _join(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def _value(row: dict, column: str) -> str:
-    mean, low, _ = _interval(row, column)
-    return f"{mean:.3f} ± {mean - low:.3f}"
-
-
-def faithfulness_findings(rows: list[dict]) -> list[tuple[str, list[str]]]:
-    """Per model, per metric: which explanation methods beat BOTH reference maps (random and
-    uniform) with 95 % intervals that do not overlap, or, where none does, which reference no
-    method beats. `rows`: the faithfulness CSV's rows (`xtl.faithfulness.results.read_rows`)."""
-    from xtl.faithfulness.settings import REFERENCES
-    from xtl.faithfulness.tables import table_columns
-
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(row["run"], []).append(row)
-    models = [g[0]["model"] for g in groups.values()]
-    out = []
-    for run, group in groups.items():
-        model = group[0]["model"]
-        label = model if models.count(model) == 1 else run_title(run, model)
-        refs = {r["method"]: r for r in group if r["method"] in REFERENCES}
-        methods = [r for r in group if r["method"] not in REFERENCES]
-        n = min(int(r["n_images"]) for r in group)
-        if len(refs) < len(REFERENCES):
-            out.append((label, [f"For {label} the table lacks a reference map (random and uniform): no method is "
-                                f"compared with them."]))
-            continue
-        if not methods:
-            out.append((label, [f"For {label} the table holds only the reference maps, no explanation method."]))
-            continue
-        if n < 2:
-            out.append((label, [f"For {label} only {n} image was scored: the intervals are not defined and no "
-                                f"method is compared with the reference maps."]))
-            continue
-        sentences = []
-        for column, _ in table_columns():
-            if not all(column in r for r in group):
-                continue
-            words, higher = _metric_words(column)
-            beats = {ref: [m["method"] for m in methods if _beats(m, refs[ref], column, higher)] for ref in REFERENCES}
-            both = [m["method"] for m in methods if all(m["method"] in beats[ref] for ref in REFERENCES)]
-            references = ", ".join(f"{ref} {_value(refs[ref], column)}" for ref in REFERENCES)
-            if both:
-                shown = ", ".join(f"{m['method']} {_value(m, column)}" for m in methods if m["method"] in both)
-                verb = "beats" if len(both) == 1 else "beat"
-                sentence = (f"On {words}, {_join(both)} {verb} both reference maps for {label} "
-                            f"({shown}; {references}).")
-            else:
-                beaten = [ref for ref in REFERENCES if beats[ref]]
-                if not beaten:
-                    sentence = f"On {words} no method beats the random or the uniform map for {label} ({references})."
-                elif len(beaten) == 1:
-                    other = next(ref for ref in REFERENCES if ref not in beaten)
-                    sentence = (f"On {words} no method beats the {other} map for {label} ({references}); "
-                                f"{_join(beats[beaten[0]])} beat{'s' if len(beats[beaten[0]]) == 1 else ''} "
-                                f"only the {beaten[0]} map.")
-                else:
-                    sentence = (f"On {words} no method beats both reference maps for {label} ({references}); "
-                                + "; ".join(f"{_join(beats[ref])} beat{'s' if len(beats[ref]) == 1 else ''} "
-                                            f"only the {ref} map" for ref in REFERENCES) + ".")
-            worse = [m["method"] for m in methods if _beats(refs["random"], m, column, higher)]
-            if worse:
-                sentence += (f" {_join(worse)} {'is' if len(worse) == 1 else 'are'} worse than the random map "
-                             f"on this metric.")
-            sentences.append(sentence)
-        out.append((label, sentences))
-    return out
+Z95 = 1.96
 
 
 # ----------------------------------------------------------------------------- ViT artefacts
