@@ -311,14 +311,16 @@ def test_cli_writes_each_runs_table_and_figure_and_the_combined_table(tiny_run, 
     assert result.returncode == 0, result.stderr
     rows = _read(tiny_run.file("faithfulness.csv"))
     # transformer_attribution does not apply to a CNN; the two reference maps are always there
-    assert [r["method"] for r in rows] == ["gradcam", "saliency", "random", "uniform"]
+    assert [r["method"] for r in rows] == ["gradcam", "saliency", "random", "uniform"] * 2
+    assert [r["baseline"] for r in rows] == ["zero"] * 4 + ["road"] * 4  # the default: both baselines
+    assert {r["grid"] for r in rows} == {"32"}  # the default: the common grid, CIFAR's own pixels
     for column in ("deletion", "insertion", "positive", "negative", "positive_true", "negative_true"):
         assert all(0 <= float(r[column]) <= 1 for r in rows)
     assert rows[0]["n_images"] == "6" and float(rows[0]["score_images_per_s"]) > 0
     assert (tiny_run.figures / "faithfulness_curves.png").stat().st_size > 10_000
     combined = _read(tiny_run.file("faithfulness_combined.csv"))
-    assert [r["run"] for r in combined] == ["cnn"] * 4 + ["copy"] * 4
-    assert [r["deletion"] for r in combined[:4]] == [r["deletion"] for r in combined[4:]]  # same model, same numbers
+    assert [r["run"] for r in combined] == ["cnn"] * 8 + ["copy"] * 8
+    assert [r["deletion"] for r in combined[:8]] == [r["deletion"] for r in combined[8:]]  # same model, same numbers
     assert (tiny_run.figures / "faithfulness_combined.png").is_file()
     assert "Faithfulness" in result.stdout
 
@@ -332,8 +334,8 @@ def test_a_bad_option_is_a_one_line_error_naming_it(tiny_run):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--grid", "0"], "option --grid must be a number of cells per side >= 1, native, model or none (pixels), not 0"),
-    (["--grid", "fine"], "option --grid must be a number of cells per side, model, native or none, not 'fine'"),
+    (["--grid", "0"], "option --grid must be a number of cells per side >= 1, common, native, model or none (pixels), not 0"),
+    (["--grid", "fine"], "option --grid must be a number of cells per side, common, model, native or none, not 'fine'"),
     (["--grid", "33"], "option --grid must be at most the input's 32 px per side, not 33"),
     (["--baseline", "roads"], "option --baseline must be one of zero, mean, blur, road, not 'roads'"),
 ], ids=["zero", "not_a_number", "finer_than_the_input", "unknown_baseline"])
@@ -346,8 +348,8 @@ def test_a_bad_grid_or_baseline_is_a_one_line_error_naming_it(tiny_run, args, fr
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--faithfulness-grid", "0"], "option --faithfulness-grid must be a number >= 1, model, native or none (pixels), not 0"),
-    (["--faithfulness-baseline", "roads"], "option --faithfulness-baseline must be one of zero, mean, blur, road"),
+    (["--faithfulness-grid", "0"], "option --faithfulness-grid must be a number >= 1, common, model, native or none (pixels), not 0"),
+    (["--faithfulness-baseline", "roads"], "option --faithfulness-baseline must be one or more of zero, mean, blur, road"),
 ], ids=["grid", "baseline"])
 def test_a_bad_pipeline_grid_or_baseline_is_a_one_line_error_naming_it(args, fragment):
     result = subprocess.run([XTL, "run", *args, "--show-config"], capture_output=True, text=True, timeout=120)
@@ -362,9 +364,9 @@ def test_native_grid_and_plain_progress_lines_on_a_non_terminal(tiny_run, tmp_pa
     copies = [tmp_path / name for name in ("pixel", "native")]
     for copy in copies:
         shutil.copytree(tiny_run.path, copy, ignore=shutil.ignore_patterns("faithfulness*"))
-    options = dict(methods=["saliency"], n_images=4, steps=3, explain_batch_size=2, resume=False)
+    options = dict(methods=["saliency"], n_images=4, steps=3, explain_batch_size=2, resume=False, baseline="zero")
     capsys.readouterr()
-    pixel = faithfulness_run([RunDir(copies[0])], progress=False, **options)[0]
+    pixel = faithfulness_run([RunDir(copies[0])], progress=False, grid=None, **options)[0]
     assert capsys.readouterr().err == ""
     native = faithfulness_run([RunDir(copies[1])], progress=True, grid="native", **options)[0]
     lines = capsys.readouterr().err.splitlines()
@@ -373,7 +375,7 @@ def test_native_grid_and_plain_progress_lines_on_a_non_terminal(tiny_run, tmp_pa
     for a, b in zip(pixel.methods, native.methods):
         assert all(torch.equal(a.curves[c].auc, b.curves[c].auc) for c in a.curves), a.method
     assert len(lines) == 2 + 3, lines
-    assert lines[0].startswith("faithfulness native: batch 1/2 (2 of 4 images) saliency ")
+    assert lines[0].startswith("faithfulness native (zero, grid 32): batch 1/2 (2 of 4 images) saliency ")
     assert lines[0].endswith(" s elapsed)") and "random" in lines[0] and "uniform" in lines[0]
     assert [line.split(": ")[1].split(" (")[0] for line in lines[2:]] == [
         f"{m} scored on 4 images" for m in ("saliency", "random", "uniform")]
@@ -390,7 +392,7 @@ def test_stored_explanations_are_scored_instead_of_explained_again(tiny_run, tmp
         shutil.copytree(tiny_run.path, copy, ignore=shutil.ignore_patterns("faithfulness*", "explanations"))
     explain_run(RunDir(copies[1]), ["saliency", "gradcam"], "test", 6, 4, "predicted", device="cpu", progress=False)
     options = dict(methods=["saliency", "gradcam"], n_images=8, steps=4, explain_batch_size=4, resume=False,
-                   progress=False)
+                   progress=False, baseline="zero")
     explained: dict[str, int] = {"fresh": 0, "stored": 0}
     real = faithfulness_runner._explain_all
 
@@ -452,7 +454,7 @@ def test_the_model_grid_is_the_cam_layers_cells_or_the_vits_patches(tiny_run, tm
     (dict(steps=0), "option --steps must be at least 1, not 0"),
     (dict(batch_size=0), "option --batch-size must be at least 1, not 0"),
     (dict(baseline="grey"), "option --baseline must be one of zero, mean, blur, road, not 'grey'"),
-    (dict(grid=0), "option --grid must be a number of cells per side >= 1, native, model or none (pixels), not 0"),
+    (dict(grid=0), "option --grid must be a number of cells per side >= 1, common, native, model or none (pixels), not 0"),
     (dict(methods=["gradcam", "nope"]), "option --methods: unknown method(s) nope"),
 ])
 def test_the_settings_check_every_option_when_made(options, fragment):
@@ -481,7 +483,7 @@ def test_the_settings_resolve_a_named_grid_and_keep_the_cache_key_of_earlier_ver
     with pytest.raises(AttributeError):
         settings.steps = 5  # type: ignore[misc]
     std = (0.5, 0.5, 0.5)
-    common = dict(steps=4, batch_size=64, explain_batch_size=8, seed=0, method_options={"saliency": {}})
+    common = dict(steps=4, batch_size=64, explain_batch_size=8, seed=0, method_options={"saliency": {}}, protocol=2)
     assert cache_settings(settings.with_grid(None), std) == dict(common, baseline="zero")
     assert cache_settings(FaithfulnessSettings(steps=4, baseline="road", grid=8, method_options={"saliency": {}}),
                           std) == dict(common, baseline="road", grid=8, pixel_std=[0.5, 0.5, 0.5])
@@ -521,8 +523,9 @@ def test_the_terminal_table_never_cuts_a_name_and_says_what_plus_minus_is():
     assert half_width(rows[0], "deletion") == pytest.approx(0.049)
     assert "0.100 ±" in text and "0.049" in text
     words = " ".join(text.split())
-    assert "± : half-width of the 95 % confidence interval of the mean AUC over the images" in words
-    assert "1.96 × sample std of the per-image AUCs / √images" in words
+    assert "± : half-width of the 95 % confidence interval of the mean over the images" in words
+    assert "1.96 × sample std of the per-image values / √images" in words
+    assert "the paired tests (faithfulness_tests.csv) decide which map set is better" in words
 
 
 @pytest.mark.parametrize("markup", [True, False])
@@ -544,7 +547,8 @@ def test_the_markdown_table_says_what_plus_minus_is():
 
     text = markdown_table(_table_rows("run", "efficientnet_lite0"))
     assert "| efficientnet_lite0 |" in text and "0.100 ± 0.049" in text
-    assert text.rstrip().endswith("random and uniform are reference maps.") and "± : half-width of the 95 %" in text
+    assert "random and uniform are reference maps." in text and "± : half-width of the 95 %" in text
+    assert text.rstrip().endswith("so such a map is not a decomposition of the logit.")
 
 
 @pytest.mark.parametrize("grid", [None, 4])

@@ -256,6 +256,9 @@ def test_the_pipelines_defaults_are_the_protocol():
     assert (config.faithfulness_grid, config.faithfulness_steps, config.baselines) == ("common", 10, ["zero", "road"])
     assert config.faithfulness_sensitivity_grids == ["model", "none"]
     assert FaithfulnessSettings().grid == "common"
+    quick = load_config()  # make run: the same protocol, fewer images, the zero baseline alone (its budget)
+    assert (quick.faithfulness_grid, quick.faithfulness_steps, quick.baselines) == ("common", 10, ["zero"])
+    assert load_config(options={"preset": "offline-full"}).baselines == ["zero", "road"]
     with pytest.raises(XtlError, match="^option --faithfulness-baseline must be one or more of zero, mean, blur, road"):
         load_config(options={"faithfulness_baseline": ["zero", "grey"]})
     with pytest.raises(XtlError, match="^option --faithfulness-sensitivity-grids must be a number >= 1, common"):

@@ -151,62 +151,63 @@ def _row(run, model, method, n=25, **metrics):
     return row
 
 
-def test_faithfulness_findings_need_both_references_beaten_with_separate_intervals():
-    rows = [
-        # deletion (lower is better): gradcam beats both; saliency has a lower mean than uniform but
-        # their intervals overlap, so it beats only random
-        _row("r", "cnn", "gradcam", deletion=(0.10, 0.02), insertion=(0.50, 0.02), positive=(0.30, 0.05)),
-        _row("r", "cnn", "saliency", deletion=(0.13, 0.02), insertion=(0.48, 0.02), positive=(0.80, 0.05)),
-        _row("r", "cnn", "integrated_gradients", deletion=(0.20, 0.02), insertion=(0.60, 0.02), positive=(0.31, 0.05)),
-        _row("r", "cnn", "random", deletion=(0.25, 0.02), insertion=(0.55, 0.02), positive=(0.50, 0.05)),
-        _row("r", "cnn", "uniform", deletion=(0.15, 0.02), insertion=(0.70, 0.02), positive=(0.50, 0.05)),
-    ]
-    [(label, sentences)] = faithfulness_findings(rows)
-    assert label == "cnn"
-    deletion, insertion, positive = sentences
-    assert deletion.startswith("On deletion (lower is better), gradcam beats both reference maps for cnn "
-                               "(gradcam 0.100 ± 0.020; random 0.250 ± 0.020, uniform 0.150 ± 0.020).")
-    assert "saliency" not in deletion  # 0.13 ± 0.02 overlaps uniform's 0.15 ± 0.02
-    # insertion (higher is better): ig beats random only; nobody beats uniform (0.70)
-    assert insertion.startswith("On insertion (higher is better) no method beats the uniform map for cnn")
-    assert "integrated_gradients beats only the random map" in insertion
-    assert "gradcam and saliency are worse than the random map" in insertion  # 0.50 and 0.48 below 0.55, apart
-    assert positive.startswith("On positive perturbation (lower is better), gradcam and integrated_gradients beat "
-                               "both reference maps for cnn")
-    assert "saliency is worse than the random map" in positive
+def _per_image(run: str, model: str, means: dict[str, float], n: int = 40) -> list[dict]:
+    """Per-image rows as faithfulness_images.csv holds them: each map set's gaps around its mean."""
+    g = np.random.default_rng(0)
+    rows = []
+    for method, mean in means.items():
+        noise = g.normal(0, 0.05, n)
+        for i in range(n):
+            value = mean + noise[i]
+            rows.append({"run": run, "model": model, "method": method, "reading": "unsigned", "label": method,
+                         "n_images": float(n), "steps": 10.0, "baseline": "zero", "grid": "32", "image": i, "id": str(i),
+                         "deletion": 0.5 - value / 2, "insertion": 0.5 + value / 2, "srg": value,
+                         "srg_accuracy": value})
+    return rows
 
 
-def test_faithfulness_findings_say_when_no_method_beats_either_reference_and_read_true_class_columns():
-    rows = [_row("a", "vit", "attention_rollout", negative=(0.40, 0.05), negative_true=(0.62, 0.02)),
-            _row("a", "vit", "random", negative=(0.42, 0.05), negative_true=(0.45, 0.05)),
-            _row("a", "vit", "uniform", negative=(0.41, 0.05), negative_true=(0.55, 0.03)),
-            _row("b", "cnn", "gradcam", n=1, negative=(0.9, 0.0)),
-            _row("b", "cnn", "random", n=1, negative=(0.1, 0.0)),
-            _row("b", "cnn", "uniform", n=1, negative=(0.1, 0.0))]
-    findings = dict(faithfulness_findings(rows))
-    negative, negative_true = findings["vit"]
-    assert negative == ("On negative perturbation (higher is better) no method beats the random or the uniform map "
-                        "for vit (random 0.420 ± 0.050, uniform 0.410 ± 0.050).")
-    assert negative_true.startswith("On negative perturbation with true-class maps (higher is better), "
-                                    "attention_rollout beats both reference maps for vit")
-    assert dict(faithfulness_findings(rows[:2]))["vit"] == [
-        "For vit the table lacks a reference map (random and uniform): no method is compared with them."]
-    assert findings["cnn"] == ["For cnn only 1 image was scored: the intervals are not defined and no method is "
-                               "compared with the reference maps."]
+def _faithfulness_tables(folder: Path) -> None:
+    """faithfulness_combined{,_tests}.csv of two runs as the job writes them, from per-image rows: the CNN's
+    gradcam clearly ahead of both references, the ViT's rollout level with them."""
+    from xtl.faithfulness.paired import comparison_rows
+    from xtl.faithfulness.results import write_rows
+
+    images = (_per_image("cnn", "cnn", {"gradcam": 0.30, "saliency": 0.05, "random": 0.0, "uniform": 0.06})
+              + _per_image("vit", "vit", {"attention_rollout": 0.005, "random": 0.0, "uniform": 0.0}))
+    rows = []
+    for key in dict.fromkeys((r["run"], r["label"]) for r in images):
+        mine = [r for r in images if (r["run"], r["label"]) == key]
+        row = {k: mine[0][k] for k in ("run", "model", "method", "reading", "label", "n_images", "steps", "baseline",
+                                       "grid")}
+        for column in ("srg", "srg_accuracy", "deletion", "insertion"):
+            values = np.array([r[column] for r in mine])
+            row[column], row[f"{column}_std"] = float(values.mean()), float(values.std(ddof=1))
+        row.update(explain_s=1.0, score_s=1.0, score_images_per_s=1.0)
+        rows.append(row)
+    write_rows(folder / "faithfulness_combined.csv", rows)
+    write_rows(folder / "faithfulness_combined_tests.csv", comparison_rows(images))
 
 
-def test_faithfulness_findings_of_the_table_the_pipeline_writes(tmp_path):
-    """The columns and half-widths of a real faithfulness CSV (write_csv / read_rows)."""
-    from xtl.faithfulness.runner import read_rows, write_csv
+def test_faithfulness_findings_of_the_tables_the_job_writes(tmp_path):
+    from xtl.faithfulness.results import read_rows, read_tests
 
-    rows = [_row("r", "cnn", m, deletion=d, insertion=i) for m, d, i in
-            (("gradcam", (0.1, 0.01), (0.9, 0.01)), ("random", (0.3, 0.01), (0.5, 0.01)),
-             ("uniform", (0.3, 0.01), (0.5, 0.01)))]
-    write_csv(tmp_path / "f.csv", rows)
-    [(_, sentences)] = faithfulness_findings(read_rows(tmp_path / "f.csv"))
-    assert [s.split(" (")[0] for s in sentences] == ["On deletion", "On insertion"]
-    assert all("), gradcam beats both reference maps for cnn (gradcam " in s for s in sentences)
-    assert "random 0.300 ± 0.010, uniform 0.300 ± 0.010)" in sentences[0]
+    _faithfulness_tables(tmp_path)
+    rows, tests = read_rows(tmp_path / "faithfulness_combined.csv"), read_tests(tmp_path / "faithfulness_combined_tests.csv")
+    findings = dict(faithfulness_findings(rows, tests))
+    cnn, vit = findings["cnn"], findings["vit"]
+    assert cnn[0].startswith("On the probability gap (insertion − deletion, the symmetric relevance gain; higher is "
+                             "better, 0 for a random ranking), gradcam beats both reference maps for cnn (paired "
+                             "tests on the same 40 images, Holm-corrected over the report's 14 comparisons)")
+    assert "For saliency the tests cannot decide against both references." in cnn[0]  # 0.05 vs uniform's 0.06
+    assert cnn[1].startswith("Between the methods of cnn: gradcam over saliency +0.23")
+    assert vit[0].startswith("On the probability gap") and "no map set of vit beats both reference maps" in vit[0]
+    assert "the data cannot decide" in vit[0]
+    # without the tests (an older job) the report says how to get them instead of deciding from intervals
+    assert faithfulness_findings(rows)[0][1] == [
+        "For cnn there are no paired tests (faithfulness_tests.csv): run `xtl faithfulness` again to compare the "
+        "methods on the same images."]
+    assert dict(faithfulness_findings(rows[:2], tests))["cnn"] == [
+        "For cnn the table lacks a reference map (random and uniform): no method is compared with them."]
 
 
 # ----------------------------------------------------------------------------- training, kind of run
@@ -319,20 +320,6 @@ def _write_run(path: Path, model: str, family: str, right: list[bool], ids: list
     return RunDir(path)
 
 
-def _faithfulness_csv(folder: Path) -> None:
-    from xtl.faithfulness.runner import write_csv
-
-    rows = [_row("cnn", "cnn", "gradcam", deletion=(0.10, 0.02), insertion=(0.60, 0.02)),
-            _row("cnn", "cnn", "random", deletion=(0.30, 0.02), insertion=(0.50, 0.02)),
-            _row("cnn", "cnn", "uniform", deletion=(0.30, 0.02), insertion=(0.59, 0.02)),
-            _row("vit", "vit", "attention_rollout", deletion=(0.29, 0.02), insertion=(0.52, 0.02)),
-            _row("vit", "vit", "random", deletion=(0.30, 0.02), insertion=(0.50, 0.02)),
-            _row("vit", "vit", "uniform", deletion=(0.30, 0.02), insertion=(0.51, 0.02))]
-    for r in rows:
-        r.update(explain_s=1.0, score_s=1.0, score_images_per_s=1.0)
-    write_csv(folder / "faithfulness_combined.csv", rows)
-
-
 def test_report_says_what_it_found(tmp_path):
     ids = list(range(60))
     cnn_right = [True] * 30 + [True] * 3 + [False] * 17 + [False] * 10   # b = 3 (cnn only), c = 17 (vit only)
@@ -340,7 +327,7 @@ def test_report_says_what_it_found(tmp_path):
     peaky = np.ones((16, 8, 8)); peaky[:5, 4, 4] = 100.0  # 5 of 16 maps peak on one isolated token
     cnn = _write_run(tmp_path / "cnn", "cnn", "cnn", cnn_right, ids, [1.0, 0.8, 0.9])
     vit = _write_run(tmp_path / "vit", "vit", "vit", vit_right, ids, [1.0, 0.8, 0.7], maps=peaky)
-    _faithfulness_csv(tmp_path)
+    _faithfulness_tables(tmp_path)
     html = build_report([cnn, vit], tmp_path / "report", folder=tmp_path, config={"preset": "quick"}).read_text()
 
     summary = html[html.index('<section id="summary">'):html.index("</section>")]
@@ -363,9 +350,10 @@ def test_report_says_what_it_found(tmp_path):
     assert "<td>3</td><td>17</td>" in comparison and f"<td>{p:.3f}</td>" in comparison
 
     faith = html[html.index('<section id="faithfulness">'):]
-    assert "On deletion (lower is better), gradcam beats both reference maps for cnn" in faith
-    assert "On insertion (higher is better) no method beats the uniform map for cnn" in faith
-    assert "On deletion (lower is better) no method beats the random or the uniform map for vit" in faith
+    assert "gradcam beats both reference maps for cnn (paired tests on the same 40 images" in faith
+    assert "no map set of vit beats both reference maps" in faith
+    assert "Holm&#39;s correction over all 14 comparisons of this report" in faith or \
+        "Holm's correction over all 14 comparisons of this report" in faith
     assert "<script" not in html and "<link" not in html
 
 

@@ -31,11 +31,14 @@ PLUS_MINUS = ("± : half-width of the 95 % confidence interval of the mean over 
 GAP_HEADERS = {"srg": "SRG prob", "srg_accuracy": "SRG acc"}
 
 
-def table_columns() -> list[tuple[str, str]]:
+def table_columns(true_class: bool = True) -> list[tuple[str, str]]:
     """(CSV column, header) of the table: the two gaps first (what the report leads with), then every
-    metric of the predicted class, accuracy ones also of the true class."""
+    metric of the predicted class, accuracy ones also of the true class (`true_class`; the terminal
+    table leaves them to the CSV and the report, to fit 100 columns)."""
     columns = [(g.name, f"{GAP_HEADERS.get(g.name, g.name)} {g.arrow}") for g in GAPS.values()]
     columns += [(m.name, f"{m.name} {m.arrow}") for m in METRICS.values()]
+    if not true_class:
+        return columns
     return columns + [(f"{name}_true", f"{name} (true) {METRICS[name].arrow}") for name in ACCURACY_METRICS]
 
 
@@ -58,12 +61,12 @@ def faithfulness_table(rows: list[dict]) -> Group:
         table = Table(title=Text(title, style="bold", no_wrap=True, overflow="fold"),
                       title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0))
         table.add_column("map set", no_wrap=True, min_width=max(len(_label(r)) for r in group))
-        for _, header in table_columns():  # wide enough for the header's longest word and for "0.123 ±"
+        for _, header in table_columns(true_class=False):  # wide enough for the header's longest word and "0.123 ±"
             table.add_column(header, justify="right", min_width=max(7, *map(len, header.split())))
         table.add_column("explain s", justify="right")
         table.add_column("score img/s", justify="right")
         # Text cells, not markup: the same table on a console that reads markup and on one that does not
-        for row, cells in _formatted(group, lambda text: Text(text, style="bold")):
+        for row, cells in _formatted(group, lambda text: Text(text, style="bold"), true_class=False):
             table.add_row(Text(_label(row)), *[Text(c) if isinstance(c, str) else c for c in cells],
                           Text(f"{row['explain_s']:.1f}"), Text(f"{row['score_images_per_s']:.1f}"))
         tables.append(table)
@@ -123,9 +126,9 @@ def _images(rows: list[dict]) -> str:
     return "/".join(sorted({f"{r['n_images']:.0f}" for r in rows}))
 
 
-def _formatted(rows: list[dict], emphasis: Callable[[str], Any]) -> list[tuple[dict, list[Any]]]:
+def _formatted(rows: list[dict], emphasis: Callable[[str], Any], true_class: bool = True) -> list[tuple[dict, list[Any]]]:
     """Each row with its metric cells; the best explanation method of each column emphasised."""
-    columns = [c for c, _ in table_columns()]
+    columns = [c for c, _ in table_columns(true_class)]
     best = {c: _best(rows, c) for c in columns}
     return [(row, [emphasis(_cell(row, c)) if best[c] == _label(row) else _cell(row, c) for c in columns])
             for row in rows]
