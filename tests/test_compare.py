@@ -20,7 +20,8 @@ def test_compare_keeps_the_scores_of_the_scored_run(tmp_path, cifar):
     scored = tiny_run(tmp_path / "scored", cifar, "timm:resnet10t", 32, accelerator="cpu")
     shutil.copytree(scored.path, tmp_path / "unscored")
     unscored = RunDir(tmp_path / "unscored")
-    faithfulness_run([scored], ["saliency"], n_images=4, steps=2, batch_size=16, explain_batch_size=4, progress=False)
+    faithfulness_run([scored], ["saliency"], n_images=4, steps=2, batch_size=16, explain_batch_size=4, progress=False,
+                     baseline="zero")
     assert scored.file("faithfulness.csv").is_file() and not unscored.file("faithfulness.csv").exists()
 
     out = tmp_path / "cmp"

@@ -155,7 +155,7 @@ def _command(command: str, run: Path, tmp_path: Path, monkeypatch) -> list:
         "explain": ["explain", run, "--methods", "saliency", "--images", 4, "--batch-size", 4, "--no-progress"],
         "compare": ["compare", run, "--out", tmp_path / "compare"],
         "faithfulness": ["faithfulness", run, "--methods", "saliency", "--images", 2, "--steps", 2,
-                         "--explain-batch-size", 2, "--no-progress"],
+                         "--explain-batch-size", 2, "--baseline", "zero", "--no-progress"],
     }[command]
 
 

@@ -23,7 +23,7 @@ from xtl.runs import RunDir
 from helpers import XTL, one_line_error, tiny_run
 
 METHODS = "gradcam,saliency"
-FAITHFULNESS = ["--methods", METHODS, "--images", "16", "--steps", "4", "--explain-batch-size", "4",
+FAITHFULNESS = ["--methods", METHODS, "--baseline", "zero", "--images", "16", "--steps", "4", "--explain-batch-size", "4",
                 "--batch-size", "32"]
 
 
@@ -36,7 +36,7 @@ def one_and_two(tmp_path_factory, cifar):
     explain_run(one, METHODS.split(","), batch_size=8, device="cpu", progress=False, gallery_size=3)
     evaluate(one, device="cpu")
     faithfulness_run([one], METHODS.split(","), n_images=16, steps=4, explain_batch_size=4, batch_size=32,
-                     device="cpu", progress=False)
+                     device="cpu", progress=False, baseline="zero")
     for command in (["explain", str(two.path), "--methods", METHODS, "--batch-size", "8"],
                     ["evaluate", str(two.path)],
                     ["faithfulness", str(two.path), *FAITHFULNESS]):

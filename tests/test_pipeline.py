@@ -305,9 +305,10 @@ def test_presets_follow_the_paper_and_the_offline_recipe():
     lite = full.run_config("efficientnet_lite0")
     assert (lite.split, lite.optimizer, lite.input_size) == ("paper", "adamw", None) and full.explain_images is None
     quick = load_config()
-    assert quick.run_config("vit_s14_dinov2").train_size == 4500 and quick.faithfulness_images == 100
+    assert quick.run_config("vit_s14_dinov2").train_size == 4500 and quick.faithfulness_images == 64
     # the recipe the quick preset stands for is what a run records (BENCHMARKS.md chose it)
     vit, cnn = quick.run_config("vit_s14_dinov2"), quick.run_config("efficientnet_lite0")
     assert (vit.freeze_blocks, vit.input_size, vit.epochs, vit.cache_frozen, vit.precision) == (6, 112, 2, True, "auto")
     assert (cnn.freeze_blocks, cnn.input_size, cnn.test_size, cnn.head_epochs) == (11, 128, 1000, 0)
-    assert (quick.faithfulness_grid, quick.faithfulness_steps, full.faithfulness_steps) == ("model", 5, 10)
+    assert (quick.faithfulness_grid, quick.faithfulness_steps, full.faithfulness_steps) == ("common", 10, 10)
+    assert (quick.baselines, full.baselines, full.faithfulness_sensitivity_grids) == (["zero"], ["zero", "road"], ["model", "none"])

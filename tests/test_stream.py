@@ -189,7 +189,7 @@ def test_explanations_and_faithfulness_of_a_streamed_run_are_those_of_the_in_mem
         shards = sorted((paths["maps"] / "gradcam").glob("*/batch_*.safetensors"))
         maps[name] = [(s.relative_to(paths["maps"]), load_file(str(s))) for s in shards]
         faithfulness_run([run], ["gradcam"], n_images=8, steps=4, batch_size=8, device="cpu", progress=False,
-                         resume=False)
+                         resume=False, baseline="zero")
     assert [p for p, _ in maps["memory"]] == [p for p, _ in maps["stream"]]
     for (_, a), (_, b) in zip(maps["memory"], maps["stream"]):
         assert torch.equal(a["raw"], b["raw"]) and torch.equal(a["ids"], b["ids"])
