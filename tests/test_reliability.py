@@ -542,7 +542,8 @@ def _scores(path: Path) -> list[dict]:
 
 @pytest.mark.xdist_group("reliability_run")  # shares the module's tiny run
 def test_a_faithfulness_job_killed_midway_resumes_without_recomputing(run, tmp_path, monkeypatch, capsys):
-    options = dict(methods=["gradcam", "saliency"], n_images=12, steps=2, explain_batch_size=4, progress=False)
+    options = dict(methods=["gradcam", "saliency"], n_images=12, steps=2, explain_batch_size=4, progress=False,
+                   baseline="zero")
     reference = _copy_run(run, tmp_path / "reference")
     faithfulness_runner.faithfulness_run([reference], **options)
 
