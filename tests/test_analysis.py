@@ -160,6 +160,7 @@ def test_analyse_writes_every_number_and_the_report_shows_them(runs):
     assert set(robust) == randomised and data["robustness_sentences"]
     for r in robust.values():  # the maps do move under noise, and a ratio of norms is not negative
         assert r["n"] == 2 and 0 < r["max_sensitivity_mean"] and r["local_lipschitz_low"] <= r["local_lipschitz_mean"]
+        assert 0 <= r["max_sensitivity_undefined"] < 2  # an all-zero map (Grad-CAM) is left out, not inf
     for name in ("statistics.csv", "rates.csv", "agreement.csv", "claims.csv", "randomisation.csv", "robustness.csv",
                  "figures/agreement.png", "figures/concentration.png"):
         assert (folder / "analysis" / name).is_file(), name

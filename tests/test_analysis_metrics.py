@@ -133,6 +133,15 @@ def test_max_sensitivity_of_a_linear_map_and_batched_calls(resnet):
     assert torch.equal(got, M.max_sensitivity(_CountingMean(), images, targets, radius=0.2, n_samples=6, seed=3))
 
 
+def test_max_sensitivity_of_an_all_zero_map_is_undefined_not_inf(resnet):
+    images = resnet[2]
+    targets = torch.zeros(len(images), dtype=torch.long)
+    zeroed = images.clone()
+    zeroed[0] = 0  # its own map is all zeros; every noisy copy's is not
+    got = M.max_sensitivity(lambda x, t: x.mean(dim=1).abs(), zeroed, targets, radius=0.2, n_samples=3, seed=0)
+    assert torch.isnan(got[0]) and torch.isfinite(got[1:]).all()
+
+
 def test_local_lipschitz_estimate_scales_maps_and_divides_by_the_noise_norm(resnet):
     images = resnet[2]
     targets = torch.zeros(len(images), dtype=torch.long)

@@ -32,7 +32,8 @@ def test_compare_keeps_the_scores_of_the_scored_run(tmp_path, cifar):
     section = re.search(r'<section id="faithfulness">(.*?)</section>', html, re.S).group(1)
     table = re.search(r"<table>(.*?)</table>", section, re.S).group(1)
     for row in read_rows(scored.file("faithfulness.csv")):  # every scored row, with its number
-        assert f"<td>{row['model']}</td><td class=\"text\">{row['method']}</td>" in table
+        assert (f"<td>{row['model']}</td><td class=\"text\">{row['baseline']}</td>"
+                f"<td class=\"text\">{row['label']}</td>") in table
     assert "saliency" in table and "unscored" not in table
     assert "Not scored: unscored (run <code>xtl faithfulness</code> on it)." in section
 

@@ -138,7 +138,8 @@ def test_batched_maps_equal_maps_one_image_at_a_time(name, request):
         assert batched.shape == single.shape and batched.abs().sum() > 0, method
         assert torch.allclose(batched, single, rtol=1e-4, atol=1e-5 * single.abs().max()), method
         batched, single = _batched_and_single(model64, method, images.double(), targets)
-        assert torch.allclose(batched, single, rtol=1e-10, atol=1e-10 * single.abs().max()), method
+        # float64 round-off through 12 LRP divisions reaches ~4e-10 of the largest value; a batching bug is O(1)
+        assert torch.allclose(batched, single, rtol=1e-8, atol=1e-8 * single.abs().max()), method
 
 
 # ----------------------------------------------------------------------------- 3. an independent reference

@@ -167,6 +167,28 @@ def test_a_run_is_scored_on_the_common_grid_under_both_baselines_with_every_read
     assert not any(t["first_method"] == t["second_method"] for t in tests)  # no reading against its own method
 
 
+def test_score_model_resolves_the_named_grids_from_its_inputs_and_refuses_native(scored_run):
+    from dataclasses import replace
+
+    from xtl.errors import XtlError
+    from xtl.faithfulness.runner import score_model
+    from xtl.faithfulness.settings import FaithfulnessSettings
+    from xtl.inference import LoadedRun
+
+    loaded = LoadedRun(scored_run[0], "test", "cpu")
+    images, labels = loaded.inputs(slice(0, 2)), loaded.part.labels[:2]
+    settings = FaithfulnessSettings(steps=2, explain_batch_size=2, baseline="zero")
+    default = score_model(loaded.model, loaded.spec, images, labels, ["saliency"], settings)  # "common"
+    fixed = score_model(loaded.model, loaded.spec, images, labels, ["saliency"], settings.with_grid(28))
+    for a, b in zip(default, fixed):  # no source images here: "common" is the fixed 28 x 28 grid
+        assert all(torch.equal(a.curves[c].values, b.curves[c].values) for c in a.curves)
+    own = score_model(loaded.model, loaded.spec, images, labels, ["saliency"], replace(settings, grid="model"))
+    two = score_model(loaded.model, loaded.spec, images, labels, ["saliency"], settings.with_grid(2))  # 64 px CAM
+    assert all(torch.equal(own[0].curves[c].values, two[0].curves[c].values) for c in own[0].curves)
+    with pytest.raises(XtlError, match="--grid native needs the source images"):
+        score_model(loaded.model, loaded.spec, images, labels, ["saliency"], replace(settings, grid="native"))
+
+
 def test_the_logit_share_is_the_sum_of_the_lrp_map_over_the_explained_logit(scored_run):
     from xtl.explain import explain
     from xtl.inference import LoadedRun

@@ -310,9 +310,9 @@ def test_explain_and_faithfulness_decode_a_streamed_split_in_worker_processes(ci
         assert a.method == b.method and set(a.curves) == set(b.curves)
         for column in a.curves:
             assert torch.equal(a.curves[column].values, b.curves[column].values), (a.method, column)
-    std = loaded.preprocess.std
-    assert cache_folder(tmp_path, loaded.model, lazy, labels, settings, std) == \
-        cache_folder(tmp_path, loaded.model, whole, labels, settings, std)
+    std, resolved = loaded.preprocess.std, settings.with_grid(28)  # "common" at 32 px: 28 cells
+    assert cache_folder(tmp_path, loaded.model, lazy, labels, resolved, std) == \
+        cache_folder(tmp_path, loaded.model, whole, labels, resolved, std)
 
 
 CLI_LIMITED = """
@@ -369,6 +369,6 @@ def test_finetune_explain_and_faithfulness_run_streamed_where_memory_would_not_d
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list((run.path / "explanations" / "test" / "gradcam").glob("*/batch_*.safetensors"))) == 2
     done = limited("faithfulness", str(run.path), "--methods", "gradcam", "--images", "8", "--steps", "4",
-                   "--grid", "8", "--batch-size", "8", "--explain-batch-size", "4", "--device", "cpu", "--no-progress")
+                   "--grid", "8", "--baseline", "zero", "--batch-size", "8", "--explain-batch-size", "4", "--device", "cpu", "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
     assert [row["method"] for row in read_rows(run.file("faithfulness.csv"))] == ["gradcam", "random", "uniform"]

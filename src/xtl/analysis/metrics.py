@@ -219,6 +219,9 @@ def max_sensitivity(explain_fn: ExplainFn, images: torch.Tensor, targets: torch.
     `quantus.MaxSensitivity(lower_bound=radius, nr_samples=n_samples)` with its defaults otherwise:
     noise uniform in [-radius, radius] added to every input value (the preprocessed image), no
     normalisation or abs of the maps, score max_s ||a(x + n_s) - a(x)||_F / ||a(x)||_F.
+    An image whose own map is all zeros (a Grad-CAM whose evidence is all negative, say) has no
+    relative change: its score is NaN, not Quantus's division-by-zero inf, so a mean over images
+    leaves it out instead of becoming inf.
     Quantus's default `nr_samples` is 200; xtl's 10 keeps the cost at 10 explanations per image.
 
     Args:
@@ -231,7 +234,9 @@ def max_sensitivity(explain_fn: ExplainFn, images: torch.Tensor, targets: torch.
                               lambda g, shape: (torch.rand(shape, generator=g) * 2 - 1) * radius)
     reference = _flat_maps(explain_fn(images, targets), "explain_fn's output").double()
     noisy = _noisy_maps(explain_fn, images, targets, noise, batch_size).double()
-    ratio = (noisy - reference).norm(dim=2) / reference.norm(dim=1)
+    norm = reference.norm(dim=1)
+    ratio = (noisy - reference).norm(dim=2) / norm
+    ratio = torch.where(norm > 0, ratio, torch.full_like(ratio, math.nan))
     return _nanmax(ratio, dim=0).to(images.dtype)
 
 

@@ -268,9 +268,16 @@ def robustness_row(loaded, s: MapSet, images: torch.Tensor, targets: torch.Tenso
                                                          n_samples=n, seed=SEED)}
     row = {"model": s.model, "method": s.method, "n": len(images), "samples": n}
     for name, values in found.items():
-        summary = mean_interval(torch.as_tensor(values).double().cpu(), SEED)
+        values = torch.as_tensor(values).double().cpu()
+        row[f"{name}_undefined"] = int(torch.isnan(values).sum())  # an all-zero map has no relative change
+        summary = mean_interval(values, SEED)
         row.update({f"{name}_{key}": v for key, v in summary.items() if key != "n"})
     return row
+
+
+def _undefined_note(row: dict) -> str:
+    undefined = row.get("max_sensitivity_undefined", 0)
+    return f" (without {undefined} of {row['n']} images whose map is all zeros)" if undefined else ""
 
 
 def robustness_sentences(rows: list[dict]) -> list[str]:
@@ -281,7 +288,7 @@ def robustness_sentences(rows: list[dict]) -> list[str]:
         if not mine:
             continue
         parts = [f"{r['method']} {r['max_sensitivity_mean']:.2f} [{r['max_sensitivity_low']:.2f}, "
-                 f"{r['max_sensitivity_high']:.2f}]" for r in mine]
+                 f"{r['max_sensitivity_high']:.2f}]" + _undefined_note(r) for r in mine]
         text = (f"{model}: under input noise of {ROBUSTNESS['radius']} (normalised units) the maps change by "
                 f"at most (max-sensitivity, relative to the map, lower is steadier): " + ", ".join(parts))
         if len(mine) > 1:
@@ -413,7 +420,7 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
               ["key", "statement", "difference", "low", "high", "p_value", "n", "verdict", "sentence"])
     write_csv(out / "robustness.csv", robust_rows,
               ["model", "method", "n", "samples"] + [f"{m}_{k}" for m in ("max_sensitivity", "local_lipschitz")
-                                                      for k in ("mean", "low", "high")])
+                                                      for k in ("mean", "low", "high", "undefined")])
     write_csv(out / "randomisation.csv", random_rows, ["model", "method", "layer", "order", "spearman", "n", "undefined"])
     timings["total"] = round(time.perf_counter() - start, 2)
     result = {

@@ -41,6 +41,7 @@ from xtl.faithfulness.cache import CACHE, batch_path, cache_folder, read_batch, 
 from xtl.faithfulness.metrics import Curve
 from xtl.faithfulness.perturbation import (
     COMMON_GRID,
+    NAMED_GRIDS,
     RandomMaps,
     check_grid_size,
     forward_logits,
@@ -83,8 +84,10 @@ def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, 
     `images`: preprocessed [N, 3, H, W], or an `xtl.inference.SplitInputs` that makes them a batch at a
     time (so `xtl faithfulness` holds a batch, not the N images: the references too are made per batch).
 
-    `settings`: how (default `FaithfulnessSettings()`); its grid must be cells per side or None
-    (`settings.with_grid`). The images go through in batches of `settings.explain_batch_size`. With
+    `settings`: how (default `FaithfulnessSettings()`). Its grid is cells per side, None (pixels),
+    "common" (`COMMON_GRID` cells, or the input's pixels where it is smaller: without the source images
+    there is no source resolution to use) or "model" (`model_grid`); "native" needs the source images,
+    which only a run has (`faithfulness_run`). The images go through in batches of `settings.explain_batch_size`. With
     `cache` (a folder), each batch's scores of each method are kept there as they finish, under a
     key of the model's weights, the images and every setting: a killed job run again computes only
     what is missing. A grid perturbs G x G cells; the random reference is then random per cell.
@@ -102,6 +105,8 @@ def score_model(model: nn.Module, spec: ModelSpec | None, images: torch.Tensor, 
 
     spec = describe_model(model, spec)  # None: the attached description, or what inspection tells
     settings = settings or FaithfulnessSettings()
+    if settings.grid in NAMED_GRIDS:
+        settings = settings.with_grid(_grid_of_inputs(settings.grid, model, spec, images))
     grid = settings.cells
     check_grid_size(grid, tuple(images.shape[-2:]))
     pixel_std = tuple(spec.std if pixel_std is None else pixel_std)
@@ -436,6 +441,17 @@ def resolve_grid(grid: int | str | None, model: nn.Module, spec: ModelSpec, sour
     if grid == "model":
         return model_grid(model, spec, one_input)
     return grid
+
+
+def _grid_of_inputs(grid: str, model: nn.Module, spec: ModelSpec, images) -> int | None:
+    """A named grid resolved from preprocessed inputs alone (`score_model`, no source images)."""
+    side = min(images.shape[-2:])
+    if grid == "common":
+        return None if side <= COMMON_GRID else COMMON_GRID
+    if grid == "model":
+        return model_grid(model, spec, images[:1])
+    raise XtlError("option --grid native needs the source images, which score_model does not see: "
+                   "give the cells per side, or score a run (faithfulness_run)")
 
 
 def common_grid(source_images: torch.Tensor, one_input: torch.Tensor, what: str) -> int | None:
