@@ -12,7 +12,7 @@ import torch
 from helpers import XTL, one_line_error, tiny_run
 from xtl.analysis.agreement import agreement, spearman, top_iou
 from xtl.analysis.claims import group_claim, paired_claim, verdict
-from xtl.analysis.statistics import bootstrap_interval, map_statistics, mean_interval, permutation_test, relevance_shares
+from xtl.analysis.statistics import bootstrap_interval, bootstrap_test, map_statistics, mean_interval, relevance_shares
 
 
 def _one_hot(h: int = 10, w: int = 10, r: int = 2, c: int = 7) -> torch.Tensor:
@@ -60,13 +60,17 @@ def test_bootstrap_interval_covers_the_mean_and_is_seeded():
     assert summary["n"] == 200 and summary["low"] < summary["mean"] < summary["high"]
 
 
-def test_permutation_test_separates_different_groups_only():
+def test_the_bootstrap_test_separates_different_groups_only_and_its_p_agrees_with_its_interval():
     g = torch.Generator().manual_seed(0)
     a, b, c = torch.randn(40, generator=g), torch.randn(40, generator=g) + 2, torch.randn(40, generator=g)
-    assert permutation_test(a, b) < 0.001
-    assert permutation_test(a, c) > 0.05
-    assert permutation_test(a, c, seed=3) == permutation_test(a, c, seed=3)
-    assert permutation_test(b - a) < 0.001 and permutation_test(c - a) > 0.05  # paired: sign flips
+    groups = lambda x, y: x.mean(1) - y.mean(1)  # noqa: E731
+    assert bootstrap_test(a, b, statistic=groups)[2] < 0.001
+    assert bootstrap_test(a, c, statistic=groups)[2] > 0.05
+    assert bootstrap_test(a, c, statistic=groups, seed=3) == bootstrap_test(a, c, statistic=groups, seed=3)
+    assert bootstrap_test(b - a)[2] < 0.001 and bootstrap_test(c - a)[2] > 0.05  # paired differences
+    for shift in (0.0, 0.2, 0.3, 0.4, 0.5, 0.8):  # the same resamples: the interval excludes 0 iff p < 0.05
+        low, high, p = bootstrap_test(a + shift, c, statistic=groups)
+        assert bool(low > 0 or high < 0) == bool(p < 0.05), (shift, low, high, p)
 
 
 # ------------------------------------------------------------------------------ agreement
@@ -96,10 +100,12 @@ def test_a_constant_map_has_no_rank_correlation_and_top_iou_counts_cells():
 
 
 def test_verdict_rule():
-    assert verdict(0.01, 0.2) == "supported"
-    assert verdict(-0.3, -0.02) == "contradicted"
-    assert verdict(-0.1, 0.1) == "cannot decide"
-    assert verdict(0.1, 0.2, enough=False) == "cannot decide"
+    assert verdict(0.01, 0.2, 0.01) == "supported"
+    assert verdict(-0.3, -0.02, 0.001) == "contradicted"
+    assert verdict(-0.1, 0.1, 0.6) == "cannot decide"
+    assert verdict(0.1, 0.2, 0.001, enough=False) == "cannot decide"
+    # an interval clear of 0 beside a p-value that is not (as the old permutation p could be): no verdict
+    assert verdict(0.012, 0.141, 0.38) == "cannot decide"
 
 
 def test_claims_on_constructed_groups():

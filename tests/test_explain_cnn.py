@@ -23,7 +23,8 @@ CAM = ["gradcam", "gradcam++", "scorecam", "layercam", "eigencam"]
 CAPTUM = ["saliency", "integrated_gradients", "smoothgrad"]
 LRP = ["lrp_epsilon", "lrp_alpha_beta", "lrp_zplus"]
 OURS = CAM + CAPTUM + LRP
-FEW_STEPS = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"n_samples": 3}}  # keeps CPU runs short
+FEW_STEPS = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"n_samples": 3},  # keeps CPU runs short
+             "rise": {"n_masks": 20, "masks_per_eval": 8}}  # 8 + 8 + 4: the last chunk is short
 
 
 def _build(name: str, pretrained: bool = False, size: int = 64) -> tuple[nn.Module, ModelSpec]:
@@ -112,7 +113,7 @@ def _library_maps(method: str, model: nn.Module, spec: ModelSpec, x: torch.Tenso
 # ----------------------------------------------------------------------------- batched = one by one
 
 
-@pytest.mark.parametrize("method", OURS)
+@pytest.mark.parametrize("method", OURS + ["rise"])
 def test_a_batch_gives_the_maps_of_its_images_one_by_one(alexnet, vit_tiny, method):
     for model, spec in [alexnet] + ([vit_tiny] if "vit" in METHODS[method].families else []):
         x = torch.randn(3 if method != "scorecam" else 2, 3, 64, 64, generator=torch.Generator().manual_seed(2))

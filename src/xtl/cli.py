@@ -316,7 +316,7 @@ def _print_epochs(run) -> None:
 # every registered method, by family (a test pins this against xtl.explain.METHODS; importing it here
 # would load torch for `xtl --help`)
 METHOD_NAMES = (
-    "any model: saliency, input_x_gradient, integrated_gradients, smoothgrad, occlusion, kernel_shap, "
+    "any model: saliency, input_x_gradient, integrated_gradients, smoothgrad, occlusion, rise, kernel_shap, "
     "gradient_shap, lime, gradcam, gradcam++, layercam, scorecam, eigencam "
     "(CAM methods: CNNs and ViTs); CNNs: lrp_epsilon, lrp_alpha_beta, lrp_zplus; ViTs: transformer_attribution, attnlrp, cp_lrp, "
     "lrp_rollout, partial_lrp, full_lrp, raw_attention, attention_rollout, attention_gradcam"

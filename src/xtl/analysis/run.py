@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from xtl.analysis.agreement import agreement, common_grid, plot_agreement, shared
+from xtl.analysis.claims import RESAMPLES as CLAIM_RESAMPLES
 from xtl.analysis.claims import Claim, group_claim, paired_claim
 from xtl.analysis.statistics import DESCRIPTIONS, STATISTICS, map_statistics, mean_interval, relevance_shares, summarise
 from xtl.errors import XtlError
@@ -428,7 +429,7 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
         "runs": [str(r.path) for r in runs],
         "normalisation": "positive part of each raw map, normalised to sum 1 on the method's own grid; "
                          "maps with no positive mass are flat and left out",
-        "settings": {"seed": SEED, "bootstrap_resamples": 2000, "permutations": 10_000, "level": 0.95,
+        "settings": {"seed": SEED, "bootstrap_resamples": 2000, "claim_resamples": CLAIM_RESAMPLES, "level": 0.95,
                      "top_iou_share": 0.1, "complexity_eps": COMPLEXITY_EPS, "randomisation_images": randomisation_images,
                      "randomisation_layers": randomisation_layers,
                      "depends_below": DEPENDS},

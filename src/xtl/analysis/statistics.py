@@ -1,5 +1,5 @@
 """Per-map statistics of stored explanation maps, and the two resampling tools every number of
-`xtl.analysis` is reported with: a seeded bootstrap interval and a seeded permutation test.
+`xtl.analysis` is reported with: a seeded bootstrap interval and the p-value of the same resamples.
 
 Every statistic reads a map the same way, whichever method made it: its **positive part** (the
 evidence for the explained class; negative cells count as 0, as `xtl.report.artefacts` reads maps),
@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from xtl.statistics import bootstrap_p, percentile_interval
+
 STATISTICS = ("gini", "entropy", "top5", "top10", "row", "col", "spread")
 DESCRIPTIONS = {
     "gini": "Gini index (1 = all relevance in one cell)",
@@ -37,7 +39,6 @@ DESCRIPTIONS = {
     "spread": "RMS distance from the centre of mass",
 }
 RESAMPLES = 2000
-PERMUTATIONS = 10_000
 LEVEL = 0.95
 
 
@@ -96,6 +97,20 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
     return x.mean(1)
 
 
+def _resampled(samples, statistic, resamples: int, seed: int) -> torch.Tensor | None:
+    """`statistic` on `resamples` seeded resamples of the samples (each resampled on its own), or
+    None when a sample is empty."""
+    generator = torch.Generator().manual_seed(seed)
+    drawn = []
+    for sample in samples:
+        sample = torch.as_tensor(sample).double()
+        if len(sample) == 0:
+            return None
+        index = torch.randint(len(sample), (resamples, len(sample)), generator=generator)
+        drawn.append(sample[index])
+    return (statistic or _mean)(*drawn)
+
+
 def bootstrap_interval(*samples: torch.Tensor, statistic: Callable[..., torch.Tensor] | None = None,
                        resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> tuple[torch.Tensor, torch.Tensor]:
     """Percentile bootstrap interval of `statistic` (default: the mean of the one sample).
@@ -104,52 +119,23 @@ def bootstrap_interval(*samples: torch.Tensor, statistic: Callable[..., torch.Te
     sample of paired differences for paired data); `statistic(*resampled)` gets [R, n_i, ...] tensors
     and returns [R, ...]. Seeded: the same call gives the same interval. Returns (low, high), each of
     the statistic's trailing shape. NaN rows should be dropped before."""
-    statistic = statistic or _mean
-    generator = torch.Generator().manual_seed(seed)
-    drawn = []
-    for sample in samples:
-        sample = torch.as_tensor(sample).double()
-        if len(sample) == 0:
-            nan = torch.full(sample.shape[1:], float("nan"), dtype=torch.float64)
-            return nan, nan.clone()
-        index = torch.randint(len(sample), (resamples, len(sample)), generator=generator)
-        drawn.append(sample[index])
-    values = statistic(*drawn)
-    alpha = (1 - level) / 2
-    bounds = torch.quantile(values, torch.tensor([alpha, 1 - alpha], dtype=values.dtype), dim=0)
-    return bounds[0], bounds[1]
+    low, high, _ = bootstrap_test(*samples, statistic=statistic, resamples=resamples, seed=seed, level=level)
+    return low, high
 
 
-def permutation_test(a: torch.Tensor, b: torch.Tensor | None = None, permutations: int = PERMUTATIONS,
-                     seed: int = 0, chunk: int = 1000) -> float:
-    """Two-sided p-value of "mean(a) - mean(b) is 0" by relabelling (a, b independent groups), or,
-    with `b` None, of "mean(a) is 0" for paired differences `a` by flipping their signs. Seeded,
-    `permutations` draws in batches of `chunk`; p = (1 + #as extreme) / (1 + permutations)."""
-    generator = torch.Generator().manual_seed(seed)
-    a = torch.as_tensor(a).double().flatten()
-    if b is None:
-        if len(a) == 0:
-            return float("nan")
-        observed = a.mean().abs()
-        extreme = 0
-        for start in range(0, permutations, chunk):
-            m = min(chunk, permutations - start)
-            signs = torch.randint(0, 2, (m, len(a)), generator=generator).double() * 2 - 1
-            extreme += int(((signs * a).mean(1).abs() >= observed - 1e-12).sum())
-        return (1 + extreme) / (1 + permutations)
-    b = torch.as_tensor(b).double().flatten()
-    if len(a) == 0 or len(b) == 0:
-        return float("nan")
-    pooled = torch.cat([a, b])
-    observed = (a.mean() - b.mean()).abs()
-    extreme = 0
-    for start in range(0, permutations, chunk):
-        m = min(chunk, permutations - start)
-        order = torch.rand(m, len(pooled), generator=generator).argsort(1)
-        shuffled = pooled[order]
-        diff = shuffled[:, :len(a)].mean(1) - shuffled[:, len(a):].mean(1)
-        extreme += int((diff.abs() >= observed - 1e-12).sum())
-    return (1 + extreme) / (1 + permutations)
+def bootstrap_test(*samples: torch.Tensor, statistic: Callable[..., torch.Tensor] | None = None,
+                   resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`bootstrap_interval` and the two-sided p-value of "the statistic is 0" from the *same*
+    resamples (`xtl.statistics.bootstrap_p`): (low, high, p). The interval excludes 0 exactly when
+    p is below 1 - level (to 1 / (resamples + 1)), so a verdict reading both never sees them disagree."""
+    values = _resampled(samples, statistic, resamples, seed)
+    if values is None:
+        shape = torch.as_tensor(samples[0]).shape[1:]
+        nan = torch.full(shape, float("nan"), dtype=torch.float64)
+        return nan, nan.clone(), nan.clone()
+    low, high = percentile_interval(values, level)
+    return low, high, bootstrap_p(values)
 
 
 def mean_interval(values: torch.Tensor, seed: int = 0) -> dict[str, float]:

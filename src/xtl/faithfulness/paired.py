@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from xtl.faithfulness.metrics import GAPS
+from xtl.statistics import bootstrap_p, percentile_interval
 
 RESAMPLES = 20_000
 LEVEL = 0.95
@@ -64,11 +65,9 @@ def summarise(differences: torch.Tensor, means: torch.Tensor, level: float = LEV
     """Per comparison (column): the observed mean, the percentile interval of the resampled `means` and the
     two-sided bootstrap p-value 2 min(#{m <= 0} + 1, #{m >= 0} + 1) / (R + 1), capped at 1."""
     d = torch.as_tensor(differences, dtype=torch.float64)
-    alpha = (1 - level) / 2
-    bounds = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64), dim=0)
-    below, above = (means <= 0).sum(0), (means >= 0).sum(0)
-    p = (2 * (torch.minimum(below, above) + 1) / (means.shape[0] + 1)).clamp(max=1.0)
-    return [Difference(d.shape[0], float(d[:, j].mean()), float(bounds[0, j]), float(bounds[1, j]), float(p[j]))
+    low, high = percentile_interval(means, level)
+    p = bootstrap_p(means)
+    return [Difference(d.shape[0], float(d[:, j].mean()), float(low[j]), float(high[j]), float(p[j]))
             for j in range(d.shape[1])]
 
 
