@@ -136,6 +136,13 @@ def check_option_type(method: str, key: str, value: Any, default: Any) -> None:
         raise XtlError(f"option {key} of method {method} must be {kind} like its default {default!r}, not {value!r}")
 
 
+def check_counts(method: str, **counts: int) -> None:
+    """Each count option (samples, masks, a batch) of `method` is at least 1."""
+    for option, value in counts.items():
+        if value < 1:
+            raise XtlError(f"option {option} of method {method} must be at least 1, not {value}")
+
+
 METHODS: dict[str, ExplainMethod] = {}
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xtl.errors import XtlError
-from xtl.explain.base import ExplainMethod, register_method
+from xtl.explain.base import ExplainMethod, check_counts, register_method
 from xtl.models import ModelDescription
 
 
@@ -55,10 +55,7 @@ class OcclusionMap(ExplainMethod):
         if not 1 <= side <= min(height, width):
             raise XtlError(f"option window of method occlusion must be between 1 and the image side {min(height, width)}, "
                            f"not {side}")
-        if step < 1:
-            raise XtlError(f"option stride of method occlusion must be at least 1, not {step}")
-        if perturbations_per_eval < 1:
-            raise XtlError(f"option perturbations_per_eval of method occlusion must be at least 1, not {perturbations_per_eval}")
+        check_counts(self.name, stride=step, perturbations_per_eval=perturbations_per_eval)
         channels = images.shape[1]
         with torch.no_grad():
             attributions = Occlusion(model).attribute(
@@ -108,14 +105,11 @@ class RiseMap(ExplainMethod):
         n_masks: int = 2000, cells: int = 7, keep: float = 0.5, seed: int = 0, masks_per_eval: int = 32,
     ) -> torch.Tensor:
         height, width = images.shape[-2:]
-        if n_masks < 1:
-            raise XtlError(f"option n_masks of method rise must be at least 1, not {n_masks}")
+        check_counts(self.name, n_masks=n_masks, masks_per_eval=masks_per_eval)
         if not 1 <= cells <= min(height, width):
             raise XtlError(f"option cells of method rise must be between 1 and the image side {min(height, width)}, not {cells}")
         if not 0 < keep < 1:
             raise XtlError(f"option keep of method rise must be a probability strictly between 0 and 1, not {keep}")
-        if masks_per_eval < 1:
-            raise XtlError(f"option masks_per_eval of method rise must be at least 1, not {masks_per_eval}")
         b = images.shape[0]
         total = torch.zeros(b, height, width, dtype=torch.float64, device=images.device)
         rows = torch.arange(b, device=images.device)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from xtl.errors import XtlError
-from xtl.explain.base import ExplainMethod, register_method
+from xtl.explain.base import ExplainMethod, check_counts, register_method
 from xtl.models import ModelDescription
 
 
@@ -115,12 +115,6 @@ def feature_masks(images: torch.Tensor, spec: ModelDescription, method: str, seg
     except ImportError:
         raise XtlError(f"segments='slic' of method {method} needs scikit-image: pip install scikit-image") from None
     return [slic_feature_mask(image, spec, n_segments, compactness) for image in images]
-
-
-def check_counts(method: str, **counts: int) -> None:
-    for option, value in counts.items():
-        if value < 1:
-            raise XtlError(f"option {option} of method {method} must be at least 1, not {value}")
 
 
 def need_sklearn(method: str) -> None:

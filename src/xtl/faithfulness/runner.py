@@ -555,9 +555,9 @@ def faithfulness_imagenet(folder: Path, model: str = "efficientnet_lite0", metho
     images = Preprocess(spec.input_size, spec.mean, spec.std)(raw.to(device))
     results = []
     for g in grids:
-        # the photos are finer than the input they were decoded at: the common grid is COMMON_GRID
-        cells = min(COMMON_GRID, spec.input_size) if g == "common" else resolve_grid(g, net, spec, raw, images[:1],
-                                                                                       str(folder))
+        # the photos are finer than the input they were decoded at: the common grid is the inputs' own
+        cells = _grid_of_inputs(g, net, spec, images) if g == "common" else resolve_grid(g, net, spec, raw, images[:1],
+                                                                                         str(folder))
         for b in baselines if g == grid else baselines[:1]:
             scores = score_model(net, spec, images, labels, chosen, replace(settings, baseline=b).with_grid(cells),
                                  progress, f"{spec.name} (ImageNet, {b}, grid {grid_label(cells)})",
