@@ -150,6 +150,18 @@ def test_analyse_writes_every_number_and_the_report_shows_them(runs):
     for claim in data["claims"]:
         assert claim["verdict"] in ("supported", "contradicted", "cannot decide") and claim["sentence"].endswith(").")
     assert data["claims"][2]["n"] == [24]  # paired on the same 24 images
+    # model against model with the same method (saliency, stored for both), each model's own method a secondary row
+    tests = {r["method"]: r for r in data["claims"][2]["methods"]}
+    assert set(tests) == {"saliency", "transformer_attribution (ViT) vs gradcam (CNN)"}
+    assert tests["saliency"]["role"] == "test" and tests["transformer_attribution (ViT) vs gradcam (CNN)"]["role"] == "secondary"
+    # 2 images cannot gate a claim: no method is in any verdict, so none can be decided
+    assert all(not r["in_verdict"] for c in data["claims"] for r in c["methods"])
+    assert all(c["verdict"] == "cannot decide" for c in data["claims"])
+    assert {s["status"] for s in data["sanity"]} == {"not checked on 64 images (2)"}
+    errors = {r["method"] for r in data["claims"][1]["methods"]}
+    assert errors == {"gradcam", "saliency"} and data["settings"]["claim_grid"] == 32  # CIFAR's pixels
+    sensitivity = {(r["model"], r["method"]): r for r in data["class_sensitivity"]}
+    assert len(sensitivity) == 4 and all(r["n"] == 2 and -1 <= r["mean"] <= 1 for r in sensitivity.values())
     gini = [r for r in data["statistics"] if r["statistic"] == "gini" and r["group"] == "all"]
     assert len(gini) == 4 and all(r["low"] <= r["mean"] <= r["high"] and r["n"] == 24 for r in gini)
     assert {r["group"] for r in data["statistics"]} >= {"all", "correct", "misclassified", "class:cat"}
@@ -168,6 +180,7 @@ def test_analyse_writes_every_number_and_the_report_shows_them(runs):
         assert r["n"] == 2 and 0 < r["max_sensitivity_mean"] and r["local_lipschitz_low"] <= r["local_lipschitz_mean"]
         assert 0 <= r["max_sensitivity_undefined"] < 2  # an all-zero map (Grad-CAM) is left out, not inf
     for name in ("statistics.csv", "rates.csv", "agreement.csv", "claims.csv", "randomisation.csv", "robustness.csv",
+                 "claim_tests.csv", "class_sensitivity.csv",
                  "figures/agreement.png", "figures/concentration.png"):
         assert (folder / "analysis" / name).is_file(), name
     assert result["seconds"]["total"] > 0
@@ -178,6 +191,8 @@ def test_analyse_writes_every_number_and_the_report_shows_them(runs):
         assert claim["verdict"] in html
     assert "cascading model-parameter randomisation" in html and "analysis_agreement.png" in html
     assert "Robustness: how much the maps move under small input noise" in html
+    assert "Class sensitivity: does the map change with the class it explains?" in html
+    assert "(secondary: different methods)" in html and "not checked on 64 images (2)" in html
 
 
 def test_analyse_command_and_its_refusals(runs, tmp_path):
@@ -194,3 +209,5 @@ def test_analyse_command_and_its_refusals(runs, tmp_path):
                                   capture_output=True, text=True), "no stored maps", str(cnn.path))
     one_line_error(subprocess.run([XTL, "analyse", str(cnn.path), "--randomisation-images", "-1"],
                                   capture_output=True, text=True), "--randomisation-images")
+    one_line_error(subprocess.run([XTL, "analyse", str(cnn.path), "--robustness-images", "-1"],
+                                  capture_output=True, text=True), "--robustness-images")

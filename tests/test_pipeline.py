@@ -187,7 +187,13 @@ def test_run_writes_every_step(finished):
                      f"figures/gallery_misclassified_{methods}.png", "figures/training_curves.png"):
             assert (run / name).is_file(), run / name
     maps = folder / "timm_resnet10t" / "explanations" / "test"
-    assert len(list((maps / "gradcam").glob("*/batch_*.safetensors"))) == 2  # 16 images in batches of 8, one set
+    assert len(list((maps / "saliency").glob("*/batch_*.safetensors"))) == 2  # 16 images in batches of 8, one set
+    # the quick preset's explain_every_image: Grad-CAM of all 30 test images too, in the same set (batches 0-7 .. 24-29)
+    assert len(list((maps / "gradcam").glob("*/batch_*.safetensors"))) == 4
+    from xtl.explain.runner import read_stored_maps
+    from xtl.runs import RunDir
+
+    assert len(read_stored_maps(RunDir(folder / "timm_resnet10t"), "gradcam")[2]) == 30
     assert not (maps / "transformer_attribution").exists()  # a ViT method, skipped for the CNN
     assert len(list((folder / "timm_vit_tiny_patch16_224" / "explanations" / "test" / "transformer_attribution").glob("*/batch_*"))) == 2
     vit = yaml.safe_load((folder / "timm_vit_tiny_patch16_224" / "config.yaml").read_text())["run"]

@@ -432,6 +432,9 @@ def run_command(
     per_model: Optional[list[str]] = typer.Option(None, help="MODEL.KEY=VALUE fine-tuning setting for one model; repeatable."),
     explain_methods: Optional[str] = typer.Option(None, help="Comma-separated explanation methods (those that don't apply to a model are skipped)."),
     explain_images: Optional[str] = typer.Option(None, help="Maps of the first N test images, or all."),
+    explain_every_image: Optional[str] = typer.Option(None, help="Comma-separated methods whose maps are made of every "
+                                                      "test image too (the analysis's error claims need 1,000); "
+                                                      "'' for none (quick: gradcam)."),
     explain_batch_size: Optional[int] = typer.Option(None, help="Images per explanation batch."),
     explain_target: Optional[str] = typer.Option(None, help="Explain the predicted or the true class."),
     gallery_size: Optional[int] = typer.Option(None, help="Images per misclassified gallery."),
@@ -465,6 +468,7 @@ def run_command(
         "preset": preset, "name": name, "runs_dir": runs_dir, "source": source, "title": title, "device": device,
         "models": _list(models), "explain_methods": _list(explain_methods), "faithfulness_methods": _list(faithfulness_methods),
         "explain_images": None if images == "all" else images, "explain_batch_size": explain_batch_size,
+        "explain_every_image": _list(explain_every_image),
         "explain_target": explain_target, "gallery_size": gallery_size, "faithfulness_images": faithfulness_images,
         "faithfulness_steps": faithfulness_steps, "faithfulness_baseline": _list(faithfulness_baseline),
         "faithfulness_sensitivity_grids": None if faithfulness_sensitivity_grids is None else [
@@ -660,7 +664,11 @@ def analyse_command(
     out: Optional[Path] = typer.Option(None, help="Output folder (default: analysis/ in the runs' xtl run folder, "
                                        "else runs/analysis-A-vs-B)."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: every method with stored maps)."),
-    randomisation_images: int = typer.Option(8, help="Images of the model-parameter randomisation check (0: skip it)."),
+    randomisation_images: int = typer.Option(64, help="Images of the sanity checks (randomisation, class sensitivity) "
+                                             "of the methods a claim can rest on; under 64 they cannot gate a "
+                                             "claim, and 0 skips them: every verdict is then 'cannot decide'."),
+    robustness_images: int = typer.Option(8, help="The first N of them also scored for robustness, 32 noise samples "
+                                          "each (0: not reported)."),
     randomisation_layers: Optional[int] = typer.Option(None, help="Randomise only the top N layer groups (default: "
                                                        "all, down to the input; a ViT's transformer attribution costs "
                                                        "~0.3 s an image per group on a CPU)."),
@@ -672,6 +680,8 @@ def analyse_command(
     """
     if randomisation_images < 0:
         raise XtlError(f"option --randomisation-images must be 0 or more, not {randomisation_images}")
+    if robustness_images < 0:
+        raise XtlError(f"option --robustness-images must be 0 or more, not {robustness_images}")
     if randomisation_layers is not None and randomisation_layers < 1:
         raise XtlError(f"option --randomisation-layers must be 1 or more, not {randomisation_layers}")
     from xtl.analysis import analyse_runs
@@ -687,6 +697,7 @@ def analyse_command(
             Path("runs") / ("analysis-" + "-vs-".join(r.path.name for r in run_dirs))
     folder = _output_folder(out, "--out")
     result = analyse_runs(run_dirs, folder, methods=_list(methods), randomisation_images=randomisation_images,
+                          robustness_images=robustness_images,
                           randomisation_layers=randomisation_layers, device=_device(device))
     for claim in result["claims"]:
         console.print(Text(f"{claim['verdict']}: {claim['sentence']}"))

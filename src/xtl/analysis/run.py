@@ -12,42 +12,49 @@ analysis):
                         complexity (`xtl.analysis.metrics`) with intervals
     agreement.csv       per pair of (model, method): Spearman and top-10 % IoU on the shared images
     claims.csv          the paper's claims (`xtl.analysis.claims`) with verdicts
+    claim_tests.csv     each claim's test per method: difference, interval, p, Holm p, sanity status
     randomisation.csv   cascading model-parameter randomisation: mean Spearman per method and layer
+    class_sensitivity.csv  Spearman of the predicted and the least likely class's maps per method
     robustness.csv      max-sensitivity and local Lipschitz estimate of the same methods on the same images
     figures/agreement.png, figures/concentration.png
     analysis.json       every number above, the sentences the report shows, the settings
 
-Reads only stored maps and predictions.csv, except the randomisation check, which loads each model
-and explains `RANDOMISATION_IMAGES` images once per randomised layer.
+Reads only stored maps and predictions.csv, except the sanity checks (`xtl.analysis.sanity`), which
+load each model and explain `RANDOMISATION_IMAGES` images once per randomised layer group and twice
+for class sensitivity, for each method whose tests can enter a verdict (`sanity_methods`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from xtl.analysis.agreement import agreement, common_grid, plot_agreement, shared
 from xtl.analysis.claims import RESAMPLES as CLAIM_RESAMPLES
-from xtl.analysis.claims import Claim, group_claim, paired_claim
+from xtl.analysis.claims import CONFIDENCE_BINS, MIN_GROUP, Claim, group_claim, paired_claim
+from xtl.analysis.sanity import DEPENDS, MIN_IMAGES
 from xtl.analysis.statistics import DESCRIPTIONS, STATISTICS, map_statistics, mean_interval, relevance_shares, summarise
 from xtl.errors import XtlError
 from xtl.io import write_csv, write_json
 from xtl.runs import RunDir
 
-ANALYSIS_VERSION = 2  # part of the pipeline step's fingerprint: a change of what is computed redoes it
+ANALYSIS_VERSION = 3  # part of the pipeline step's fingerprint: a change of what is computed redoes it
 SEED = 0
-RANDOMISATION_IMAGES = 8
-# the pipeline's cheap setting: a ViT's transformer attribution costs ~0.3 s an image on a CPU, once
-# per randomised layer group; the top groups (head, final norm, last blocks) show the effect first
-PIPELINE_RANDOMISATION = {"images": 4, "layers": 4}
+RANDOMISATION_IMAGES = MIN_IMAGES  # the sanity checks' images: fewer cannot gate a claim (xtl.analysis.sanity)
+ERROR_IMAGES = 1000  # maps an error claim needs (or every test image, where a run has fewer)
+# the pipeline's setting: the gating checks in full (every layer group, 64 images), no robustness (32
+# noise samples of every image cost 64 explanations an image, which a 2-core CPU's budget does not hold)
+PIPELINE_RANDOMISATION = {"images": RANDOMISATION_IMAGES, "layers": None, "robustness": 0}
 COMPLEXITY_EPS = 0.1  # effective complexity: cells above this fraction of the map's peak
-ROBUSTNESS = {"radius": 0.2, "std": 0.1, "samples": 5}  # Quantus's noise defaults; 5 of its 200 samples
-DEPENDS = 0.5  # a method depends on the weights when its fully randomised maps correlate less than this
+ROBUSTNESS = {"radius": 0.2, "std": 0.1, "samples": 32}  # Quantus's noise defaults; 32 of its 200 samples
+ROBUSTNESS_IMAGES = 8
 PRIMARY = {"cnn": "gradcam", "vit": "transformer_attribution", "other": "saliency"}  # the paper's methods
 
 
@@ -64,6 +71,7 @@ class MapSet:
     labels: torch.Tensor  # [N] true class
     correct: torch.Tensor  # [N] bool
     run: RunDir | None = None
+    confidence: torch.Tensor | None = None  # [N] the model's top-1 probability
 
     @property
     def label(self) -> str:
@@ -78,7 +86,7 @@ def stored_methods(run: RunDir, split: str = "test") -> list[str]:
 def read_map_sets(run: RunDir, methods: list[str] | None = None) -> list[MapSet]:
     """The run's stored test maps per method (methods with none are left out), each image's true class
     and whether the run classified it correctly (from predictions.csv, matched by image id)."""
-    from xtl.evaluate import read_predicted
+    from xtl.evaluate import read_predicted, read_predictions
     from xtl.explain.runner import read_stored_maps
 
     data = run.read()
@@ -87,7 +95,9 @@ def read_map_sets(run: RunDir, methods: list[str] | None = None) -> list[MapSet]
     if not run.file("predictions.csv").is_file():
         raise XtlError(f"run directory {run.path} has no predictions.csv; run `xtl evaluate {run.path}` first")
     ids, labels, predicted = read_predicted(run)
-    truth = {int(i): (int(y), int(p) == int(y)) for i, y, p in zip(ids, labels, predicted)}
+    _, _, probabilities = read_predictions(run)
+    top = probabilities.max(1).values.double().tolist()
+    truth = {int(i): (int(y), int(p) == int(y), c) for i, y, p, c in zip(ids, labels, predicted, top)}
     sets = []
     for method in methods or stored_methods(run):
         stored = read_stored_maps(run, method)
@@ -100,7 +110,8 @@ def read_map_sets(run: RunDir, methods: list[str] | None = None) -> list[MapSet]
         raw, targets, map_ids = raw[keep], targets[keep], map_ids[keep]
         sets.append(MapSet(model, family, method, raw.double(), targets, map_ids,
                            torch.tensor([truth[int(i)][0] for i in map_ids.tolist()]),
-                           torch.tensor([truth[int(i)][1] for i in map_ids.tolist()], dtype=torch.bool), run))
+                           torch.tensor([truth[int(i)][1] for i in map_ids.tolist()], dtype=torch.bool), run,
+                           torch.tensor([truth[int(i)][2] for i in map_ids.tolist()], dtype=torch.float64)))
     return sets
 
 
@@ -175,57 +186,140 @@ def agreement_rows(sets: list[MapSet]) -> tuple[list[str], dict[str, torch.Tenso
     return labels, matrices, rows
 
 
-def paper_claims(sets: list[MapSet], per_map: dict[str, dict]) -> list[Claim]:
-    """(a) ViT errors more concentrated, (b) CNN errors more concentrated, (c) ViT vs CNN (paired)."""
-    primary = {}
+@functools.lru_cache(maxsize=64)
+def _test_facts(path: str) -> tuple[int, torch.Tensor]:
+    """(test images, the first test image as uint8 [1, 3, h, w] at its stored size) of a run, from
+    split.csv and one decoded file: without decoding the whole split."""
+    import csv
+
+    from xtl.data.sources import open_source
+    from xtl.data.splits import decode_into_memory
+    from xtl.runs import split_spec
+
+    run = RunDir(path)
+    with open(run.file("split.csv"), newline="") as f:
+        test_ids = [int(row["id"]) for row in csv.DictReader(f) if row["split"] == "test"]
+    config = run.config()
+    partition = open_source(config.source).partition("test")
+    first = decode_into_memory(partition, np.asarray(test_ids[:1]), split_spec(config).store_size, f"run {path}")
+    return len(test_ids), first
+
+
+def claim_grid(runs: list[RunDir]) -> int | None:
+    """Cells a side of every claim's maps: the faithfulness protocol's common grid of these runs
+    (`xtl.faithfulness.runner.common_grid`: CIFAR's 32 x 32, else 28 x 28), the same for every model."""
+    from xtl.faithfulness.runner import COMMON_GRID, common_grid as protocol_grid
+
+    grids = set()
+    for run in runs:
+        source = _test_facts(str(run.path))[1]
+        grids.add(protocol_grid(source, run.preprocess()(source), f"run {run.path}"))
+    return grids.pop() if len(grids) == 1 else COMMON_GRID
+
+
+def claim_methods(sets: list[MapSet]) -> tuple[dict[str, MapSet], list[str]]:
+    """The first ViT and the first CNN among the sets' models, and the methods stored for both."""
+    first: dict[str, str] = {}
     for s in sets:
-        if s.family in ("vit", "cnn") and s.method == PRIMARY[s.family] and s.family not in primary:
-            primary[s.family] = s
+        if s.family in ("vit", "cnn"):
+            first.setdefault(s.family, s.model)
+    of = lambda family: {s.method: s for s in sets if s.model == first.get(family)}  # noqa: E731
+    vit, cnn = of("vit"), of("cnn")
+    return first, [m for m in vit if m in cnn]
+
+
+def error_images(s: MapSet) -> int:
+    """Maps an error claim needs: `ERROR_IMAGES`, or every test image of the run where it has fewer."""
+    total = _test_facts(str(s.run.path))[0] if s.run is not None else len(s.ids)
+    return min(ERROR_IMAGES, total)
+
+
+def paper_claims(sets: list[MapSet], sanity: dict[tuple[str, str], str], grid: int | None) -> list[Claim]:
+    """(a) ViT errors more concentrated, (b) CNN errors, each per method within confidence bins, and
+    (c) ViT vs CNN, paired, per method stored for both models (module `xtl.analysis.claims`)."""
+    from xtl.analysis.claims import combine, confidence_bins, stratified_difference, to_grid
+
+    first, shared_methods = claim_methods(sets)
+    gini = lambda raw: map_statistics(to_grid(raw, grid))["gini"]  # noqa: E731
     claims = []
     for family, key, who in (("vit", "vit_errors", "the ViT"), ("cnn", "cnn_errors", "the CNN")):
-        s = primary.get(family)
-        if s is None:
+        mine = [s for s in sets if s.model == first.get(family)]
+        if not mine:
             continue
-        gini = per_map[s.label]["gini"]
-        claims.append(group_claim(key, f"{who}'s maps ({s.model}, {s.method}) are more concentrated on misclassified "
-                                  "than on correctly classified images", gini[~s.correct], gini[s.correct], seed=SEED))
-    if "vit" in primary and "cnn" in primary:
-        vit, cnn = primary["vit"], primary["cnn"]
-        pv, pc = shared(vit.ids, cnn.ids)
-        if len(pv):
-            a, b = common_grid(vit.raw[pv], cnn.raw[pc])
-            gini_v, gini_c = map_statistics(a)["gini"], map_statistics(b)["gini"]
-            h, w = a.shape[-2:]
-            claims.append(paired_claim("vit_vs_cnn", f"the ViT's maps ({vit.model}, {vit.method}) are more concentrated than "
-                                       f"the CNN's ({cnn.model}, {cnn.method}) on the same images (both on {h} x {w} cells)",
-                                       gini_v, gini_c, seed=SEED))
+        rows = []
+        for s in mine:
+            g, wrong = gini(s.raw), ~s.correct
+            plain = group_claim(key, "", g[wrong], g[s.correct], seed=SEED)
+            d, low, high, p, n, strata = stratified_difference(g, wrong, confidence_bins(s.confidence), seed=SEED,
+                                                               resamples=CLAIM_RESAMPLES)
+            need = error_images(s)
+            state = sanity.get((s.model, s.method), "not checked")
+            if len(s.ids) < need:
+                state = f"too few images ({len(s.ids)} of {need})"
+            rows.append({"method": s.method, "role": "test", "difference": d, "low": low, "high": high, "p_value": p,
+                         "n": list(n), "strata": strata, "sanity": state, "enough": min(n) >= MIN_GROUP,
+                         "plain_difference": plain.difference, "plain_low": plain.low, "plain_high": plain.high,
+                         "plain_p_value": plain.p_value, "images": len(s.ids)})
+        claims.append(combine(key, f"{who}'s maps ({first[family]}) are more concentrated on misclassified than on "
+                              "correctly classified images of the same confidence", rows, grid,
+                              f"misclassified minus correct within {CONFIDENCE_BINS} confidence bins"))
+    if "vit" in first and "cnn" in first:
+        of = lambda model, method: next(s for s in sets if s.model == model and s.method == method)  # noqa: E731
+        rows = []
+        pairs = [(m, m, "test") for m in shared_methods]
+        own = (PRIMARY["vit"], PRIMARY["cnn"])
+        if all(any(s.model == first[f] and s.method == m for s in sets) for f, m in zip(("vit", "cnn"), own)):
+            pairs.append((*own, "secondary"))
+        for vm, cm, role in pairs:
+            vit, cnn = of(first["vit"], vm), of(first["cnn"], cm)
+            pv, pc = shared(vit.ids, cnn.ids)
+            test = paired_claim("vit_vs_cnn", "", gini(vit.raw[pv]), gini(cnn.raw[pc]), seed=SEED)
+            states = [sanity.get((first["vit"], vm), "not checked"), sanity.get((first["cnn"], cm), "not checked")]
+            bad = [f"{who}: {st}" for who, st in zip(("ViT", "CNN"), states) if st != "passes"]
+            rows.append({"method": vm if vm == cm else f"{vm} (ViT) vs {cm} (CNN)", "role": role,
+                         "difference": test.difference, "low": test.low, "high": test.high, "p_value": test.p_value,
+                         "n": list(test.n), "enough": test.n[0] >= MIN_GROUP,
+                         "sanity": "passes" if not bad else "; ".join(bad)})
+        claims.append(combine("vit_vs_cnn", f"the ViT's maps ({first['vit']}) are more concentrated than the CNN's "
+                              f"({first['cnn']}) on the same images, by the same method", rows, grid,
+                              "paired ViT minus CNN"))
     return claims
 
 
-def randomisation_methods(family: str, stored: list[str]) -> list[str]:
-    """The methods the randomisation check explains again: the family's own method and saliency."""
-    return [m for m in dict.fromkeys((PRIMARY.get(family, "saliency"), "saliency")) if m in stored]
+def sanity_methods(sets: list[MapSet]) -> dict[str, list[str]]:
+    """model -> the methods whose tests can enter a verdict, which the sanity checks must examine:
+    those stored for both the ViT and the CNN, and those with enough maps for an error claim."""
+    first, shared_methods = claim_methods(sets)
+    out: dict[str, list[str]] = {}
+    for s in sets:
+        if s.model in first.values() and (s.method in shared_methods or len(s.ids) >= error_images(s)):
+            out.setdefault(s.model, []).append(s.method)
+    return out
 
 
-def randomisation_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, device: str | None,
-                       max_layers: int | None = None,
-                       robustness: list[dict] | None = None) -> tuple[list[dict], str | None]:
-    """Cascading model-parameter randomisation per model and method on the first `n_images` stored
-    images, from the top block down (`layer_groups="blocks"`, the top `max_layers` groups where given): rows (model, method, layer, order,
-    spearman: mean over the images whose randomised map is not constant, n: images, undefined: the
-    others); a note instead where it cannot run. With a `robustness` list, the same images and methods
-    are also scored for robustness (`robustness_row`) and the rows appended to it."""
+def sanity_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, device: str | None,
+                max_layers: int | None = None, robustness_images: int = 0
+                ) -> tuple[list[dict], list[dict], list[dict], dict[tuple[str, str], str], str | None]:
+    """The sanity checks (`xtl.analysis.sanity`) of the methods `sanity_methods` names, on the first
+    `n_images` stored images of each: cascading model-parameter randomisation from the top block
+    down (`layer_groups="blocks"`, all groups, or the top `max_layers`), rows (model, method, layer,
+    order, spearman: mean over the images whose randomised map is not constant, n, undefined); class
+    sensitivity, rows (model, method, n, mean, low, high, undefined); robustness (`robustness_row`) on
+    the first `robustness_images` of them; and each method's status. A note instead where the
+    randomisation check cannot run."""
+    from xtl.analysis.sanity import class_sensitivity, status
+
     try:
-        from xtl.analysis.metrics import randomisation_similarity
+        from xtl.analysis.metrics import layer_groups_of, randomisation_similarity
     except ImportError:
-        return [], "the randomisation check (xtl.analysis.metrics.randomisation_similarity) is not available"
+        note = "the randomisation check (xtl.analysis.metrics.randomisation_similarity) is not available"
+        return [], [], [], {}, note
     from xtl.inference import LoadedRun
 
-    rows = []
+    chosen = sanity_methods(sets)
+    random_rows, class_rows, robust_rows, states = [], [], [], {}
     for run in runs:
-        own = [s for s in sets if s.run is run]
-        chosen = randomisation_methods(own[0].family, [s.method for s in own]) if own else []
-        mine = [s for s in own if s.method in chosen]
+        mine = [s for s in sets if s.run is run and s.method in chosen.get(s.model, [])]
         if not mine or n_images <= 0:
             continue
         loaded = LoadedRun(run, device=device)
@@ -239,16 +333,26 @@ def randomisation_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, de
             found = randomisation_similarity(loaded.model, loaded.spec, images, targets, s.method,
                                              layers="cascading", similarity="spearman", seed=SEED,
                                              layer_groups="blocks", max_layers=max_layers)
-            if robustness is not None:
-                robustness.append(robustness_row(loaded, s, images, targets))
+            if robustness_images > 0:
+                robust_rows.append(robustness_row(loaded, s, images[:robustness_images], targets[:robustness_images]))
+            last = None
             for order, (layer, values) in enumerate(found):
                 values = torch.as_tensor(values).double().cpu()
                 undefined = torch.isnan(values)  # a randomised model's constant map: no rank correlation
                 kept = values[~undefined]
-                rows.append({"model": s.model, "method": s.method, "layer": str(layer), "order": order,
-                             "spearman": float(kept.mean()) if len(kept) else float("nan"), "n": len(values),
-                             "undefined": int(undefined.sum())})
-    return rows, None
+                last = {"model": s.model, "method": s.method, "layer": str(layer), "order": order,
+                        "spearman": float(kept.mean()) if len(kept) else float("nan"), "n": len(values),
+                        "undefined": int(undefined.sum())}
+                random_rows.append(last)
+            probabilities = loaded.probabilities[[position[i] for i in ids]]
+            values = class_sensitivity(loaded.model, loaded.spec, images, probabilities, s.method)
+            summary = mean_interval(values, SEED)
+            sensitivity = {"model": s.model, "method": s.method, "n": len(values), "mean": summary["mean"],
+                           "low": summary["low"], "high": summary["high"], "undefined": int(torch.isnan(values).sum())}
+            class_rows.append(sensitivity)
+            complete = len(found) >= len(layer_groups_of(loaded.model, "blocks"))  # down to the input
+            states[(s.model, s.method)] = status({**last, "complete": complete} if last else None, sensitivity)
+    return random_rows, class_rows, robust_rows, states, None
 
 
 def robustness_row(loaded, s: MapSet, images: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -386,10 +490,13 @@ def plot_concentration(rows: list[dict], path: Path) -> None:
 
 def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None,
                  randomisation_images: int = RANDOMISATION_IMAGES, randomisation_layers: int | None = None,
-                 device: str | None = None) -> dict[str, Any]:
+                 device: str | None = None, robustness_images: int = ROBUSTNESS_IMAGES) -> dict[str, Any]:
     """Measure the runs' stored maps and write the analysis folder (see the module's docstring).
-    `randomisation_images` 0 skips the randomisation check; `randomisation_layers`: randomise only the
-    top that many layer groups (None: all, down to the input)."""
+    `randomisation_images`: images of the sanity checks (randomisation and class sensitivity; 0 skips
+    them, and then no method passes them: every verdict is "cannot decide"; fewer than
+    `xtl.analysis.sanity.MIN_IMAGES` cannot gate either); `randomisation_layers`: randomise only the
+    top that many layer groups (None: all, down to the input, as gating needs);
+    `robustness_images`: the first that many of them also scored for robustness (0: not reported)."""
     start = time.perf_counter()
     sets = [s for run in runs for s in read_map_sets(run, methods)]
     if not sets:
@@ -400,13 +507,13 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
     stats_rows, per_map = statistics_rows(sets, class_names)
     rates = rate_rows(sets)
     labels, matrices, agree = agreement_rows(sets)
-    claims = paper_claims(sets, per_map)
     timings = {"statistics": round(time.perf_counter() - start, 2)}
     started = time.perf_counter()
-    robust_rows: list[dict] = []
-    random_rows, random_note = randomisation_rows(runs, sets, randomisation_images, device, randomisation_layers,
-                                                  robustness=robust_rows)
-    timings["randomisation"] = round(time.perf_counter() - started, 2)
+    random_rows, class_rows, robust_rows, states, random_note = sanity_rows(
+        runs, sets, randomisation_images, device, randomisation_layers, robustness_images)
+    timings["sanity"] = round(time.perf_counter() - started, 2)
+    grid = claim_grid(runs)
+    claims = paper_claims(sets, states, grid)
 
     figures = out / "figures"
     if len(sets) > 1:
@@ -417,8 +524,13 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
     write_csv(out / "rates.csv", rates)
     write_csv(out / "agreement.csv", agree, ["a", "b", "kind", "n", "spearman_mean", "spearman_low", "spearman_high",
                                              "iou_mean", "iou_low", "iou_high"])
-    write_csv(out / "claims.csv", [c.to_dict() for c in claims],
-              ["key", "statement", "difference", "low", "high", "p_value", "n", "verdict", "sentence"])
+    write_csv(out / "claims.csv", [{k: v for k, v in c.to_dict().items() if k != "methods"} for c in claims],
+              ["key", "statement", "difference", "low", "high", "p_value", "n", "verdict", "grid", "sentence"])
+    write_csv(out / "claim_tests.csv", [{"claim": c.key, **r} for c in claims for r in c.methods],
+              ["claim", "method", "role", "difference", "low", "high", "p_value", "p_holm", "n", "sanity",
+               "in_verdict", "verdict", "enough", "strata", "images", "plain_difference", "plain_low", "plain_high",
+               "plain_p_value"])
+    write_csv(out / "class_sensitivity.csv", class_rows, ["model", "method", "n", "mean", "low", "high", "undefined"])
     write_csv(out / "robustness.csv", robust_rows,
               ["model", "method", "n", "samples"] + [f"{m}_{k}" for m in ("max_sensitivity", "local_lipschitz")
                                                       for k in ("mean", "low", "high", "undefined")])
@@ -431,8 +543,9 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
                          "maps with no positive mass are flat and left out",
         "settings": {"seed": SEED, "bootstrap_resamples": 2000, "claim_resamples": CLAIM_RESAMPLES, "level": 0.95,
                      "top_iou_share": 0.1, "complexity_eps": COMPLEXITY_EPS, "randomisation_images": randomisation_images,
-                     "randomisation_layers": randomisation_layers,
-                     "depends_below": DEPENDS},
+                     "randomisation_layers": randomisation_layers, "robustness_images": robustness_images,
+                     "depends_below": DEPENDS, "sanity_min_images": MIN_IMAGES, "claim_grid": grid,
+                     "confidence_bins": CONFIDENCE_BINS, "error_images": ERROR_IMAGES, "min_group": MIN_GROUP},
         "statistics_described": DESCRIPTIONS,
         "sets": [{"model": s.model, "family": s.family, "method": s.method, "n": len(s.ids),
                   "grid": list(s.raw.shape[-2:]), "misclassified": int((~s.correct).sum())} for s in sets],
@@ -445,6 +558,8 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
         "randomisation": random_rows,
         "randomisation_sentences": randomisation_sentences(random_rows),
         "randomisation_note": random_note,
+        "class_sensitivity": class_rows,
+        "sanity": [{"model": m, "method": k, "status": v} for (m, k), v in states.items()],
         "robustness": robust_rows,
         "robustness_sentences": robustness_sentences(robust_rows),
         "robustness_settings": ROBUSTNESS,

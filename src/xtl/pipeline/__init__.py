@@ -220,15 +220,24 @@ class Pipeline:
 
     def explain_settings(self) -> list:
         c = self.config
-        return [c.explain_methods, c.explain_images, c.explain_batch_size, c.explain_target, c.gallery_size]
+        return [c.explain_methods, c.explain_images, c.explain_batch_size, c.explain_target, c.gallery_size,
+                c.explain_every_image]
 
     def explain(self, model: str) -> None:
-        from xtl.explain.runner import explain_run
+        from xtl.explain.runner import RunExplainer, applicable_methods, explain_run
 
         run, c = self.runs[model], self.config
         # stored maps are keyed by their settings and weights (xtl.explain.stored): a killed step resumes
+        device = self.device(self.run_configs[model])
         paths = explain_run(run, c.explain_methods, "test", c.explain_images, c.explain_batch_size, c.explain_target,
-                            device=self.device(self.run_configs[model]), progress=self.progress, gallery_size=c.gallery_size)
+                            device=device, progress=self.progress, gallery_size=c.gallery_size)
+        if c.explain_every_image:
+            # the same sets of maps, of every image, after the others: a set holds one layout of shards,
+            # and the last, shorter batch of the first N is replaced by a whole one here, never the reverse
+            explainer = RunExplainer(run, "test", device)
+            every = applicable_methods(explainer.spec.family, c.explain_every_image)
+            if every:
+                explainer.stream(every, None, c.explain_batch_size, c.explain_target, self.progress)
         self._explained[model] = [paths["maps"], paths["correct"], paths["misclassified"]]
 
     def compare(self) -> None:
@@ -280,7 +289,7 @@ class Pipeline:
     def analysis_settings(self) -> list:
         from xtl.analysis.run import ANALYSIS_VERSION, PIPELINE_RANDOMISATION
 
-        return [ANALYSIS_VERSION, PIPELINE_RANDOMISATION]
+        return [ANALYSIS_VERSION, PIPELINE_RANDOMISATION, self.config.explain_every_image]
 
     def analysis(self) -> None:
         from xtl.analysis import analyse_runs
@@ -288,7 +297,7 @@ class Pipeline:
 
         result = analyse_runs(list(self.runs.values()), self.folder / "analysis", methods=self.config.explain_methods,
                               randomisation_images=cheap["images"], randomisation_layers=cheap["layers"],
-                              device=self.config.device)
+                              robustness_images=cheap["robustness"], device=self.config.device)
         for claim in result["claims"]:
             self.console.print(f"{claim['key']}: {claim['verdict']}", markup=False, highlight=False)
 

@@ -47,6 +47,9 @@ class PipelineConfig:
     per_model: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> RunConfig keys for that model only
     explain_methods: list[str] = field(default_factory=lambda: list(QUICK_METHODS))
     explain_images: int | None = 100  # maps of the first N test images (None: all)
+    # methods whose maps are made of every test image as well (cheap ones: the error claims of the
+    # analysis need at least 1,000 maps, xtl.analysis.run.ERROR_IMAGES); [] for none
+    explain_every_image: list[str] = field(default_factory=list)
     explain_batch_size: int = 16
     explain_target: str = "predicted"
     gallery_size: int = 10
@@ -106,7 +109,7 @@ class PipelineConfig:
                 raise XtlError(f"{label('per_model', where)}: {model} must map keys to values, not {overrides!r}")
         for model in self.models:
             self.run_config(model, where)  # every model's training settings must be valid too
-        for methods_key in ("explain_methods", "faithfulness_methods"):
+        for methods_key in ("explain_methods", "faithfulness_methods", "explain_every_image"):
             _check_methods(getattr(self, methods_key) or [], label(methods_key, where))
 
     @property
@@ -144,7 +147,7 @@ def preset_config(name: str) -> PipelineConfig:
 
     - `quick`: `make run`. EfficientNet-Lite0 and DINOv2 ViT-S/14 (offline weights) on a stratified
       4,500/500/1,000 subset at low resolution, frozen early blocks cached (xtl.config.preset), maps
-      of 100 test images, the first 64 scored on one common grid (CIFAR's 32 x 32) in 10 steps under the
+      of 100 test images (Grad-CAM's of all 1,000, for the error claims), the first 64 scored on one common grid (CIFAR's 32 x 32) in 10 steps under the
       zero baseline, every signed map in three readings, with paired tests: a 2-core CPU in 10 minutes.
       (ROAD and the grid-sensitivity grids are the other presets' and `xtl faithfulness`'s defaults.)
     - `paper`: the paper's experiment. AlexNet, ResNet-34 and ViT-B/16 (ImageNet-21k) from the hubs,
@@ -155,8 +158,10 @@ def preset_config(name: str) -> PipelineConfig:
         # the protocol of every preset on fewer images, under the zero baseline alone and without the
         # sensitivity grids: ROAD and the extra grids each cost about as much again as the zero baseline
         # on a 2-core CPU (BENCHMARKS.md), which the 10-minute budget does not hold
+        # Grad-CAM, the cheapest method of both models (1.7 and 3.5 s per 100 maps on 2 cores,
+        # BENCHMARKS.md), of all 1,000 test images: enough maps for the error claims
         return PipelineConfig(preset="quick", faithfulness_images=64, faithfulness_baseline=["zero"],
-                              faithfulness_sensitivity_grids=[])
+                              faithfulness_sensitivity_grids=[], explain_every_image=["gradcam"])
     if name == "paper":
         return PipelineConfig(
             preset="paper", models=["alexnet", "resnet34", "vit_b16_in21k"], explain_methods=list(FULL_METHODS),

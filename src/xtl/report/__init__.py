@@ -302,11 +302,23 @@ def _analysis_context(folder: Path | None, figures: Figures) -> dict[str, Any] |
               "complexity": (f"{100 * r['effective_complexity_mean']:.0f} % [{100 * r['effective_complexity_low']:.0f}, "
                              f"{100 * r['effective_complexity_high']:.0f}]" if r.get("effective_complexity_mean") is not None else "–")}
              for r in data.get("rates", [])]
+    number = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     claims = [{"key": c["key"], "statement": c["statement"], "verdict": c["verdict"], "sentence": c["sentence"],
-               "difference": "–" if c["difference"] is None else f"{c['difference']:+.3f}",
-               "interval": "–" if c["low"] is None else f"[{c['low']:+.3f}, {c['high']:+.3f}]",
-               "p": "–" if c["p_value"] is None else f"{c['p_value']:.3g}", "n": " vs ".join(map(str, c["n"]))}
+               "tests": [{"method": r["method"], "role": r.get("role", "test"),
+                          "difference": number(r.get("difference"), "+.3f"),
+                          "interval": "–" if r.get("low") is None else f"[{r['low']:+.3f}, {r['high']:+.3f}]",
+                          "p": number(r.get("p_value"), ".3g"), "p_holm": number(r.get("p_holm"), ".3g"),
+                          "n": " vs ".join(map(str, r.get("n", []))), "sanity": r.get("sanity", ""),
+                          "verdict": r.get("verdict", ""), "in_verdict": r.get("in_verdict", False),
+                          "plain": ("–" if r.get("plain_difference") is None else
+                                    f"{r['plain_difference']:+.3f} [{r['plain_low']:+.3f}, {r['plain_high']:+.3f}]")
+                          if "plain_difference" in r else None}
+                         for r in c.get("methods", [])]}
               for c in data.get("claims", [])]
+    sensitivity = [{"model": r["model"], "method": r["method"], "n": r["n"], "spearman": interval(r),
+                    "status": next((x["status"] for x in data.get("sanity", [])
+                                    if x["model"] == r["model"] and x["method"] == r["method"]), "")}
+                   for r in data.get("class_sensitivity", [])]
     randomisation = []
     for model in dict.fromkeys(r["model"] for r in data.get("randomisation", [])):
         mine = [r for r in data["randomisation"] if r["model"] == model]
@@ -328,6 +340,7 @@ def _analysis_context(folder: Path | None, figures: Figures) -> dict[str, Any] |
         "rates": rates,
         "complexity": data.get("complexity_sentences", []),
         "claims": claims,
+        "class_sensitivity": sensitivity,
         "pairs": pairs,
         "figures": shown,
         "randomisation": randomisation,
