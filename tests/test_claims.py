@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from xtl.analysis.claims import (combine, confidence_bins, group_claim, holm, stratified_difference, to_grid)
-from xtl.analysis.sanity import DEPENDS, MIN_IMAGES, class_sensitivity, status
+from xtl.analysis.claims import (combine, confidence_bins, group_claim, holm, over_seeds, stratified_difference,
+                                 to_grid)
+from xtl.analysis.sanity import DEPENDS, MIN_IMAGES, class_sensitivity, data_randomisation, status
 
 
 def test_holm_by_hand_and_nan_is_not_a_hypothesis():
@@ -88,6 +89,21 @@ def test_a_claim_is_supported_only_when_every_method_that_passes_agrees_after_ho
     assert contradicted.verdict == "contradicted" and "each map's own grid" in contradicted.sentence
 
 
+def test_a_verdict_stands_only_where_every_seed_gives_it():
+    rows = lambda low, high: [_row("a", low, high, 0.001), _row("b", low, high, 0.002)]  # noqa: E731
+    primary = combine("k", "A beats B", rows(0.1, 0.3), 32, "paired")
+    same = combine("k", "A beats B", rows(0.05, 0.2), 32, "paired")
+    weak = combine("k", "A beats B", rows(-0.05, 0.2), 32, "paired")
+    held = over_seeds(primary, {0: primary, 1: same, 2: same})
+    assert held.verdict == "supported" and "Every fine-tuning seed (0, 1, 2) gives this verdict" in held.sentence
+    assert [r["seed"] for r in held.seeds] == [0, 1, 2] and held.seeds[0]["methods"] == ["a", "b"]
+    split = over_seeds(primary, {0: primary, 1: weak, 2: None})
+    assert split.verdict == "cannot decide"
+    assert "seed 0 supported, seed 1 cannot decide, seed 2 not tested" in split.sentence
+    alone = over_seeds(primary, {0: primary})
+    assert alone.verdict == "supported" and alone.sentence == primary.sentence and len(alone.seeds) == 1
+
+
 # ------------------------------------------------------------------------------ sanity checks
 
 
@@ -148,3 +164,22 @@ def test_status_names_why_a_method_cannot_gate():
     assert status(None, sensitive) == "not checked (randomisation)"
     # every randomised map constant (nothing left): the map depends on the weights
     assert status({**full, "spearman": float("nan"), "undefined": MIN_IMAGES}, sensitive) == "passes"
+
+
+def test_data_randomisation_tells_a_model_that_learnt_from_one_that_did_not():
+    """The same model against itself correlates at 1 (fails); against a model looking at other pixels
+    the maps share little ranking; status gates on it only where it ran."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 4, 4)
+    trained, other = _Linear(shared=False), _Linear(shared=True)
+    targets = torch.zeros(8, dtype=torch.long)
+    same = data_randomisation(trained, trained, None, x, targets, "saliency")
+    assert torch.allclose(same, torch.ones(8, dtype=same.dtype))
+    apart = data_randomisation(trained, other, None, x, targets, "saliency")
+    assert apart.mean() < DEPENDS
+    good = {"spearman": 0.1, "n": MIN_IMAGES, "complete": True}
+    sensitive = {"mean": 0.1, "n": MIN_IMAGES}
+    assert status(good, sensitive) == "passes"  # not run: the other two checks decide
+    assert status(good, sensitive, data={"mean": 0.2, "n": MIN_IMAGES}) == "passes"
+    assert status(good, sensitive, data={"mean": 0.9, "n": MIN_IMAGES}).startswith("fails data randomisation (Spearman 0.90")
+    assert "data randomisation" in status(good, sensitive, data={"mean": 0.1, "n": 8})

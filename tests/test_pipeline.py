@@ -8,8 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
+from xtl.errors import XtlError
 from xtl.pipeline.config import PipelineConfig, load_config
 from helpers import XTL, chromium_page
 
@@ -31,6 +34,7 @@ TINY = {
     "gallery_size": 4,
     "faithfulness_images": 6,
     "faithfulness_steps": 4,
+    "data_randomisation": True,
 }
 
 
@@ -208,6 +212,95 @@ def test_run_writes_every_step(finished):
     assert "explain timm_vit_tiny_patch16_224: 16/16 images, gradcam+transformer_attribution+saliency (" in result.stderr
 
 
+def test_further_seeds_share_the_split_and_carry_accuracy_and_verdicts(finished):
+    """The quick preset's seeds 0, 1, 2: seeds 1 and 2 are fine-tuned on seed 0's split into
+    seeds/seed-<s>/, evaluated and explained with the claims' methods; the analysis gives accuracy
+    per seed (McNemar per seed, from the same predictions) and each claim's verdict per seed."""
+    import csv
+
+    from xtl.evaluate import read_predicted
+    from xtl.evaluate.metrics import mcnemar, paired_correctness
+    from xtl.explain.runner import read_stored_maps
+    from xtl.runs import RunDir
+
+    folder, _, _ = finished
+    analysis = json.loads((folder / "analysis" / "analysis.json").read_text())
+    primary = {m: RunDir(folder / m) for m in ("timm_resnet10t", "timm_vit_tiny_patch16_224")}
+    for seed in (1, 2):
+        for name, run in primary.items():
+            other = RunDir(folder / "seeds" / f"seed-{seed}" / name)
+            assert (other.path / "split.csv").read_bytes() == (run.path / "split.csv").read_bytes()
+            recorded = yaml.safe_load(other.config_path.read_text())["run"]
+            assert (recorded["seed"], recorded["split_seed"]) == (seed, 0)
+            assert load_file(str(other.weights_path)).keys() == load_file(str(run.weights_path)).keys()
+            assert any(not torch.equal(a, b) for a, b in zip(load_file(str(other.weights_path)).values(),
+                                                               load_file(str(run.weights_path)).values()))
+            assert len(read_stored_maps(other, "gradcam")[2]) == 30  # every test image, for the error claims
+            assert len(read_stored_maps(other, "saliency")[2]) == 16  # a method of both models: the paired claim
+            assert read_stored_maps(other, "transformer_attribution") is None  # one model's own method: not needed
+            assert not list(other.figures.glob("gallery_*.png"))
+    seeds = analysis["seeds"]
+    assert seeds["seeds"] == [0, 1, 2] and analysis["seed"] == 0
+    for row in seeds["accuracy"]:
+        name = row["model"].replace(":", "_")
+        runs = [primary[name]] + [RunDir(folder / "seeds" / f"seed-{s}" / name) for s in (1, 2)]
+        assert row["per_seed"] == pytest.approx([r.metrics()["accuracy"] for r in runs])
+        assert row["min"] <= row["mean"] <= row["max"] and row["primary_low"] <= row["primary"] <= row["primary_high"]
+    (pair,) = seeds["pairs"]
+    for r in pair["per_seed"]:
+        where = folder if r["seed"] == 0 else folder / "seeds" / f"seed-{r['seed']}"
+        a, b = (read_predicted(RunDir(where / m)) for m in ("timm_resnet10t", "timm_vit_tiny_patch16_224"))
+        test = mcnemar(*paired_correctness(a, b))
+        assert (r["only_a"], r["only_b"], r["p_value"]) == (test.b, test.c, pytest.approx(test.p_value))
+    for claim in analysis["claims"]:
+        assert [r["seed"] for r in claim["seeds"]] == [0, 1, 2]
+        agree = len({r["verdict"] for r in claim["seeds"]}) == 1
+        assert claim["verdict"] == (claim["seeds"][0]["verdict"] if agree else "cannot decide")
+    with open(folder / "analysis" / "claim_tests.csv", newline="") as f:
+        tested = {(r["claim"], r["seed"]) for r in csv.DictReader(f)}
+    assert {("vit_vs_cnn", str(s)) for s in (0, 1, 2)} <= tested
+    html = (folder / "report" / "report.html").read_text()
+    assert "Accuracy over fine-tuning seeds" in html and "vit_vs_cnn per fine-tuning seed" in html
+
+
+def test_data_randomisation_trains_on_shuffled_labels_and_checks_the_maps(finished):
+    """data_randomisation: each model fine-tuned once more on shuffled labels (same recipe and split,
+    the test labels true), and every gating method's maps compared with its twin's on the same images."""
+    import csv
+
+    folder, _, _ = finished
+    analysis = json.loads((folder / "analysis" / "analysis.json").read_text())
+    for name in ("timm_resnet10t", "timm_vit_tiny_patch16_224"):
+        twin = folder / "sanity" / "shuffled-labels" / name
+        recorded = yaml.safe_load((twin / "config.yaml").read_text())["run"]
+        assert recorded["shuffle_labels"] and recorded["seed"] == 0
+        tests = lambda p: [r for r in csv.DictReader(open(p, newline="")) if r["split"] == "test"]  # noqa: E731
+        assert tests(twin / "split.csv") == tests(folder / name / "split.csv")
+        trained = lambda p: [r["label"] for r in csv.DictReader(open(p, newline="")) if r["split"] == "train"]  # noqa: E731
+        assert trained(twin / "split.csv") != trained(folder / name / "split.csv")
+        assert (twin / "metrics.json").is_file()
+    rows = {(r["model"], r["method"]): r for r in analysis["data_randomisation"]}
+    checked = {(r["model"], r["method"]) for r in analysis["class_sensitivity"]}
+    assert set(rows) == checked and ("timm:resnet10t", "saliency") in rows
+    assert rows[("timm:resnet10t", "saliency")]["n"] == 16 and rows[("timm:resnet10t", "gradcam")]["n"] == 30
+    assert all(-1 <= r["mean"] <= 1 for r in rows.values() if r["mean"] is not None)
+    assert (folder / "analysis" / "data_randomisation.csv").is_file()
+    assert "Spearman with the shuffled-labels model&#39;s map" in (folder / "report" / "report.html").read_text() or \
+        "Spearman with the shuffled-labels model's map" in (folder / "report" / "report.html").read_text()
+
+
+def test_seeds_are_checked_once_with_the_key_named(tmp_path, cifar):
+    for changes, fragments in (({"seeds": [0, 0]}, ("seeds", "names a seed twice")),
+                               ({"seeds": []}, ("seeds", "one or more whole numbers")),
+                               ({"seeds": [0, -1]}, ("seeds", "whole numbers >= 0")),
+                               ({"seeds": [0, 1], "train": {**TINY["train"], "seed": 3}}, ("seeds", "train", "key seeds alone"))):
+        with pytest.raises(XtlError) as err:
+            load_config(_config_file(tmp_path, cifar, **changes))
+        assert all(f in str(err.value) for f in fragments), str(err.value)
+    assert load_config(_config_file(tmp_path, cifar, seeds=None, train={**TINY["train"], "seed": 3})).all_seeds == [3]
+    _one_line_error(_xtl("run", "-c", str(_config_file(tmp_path, cifar)), "--seeds", "0,x"), "--seeds", "0,x")
+
+
 def test_rerun_after_finishing_recomputes_nothing(finished):
     folder, config, _ = finished
     watched = [p for p in folder.rglob("*") if p.is_file() and p.name != "pipeline.yaml"]
@@ -316,5 +409,8 @@ def test_presets_follow_the_paper_and_the_offline_recipe():
     vit, cnn = quick.run_config("vit_s14_dinov2"), quick.run_config("efficientnet_lite0")
     assert (vit.freeze_blocks, vit.input_size, vit.epochs, vit.cache_frozen, vit.precision) == (6, 112, 2, True, "auto")
     assert (cnn.freeze_blocks, cnn.input_size, cnn.test_size, cnn.head_epochs) == (11, 128, 1000, 0)
+    assert (cnn.epochs, cnn.patience, vit.patience, quick.seeds) == (6, 2, 2, [0, 1, 2])
+    later = quick.run_config("vit_s14_dinov2", seed=2)  # a further seed: seed 0's split
+    assert (later.seed, later.split_seed, vit.seed, vit.split_seed) == (2, 0, 0, None)
     assert (quick.faithfulness_grid, quick.faithfulness_steps, full.faithfulness_steps) == ("common", 10, 10)
     assert (quick.baselines, full.baselines, full.faithfulness_sensitivity_grids) == (["zero"], ["zero", "road"], ["model", "none"])

@@ -94,6 +94,52 @@ def test_cached_training_equals_training_the_tail_on_the_whole_model(cifar, tiny
     assert [round(e["val_loss"], 3) for e in cached.epochs] == [round(e["val_loss"], 3) for e in plain.epochs]
 
 
+def test_seeds_share_the_frozen_blocks_cache_and_train_the_same(cifar, tiny_split, tmp_path, capsys):
+    """A shared `frozen_cache` computes a model's frozen blocks once for its seeds: the second run
+    reuses the tensors and trains to the same weights as without the cache; a randomly initialised
+    model's frozen blocks are the seed's, so another seed computes its own."""
+    base = {**TINY, "freeze_blocks": 4, "weights": None}
+    shared: dict = {}
+    finetune(RunConfig(source=str(cifar), **base), tiny_split, RunDir(tmp_path / "first"), progress=False,
+             frozen_cache=shared)
+    assert len(shared) == 2  # train (with mirror images) and val
+    kept = {k: v[0] for k, v in shared.items()}
+    capsys.readouterr()
+    finetune(RunConfig(source=str(cifar), **base), tiny_split, RunDir(tmp_path / "again"), progress=False,
+             frozen_cache=shared)
+    assert capsys.readouterr().out.count("computed for an earlier run: reused") == 2
+    assert all(shared[k][0] is kept[k] for k in kept)
+    finetune(RunConfig(source=str(cifar), **base), tiny_split, RunDir(tmp_path / "alone"), progress=False)
+    a, b = load_file(str(tmp_path / "again" / "model.safetensors")), load_file(str(tmp_path / "alone" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    finetune(RunConfig(source=str(cifar), **{**base, "seed": 1, "split_seed": 0}), tiny_split,
+             RunDir(tmp_path / "seed1"), progress=False, frozen_cache=shared)
+    assert len(shared) == 4  # random initialisation: seed 1's frozen blocks are not seed 0's
+
+
+def test_shuffled_labels_permute_training_and_validation_labels_only(cifar, tiny_split, tmp_path):
+    """The data-randomisation check's training data: labels permuted within the training and the
+    validation part (class counts kept, seeded), test labels and the caller's split untouched; a run
+    with shuffle_labels records it and its split.csv holds the labels it trained on."""
+    before = {name: part.labels.clone() for name, part in tiny_split.parts.items()}
+    shuffled = train_loop.shuffled_labels(tiny_split, seed=0)
+    for name, part in tiny_split.parts.items():
+        assert torch.equal(part.labels, before[name])
+    for name in ("train", "val"):
+        a, b = shuffled[name].labels, before[name]
+        assert not torch.equal(a, b) and torch.equal(a.bincount(minlength=10), b.bincount(minlength=10))
+        assert shuffled[name].images is tiny_split[name].images
+    assert torch.equal(shuffled["test"].labels, before["test"])
+    assert torch.equal(train_loop.shuffled_labels(tiny_split, seed=0)["train"].labels, shuffled["train"].labels)
+    config = RunConfig(source=str(cifar), **{**TINY, "epochs": 1, "shuffle_labels": True})
+    run = RunDir(tmp_path / "shuffled")
+    finetune(config, tiny_split, run, progress=False)
+    with open(run.file("split.csv"), newline="") as f:
+        trained = [int(r["label"]) for r in csv.DictReader(f) if r["split"] == "train"]
+    assert trained == shuffled["train"].labels.tolist() and run.config().shuffle_labels
+
+
 def test_lp_ft_head_phase_touches_only_the_head(cifar, tiny_split):
     config = RunConfig(source=str(cifar), **{**TINY, "head_epochs": 3, "head_lr": 1e-2})
     model, spec = build_model(config.model, 10, pretrained=False, input_size=32)

@@ -136,7 +136,8 @@ def finetune_command(
     val_size: Optional[int] = typer.Option(None, help="random split: validation images (at least 1: the best epoch is chosen on them)."),
     test_size: Optional[int] = typer.Option(None, help="Test images."),
     stratified: Optional[bool] = typer.Option(None, "--stratified/--no-stratified", help="random split: keep class proportions."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the split, the new head's initialisation and the batch order."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the new head's initialisation and the batch order, and of the split unless --split-seed is given."),
+    split_seed: Optional[int] = typer.Option(None, help="Seed of the split (default: --seed): runs with other --seed values on the same split."),
     data_path: Optional[str] = typer.Option(None, help="Where the images are while training: memory (decoded once), stream "
                                             "(decoded per batch; memory does not grow with the data) or auto (memory "
                                             "if under a quarter of the available memory)."),
@@ -156,6 +157,9 @@ def finetune_command(
     freeze_blocks: Optional[int] = typer.Option(None, help="Keep the first N blocks (and the stem) pretrained; 0 = train all."),
     cache_frozen: Optional[bool] = typer.Option(None, "--cache-frozen/--no-cache-frozen",
                                                 help="Compute the frozen blocks once per image (augmentation: flips only)."),
+    shuffle_labels: Optional[bool] = typer.Option(None, "--shuffle-labels/--true-labels",
+                                                  help="Train on shuffled training and validation labels: the data-"
+                                                  "randomisation sanity check's model, never one to use."),
     head_epochs: Optional[int] = typer.Option(None, help="LP-FT: epochs of head-only training before fine-tuning."),
     head_lr: Optional[float] = typer.Option(None, help="Learning rate of the head-only epochs."),
     accelerator: Optional[str] = typer.Option(None, help="Where to fine-tune: auto (a GPU if there is one), cpu, cuda, gpu or mps."),
@@ -217,9 +221,9 @@ def _accelerator(accelerator: Optional[str], device: Optional[str]) -> Optional[
 
 _CONFIG_OPTIONS = {
     "source", "pretrained", "input_size", "normalization", "split", "train_size", "val_size", "test_size",
-    "stratified", "seed", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "schedule", "warmup_epochs",
+    "stratified", "seed", "split_seed", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "schedule", "warmup_epochs",
     "label_smoothing", "augment", "patience", "bn_momentum", "accelerator", "devices", "num_nodes", "precision",
-    "compile", "freeze_blocks", "cache_frozen", "head_epochs", "head_lr", "grad_clip", "eval_batch_size",
+    "compile", "freeze_blocks", "cache_frozen", "shuffle_labels", "head_epochs", "head_lr", "grad_clip", "eval_batch_size",
     "data_path", "num_workers",
 }
 
@@ -430,6 +434,13 @@ def run_command(
     train: Optional[list[str]] = typer.Option(None, help="KEY=VALUE fine-tuning setting for every model (xtl finetune's "
                                               "options, e.g. lr=1e-4, epochs=5); repeatable."),
     per_model: Optional[list[str]] = typer.Option(None, help="MODEL.KEY=VALUE fine-tuning setting for one model; repeatable."),
+    data_randomisation: Optional[bool] = typer.Option(None, "--data-randomisation/--no-data-randomisation",
+                                                      help="Fine-tune each model once more on shuffled labels and "
+                                                      "check the maps against it (a sanity check that gates the "
+                                                      "claims; paper and offline-full: on, quick: off)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated fine-tuning seeds of every model, on the first "
+                                        "one's split (quick: 0,1,2): accuracy over seeds, and each claim's verdict "
+                                        "per seed; the other steps use the first."),
     explain_methods: Optional[str] = typer.Option(None, help="Comma-separated explanation methods (those that don't apply to a model are skipped)."),
     explain_images: Optional[str] = typer.Option(None, help="Maps of the first N test images, or all."),
     explain_every_image: Optional[str] = typer.Option(None, help="Comma-separated methods whose maps are made of every "
@@ -468,7 +479,7 @@ def run_command(
         "preset": preset, "name": name, "runs_dir": runs_dir, "source": source, "title": title, "device": device,
         "models": _list(models), "explain_methods": _list(explain_methods), "faithfulness_methods": _list(faithfulness_methods),
         "explain_images": None if images == "all" else images, "explain_batch_size": explain_batch_size,
-        "explain_every_image": _list(explain_every_image),
+        "explain_every_image": _list(explain_every_image), "seeds": _seeds(seeds), "data_randomisation": data_randomisation,
         "explain_target": explain_target, "gallery_size": gallery_size, "faithfulness_images": faithfulness_images,
         "faithfulness_steps": faithfulness_steps, "faithfulness_baseline": _list(faithfulness_baseline),
         "faithfulness_sensitivity_grids": None if faithfulness_sensitivity_grids is None else [
@@ -485,6 +496,16 @@ def run_command(
         sys.stdout.write(dump(settings))
         return
     run_pipeline(settings, force=force, progress=progress and sys.stderr.isatty())
+
+
+def _seeds(text: Optional[str]) -> Optional[list[int]]:
+    """--seeds: comma-separated whole numbers."""
+    parts = _list(text)
+    if parts is None:
+        return None
+    if not parts or not all(p.isdigit() for p in parts):
+        raise XtlError(f"option --seeds takes comma-separated whole numbers >= 0 (e.g. 0,1,2), not '{text}'")
+    return [int(p) for p in parts]
 
 
 def _list(text: Optional[str]) -> Optional[list[str]]:

@@ -279,7 +279,8 @@ def run_title(run_name: str, model: str) -> str:
 def split_spec(config: RunConfig) -> SplitSpec:
     return SplitSpec(
         kind=config.split, train_size=config.train_size, val_size=config.val_size,
-        test_size=config.test_size, seed=config.seed, stratified=config.stratified,
+        test_size=config.test_size, seed=config.seed if config.split_seed is None else config.split_seed,
+        stratified=config.stratified,
     )
 
 

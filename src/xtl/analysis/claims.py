@@ -31,7 +31,7 @@ Holm-corrected p; it cannot decide when no method passes them, or when the metho
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ class Claim:
     sentence: str
     methods: list[dict] = field(default_factory=list)  # one MethodTest row per method (`combine`)
     grid: int | None = None  # cells a side every map was read on
+    seeds: list[dict] = field(default_factory=list)  # the claim's verdict per fine-tuning seed (`over_seeds`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,6 +190,29 @@ def stratified_difference(values: torch.Tensor, errors: torch.Tensor, strata: to
     resampled = (torch.stack(drawn, 1) * w).sum(1)
     low, high = percentile_interval(resampled)
     return difference, float(low), float(high), float(bootstrap_p(resampled)), (used[0], used[1]), len(weights)
+
+
+def over_seeds(claim: Claim, seeds: dict[int, Claim | None]) -> Claim:
+    """The claim of the primary seed (`claim`) judged with the same claim of every seed (`seeds`, the
+    primary first; None where a seed's maps cannot test it): the verdict stands only where every seed
+    gives it; otherwise it is "cannot decide", and the sentence says which seed says what."""
+    rows = [{"seed": seed, "verdict": c.verdict if c is not None else "not tested",
+             "difference": c.difference if c is not None else float("nan"),
+             "low": c.low if c is not None else float("nan"), "high": c.high if c is not None else float("nan"),
+             "methods": [r["method"] for r in c.methods if r.get("in_verdict")] if c is not None else []}
+            for seed, c in seeds.items()]
+    if len(rows) < 2:
+        return replace(claim, seeds=rows)
+    verdicts = {r["verdict"] for r in rows}
+    listed = ", ".join(str(r["seed"]) for r in rows)
+    if len(verdicts) == 1:
+        v = claim.verdict
+        tail = f" Every fine-tuning seed ({listed}) gives this verdict."
+    else:
+        v = "cannot decide"
+        tail = (" The fine-tuning seeds disagree (" + ", ".join(f"seed {r['seed']} {r['verdict']}" for r in rows)
+                + "), so the data cannot decide it.")
+    return replace(claim, verdict=v, sentence=claim.sentence + tail, seeds=rows)
 
 
 def combine(key: str, statement: str, rows: list[dict], grid: int | None, what: str) -> Claim:

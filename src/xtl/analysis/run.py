@@ -12,9 +12,11 @@ analysis):
                         complexity (`xtl.analysis.metrics`) with intervals
     agreement.csv       per pair of (model, method): Spearman and top-10 % IoU on the shared images
     claims.csv          the paper's claims (`xtl.analysis.claims`) with verdicts
-    claim_tests.csv     each claim's test per method: difference, interval, p, Holm p, sanity status
+    claim_tests.csv     each claim's test per fine-tuning seed and method: difference, interval, p, Holm p,
+                        sanity status (the primary seed's runs, then each replicate's)
     randomisation.csv   cascading model-parameter randomisation: mean Spearman per method and layer
     class_sensitivity.csv  Spearman of the predicted and the least likely class's maps per method
+    data_randomisation.csv  Spearman of each model's maps and its shuffled-labels twin's (where one exists)
     robustness.csv      max-sensitivity and local Lipschitz estimate of the same methods on the same images
     figures/agreement.png, figures/concentration.png
     analysis.json       every number above, the sentences the report shows, the settings
@@ -38,14 +40,15 @@ import torch
 
 from xtl.analysis.agreement import agreement, common_grid, plot_agreement, shared
 from xtl.analysis.claims import RESAMPLES as CLAIM_RESAMPLES
-from xtl.analysis.claims import CONFIDENCE_BINS, MIN_GROUP, Claim, group_claim, paired_claim
+from xtl.analysis.claims import CONFIDENCE_BINS, MIN_GROUP, Claim, group_claim, over_seeds, paired_claim
 from xtl.analysis.sanity import DEPENDS, MIN_IMAGES
 from xtl.analysis.statistics import DESCRIPTIONS, STATISTICS, map_statistics, mean_interval, relevance_shares, summarise
 from xtl.errors import XtlError
+from xtl.evaluate.seeds import over_seeds as over_seeds_accuracy
 from xtl.io import write_csv, write_json
 from xtl.runs import RunDir
 
-ANALYSIS_VERSION = 3  # part of the pipeline step's fingerprint: a change of what is computed redoes it
+ANALYSIS_VERSION = 4  # part of the pipeline step's fingerprint: a change of what is computed redoes it
 SEED = 0
 RANDOMISATION_IMAGES = MIN_IMAGES  # the sanity checks' images: fewer cannot gate a claim (xtl.analysis.sanity)
 ERROR_IMAGES = 1000  # maps an error claim needs (or every test image, where a run has fewer)
@@ -298,16 +301,19 @@ def sanity_methods(sets: list[MapSet]) -> dict[str, list[str]]:
 
 
 def sanity_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, device: str | None,
-                max_layers: int | None = None, robustness_images: int = 0
+                max_layers: int | None = None, robustness_images: int = 0,
+                shuffled: dict[str, RunDir] | None = None, data_rows: list[dict] | None = None
                 ) -> tuple[list[dict], list[dict], list[dict], dict[tuple[str, str], str], str | None]:
     """The sanity checks (`xtl.analysis.sanity`) of the methods `sanity_methods` names, on the first
     `n_images` stored images of each: cascading model-parameter randomisation from the top block
     down (`layer_groups="blocks"`, all groups, or the top `max_layers`), rows (model, method, layer,
     order, spearman: mean over the images whose randomised map is not constant, n, undefined); class
     sensitivity, rows (model, method, n, mean, low, high, undefined); robustness (`robustness_row`) on
-    the first `robustness_images` of them; and each method's status. A note instead where the
-    randomisation check cannot run."""
-    from xtl.analysis.sanity import class_sensitivity, status
+    the first `robustness_images` of them; data randomisation where `shuffled` has the model's
+    shuffled-labels run (model -> RunDir), rows (model, method, n, mean, low, high, undefined)
+    appended to `data_rows`; and each method's status. A note instead where the randomisation check
+    cannot run."""
+    from xtl.analysis.sanity import class_sensitivity, data_randomisation, status
 
     try:
         from xtl.analysis.metrics import layer_groups_of, randomisation_similarity
@@ -323,6 +329,8 @@ def sanity_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, device: s
         if not mine or n_images <= 0:
             continue
         loaded = LoadedRun(run, device=device)
+        other = (shuffled or {}).get(mine[0].model)
+        untrained = LoadedRun(other, device=device) if other is not None else None
         position = {int(i): k for k, i in enumerate(loaded.part.ids.tolist())}
         for s in mine:
             ids = [int(i) for i in s.ids[:n_images].tolist() if int(i) in position]
@@ -350,8 +358,17 @@ def sanity_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, device: s
             sensitivity = {"model": s.model, "method": s.method, "n": len(values), "mean": summary["mean"],
                            "low": summary["low"], "high": summary["high"], "undefined": int(torch.isnan(values).sum())}
             class_rows.append(sensitivity)
+            data = None
+            if untrained is not None:
+                values = data_randomisation(loaded.model, untrained.model, loaded.spec, images, targets, s.method)
+                summary = mean_interval(values, SEED)
+                data = {"model": s.model, "method": s.method, "n": len(values), "mean": summary["mean"],
+                        "low": summary["low"], "high": summary["high"], "undefined": int(torch.isnan(values).sum())}
+                if data_rows is not None:
+                    data_rows.append(data)
             complete = len(found) >= len(layer_groups_of(loaded.model, "blocks"))  # down to the input
-            states[(s.model, s.method)] = status({**last, "complete": complete} if last else None, sensitivity)
+            states[(s.model, s.method)] = status({**last, "complete": complete} if last else None, sensitivity,
+                                                 data=data)
     return random_rows, class_rows, robust_rows, states, None
 
 
@@ -490,13 +507,20 @@ def plot_concentration(rows: list[dict], path: Path) -> None:
 
 def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None,
                  randomisation_images: int = RANDOMISATION_IMAGES, randomisation_layers: int | None = None,
-                 device: str | None = None, robustness_images: int = ROBUSTNESS_IMAGES) -> dict[str, Any]:
+                 device: str | None = None, robustness_images: int = ROBUSTNESS_IMAGES, seed: int = 0,
+                 replicates: dict[int, list[RunDir]] | None = None,
+                 shuffled: dict[str, RunDir] | None = None) -> dict[str, Any]:
     """Measure the runs' stored maps and write the analysis folder (see the module's docstring).
     `randomisation_images`: images of the sanity checks (randomisation and class sensitivity; 0 skips
     them, and then no method passes them: every verdict is "cannot decide"; fewer than
     `xtl.analysis.sanity.MIN_IMAGES` cannot gate either); `randomisation_layers`: randomise only the
     top that many layer groups (None: all, down to the input, as gating needs);
-    `robustness_images`: the first that many of them also scored for robustness (0: not reported)."""
+    `robustness_images`: the first that many of them also scored for robustness (0: not reported);
+    `seed`: the fine-tuning seed of `runs`; `replicates`: further seeds' runs of the same models on the
+    same split (seed -> runs): each claim is tested on each seed's maps as well, gated by the sanity
+    checks of `runs`' methods, and stands only where every seed agrees (`xtl.analysis.claims.over_seeds`);
+    accuracy over the seeds is in the result's `seeds` (`xtl.evaluate.seeds`); `shuffled`: model ->
+    its run fine-tuned on shuffled labels, for the data-randomisation check (`xtl.analysis.sanity`)."""
     start = time.perf_counter()
     sets = [s for run in runs for s in read_map_sets(run, methods)]
     if not sets:
@@ -509,11 +533,19 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
     labels, matrices, agree = agreement_rows(sets)
     timings = {"statistics": round(time.perf_counter() - start, 2)}
     started = time.perf_counter()
+    data_rows: list[dict] = []
     random_rows, class_rows, robust_rows, states, random_note = sanity_rows(
-        runs, sets, randomisation_images, device, randomisation_layers, robustness_images)
+        runs, sets, randomisation_images, device, randomisation_layers, robustness_images, shuffled, data_rows)
     timings["sanity"] = round(time.perf_counter() - started, 2)
     grid = claim_grid(runs)
     claims = paper_claims(sets, states, grid)
+    replicates = replicates or {}
+    seed_claims = {seed: {c.key: c for c in paper_claims([s for run in reps for s in read_map_sets(run, methods)],
+                                                          states, grid)}
+                   for seed, reps in replicates.items()}
+    if replicates:
+        claims = [over_seeds(c, {seed: c, **{k: found.get(c.key) for k, found in seed_claims.items()}}) for c in claims]
+    accuracy = over_seeds_accuracy({seed: runs, **replicates}) if replicates else None
 
     figures = out / "figures"
     if len(sets) > 1:
@@ -524,13 +556,16 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
     write_csv(out / "rates.csv", rates)
     write_csv(out / "agreement.csv", agree, ["a", "b", "kind", "n", "spearman_mean", "spearman_low", "spearman_high",
                                              "iou_mean", "iou_low", "iou_high"])
-    write_csv(out / "claims.csv", [{k: v for k, v in c.to_dict().items() if k != "methods"} for c in claims],
+    write_csv(out / "claims.csv", [{k: v for k, v in c.to_dict().items() if k not in ("methods", "seeds")} for c in claims],
               ["key", "statement", "difference", "low", "high", "p_value", "n", "verdict", "grid", "sentence"])
-    write_csv(out / "claim_tests.csv", [{"claim": c.key, **r} for c in claims for r in c.methods],
-              ["claim", "method", "role", "difference", "low", "high", "p_value", "p_holm", "n", "sanity",
+    tests = [{"claim": c.key, "seed": seed, **r} for c in claims for r in c.methods]
+    tests += [{"claim": c.key, "seed": k, **r} for k, found in seed_claims.items() for c in found.values() for r in c.methods]
+    write_csv(out / "claim_tests.csv", tests,
+              ["claim", "seed", "method", "role", "difference", "low", "high", "p_value", "p_holm", "n", "sanity",
                "in_verdict", "verdict", "enough", "strata", "images", "plain_difference", "plain_low", "plain_high",
                "plain_p_value"])
     write_csv(out / "class_sensitivity.csv", class_rows, ["model", "method", "n", "mean", "low", "high", "undefined"])
+    write_csv(out / "data_randomisation.csv", data_rows, ["model", "method", "n", "mean", "low", "high", "undefined"])
     write_csv(out / "robustness.csv", robust_rows,
               ["model", "method", "n", "samples"] + [f"{m}_{k}" for m in ("max_sensitivity", "local_lipschitz")
                                                       for k in ("mean", "low", "high", "undefined")])
@@ -555,10 +590,15 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
         "agreement": {"labels": labels, "spearman": _matrix(matrices["spearman"]), "iou": _matrix(matrices["iou"]),
                       "pairs": agree},
         "claims": [c.to_dict() for c in claims],
+        "seed": seed,
+        "seeds": accuracy,
+        "seed_claims": {str(k): [c.to_dict() for c in found.values()] for k, found in seed_claims.items()},
         "randomisation": random_rows,
         "randomisation_sentences": randomisation_sentences(random_rows),
         "randomisation_note": random_note,
         "class_sensitivity": class_rows,
+        "data_randomisation": data_rows,
+        "data_randomisation_runs": {m: str(r.path) for m, r in (shuffled or {}).items()},
         "sanity": [{"model": m, "method": k, "status": v} for (m, k), v in states.items()],
         "robustness": robust_rows,
         "robustness_sentences": robustness_sentences(robust_rows),

@@ -7,7 +7,10 @@ Everything lands in one folder, `<runs_dir>/<name>/`:
     figures/               class distribution, side-by-side galleries, combined faithfulness curves
     faithfulness_combined.csv
     analysis/              the stored maps measured: statistics, agreement, the paper's claims (xtl.analysis)
-    <model>/               one run directory per model (see xtl.runs)
+    <model>/               one run directory per model (see xtl.runs): the primary seed's
+    seeds/seed-<s>/<model>/   each further fine-tuning seed's run (key seeds): evaluated, and explained
+                           with the methods the claims test
+    sanity/shuffled-labels/<model>/   the data-randomisation check's model (key data_randomisation)
     report/report.html     the self-contained report, its PNG figures beside it
 
 A step whose fingerprint is in `steps.json` is skipped, so a re-run after a finished run only
@@ -22,7 +25,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,6 +98,14 @@ class Pipeline:
         self.log = StepLog.load(self.folder / "steps.json")
         self.run_configs = {m: config.run_config(m) for m in config.models}
         self.runs = {m: RunDir(self.folder / model_folder(m)) for m in config.models}
+        # the further seeds' runs: seed -> model -> (RunConfig, RunDir)
+        self.replicates = {seed: {m: (config.run_config(m, seed=seed), RunDir(self.folder / "seeds" / f"seed-{seed}" / model_folder(m)))
+                                  for m in config.models} for seed in config.all_seeds[1:]}
+        # the data-randomisation check's models: model -> (RunConfig on shuffled labels, RunDir)
+        self.shuffled = {m: (replace(self.run_configs[m], shuffle_labels=True),
+                             RunDir(self.folder / "sanity" / "shuffled-labels" / model_folder(m)))
+                         for m in config.models} if config.data_randomisation else {}
+        self.frozen_cache: dict = {}  # the frozen blocks' outputs, shared by a model's seeds (xtl.train.finetune)
         self.ran: list[str] = []
         self.redoing: str | None = None  # why the step running now is done again, if it was done before
         self._splits: dict[str, Any] = {}
@@ -156,7 +167,29 @@ class Pipeline:
                       outputs=lambda: [run.file("metrics.json"), run.file("predictions.csv")], after=(f"finetune:{model}",))
             self.step(f"explain:{model}", [trained, self.explain_settings()], lambda: self.explain(model), f"{model}: explain",
                       outputs=lambda: self._explained.get(model, []), after=(f"finetune:{model}", f"evaluate:{model}"))
+        for seed, runs in self.replicates.items():
+            for model, (config, run) in runs.items():
+                trained = fingerprint(config.learning_settings())
+                key = f"{model}@seed-{seed}"
+                self.step(f"finetune:{key}", trained, lambda: self.finetune(model, seed), f"{model}, seed {seed}: fine-tune",
+                          outputs=lambda: [run.config_path, run.weights_path])
+                self.step(f"evaluate:{key}", trained, lambda: self.evaluate(model, seed), f"{model}, seed {seed}: evaluate",
+                          outputs=lambda: [run.file("metrics.json"), run.file("predictions.csv")], after=(f"finetune:{key}",))
+                self.step(f"explain:{key}", [trained, self.explain_settings()], lambda: self.explain_replicate(model, seed),
+                          f"{model}, seed {seed}: explain (the claims' methods)",
+                          outputs=lambda: [run.path / "explanations" / "test"], after=(f"finetune:{key}", f"evaluate:{key}"))
+        for model, (config, run) in self.shuffled.items():
+            trained = fingerprint(config.learning_settings())
+            key = f"{model}@shuffled-labels"
+            self.step(f"finetune:{key}", trained, lambda: self.finetune(model, shuffled=True),
+                      f"{model}: fine-tune on shuffled labels (data randomisation)",
+                      outputs=lambda: [run.config_path, run.weights_path])
+            self.step(f"evaluate:{key}", trained, lambda: self.evaluate(model, shuffled=True),
+                      f"{model}, shuffled labels: evaluate", outputs=lambda: [run.file("metrics.json"), run.file("predictions.csv")],
+                      after=(f"finetune:{key}",))
         trained_all = [fingerprint(c.learning_settings()) for c in self.run_configs.values()]
+        replicated = [fingerprint(c.learning_settings()) for runs in self.replicates.values() for c, _ in runs.values()]
+        replicated += [fingerprint(c.learning_settings()) for c, _ in self.shuffled.values()]
         every = tuple(f"{step}:{m}" for m in self.runs for step in ("finetune", "evaluate"))
         if len(self.runs) > 1:
             self.step("compare", [trained_all, self.explain_settings()], self.compare, "side by side: same images, every model",
@@ -166,7 +199,10 @@ class Pipeline:
                   outputs=lambda: [self.folder / "faithfulness_combined.csv",
                                    *[r.file("faithfulness.csv") for r in self.runs.values()]], after=every)
         explained = tuple(f"{step}:{m}" for m in self.runs for step in ("finetune", "evaluate", "explain"))
-        self.step("analysis", [trained_all, self.explain_settings(), self.analysis_settings()], self.analysis,
+        explained += tuple(f"{step}:{m}@seed-{seed}" for seed, runs in self.replicates.items() for m in runs
+                           for step in ("finetune", "evaluate", "explain"))
+        explained += tuple(f"{step}:{m}@shuffled-labels" for m in self.shuffled for step in ("finetune", "evaluate"))
+        self.step("analysis", [trained_all, replicated, self.explain_settings(), self.analysis_settings()], self.analysis,
                   "analysis: what the models look at, in numbers", outputs=lambda: [self.folder / "analysis" / "analysis.json"],
                   after=explained)
         report = self.folder / "report" / "report.html"
@@ -191,10 +227,15 @@ class Pipeline:
             "sizes": {name: len(part) for name, part in split.parts.items()},
         })
 
-    def finetune(self, model: str) -> None:
+    def _which(self, model: str, seed: int | None, shuffled: bool) -> tuple[RunConfig, RunDir]:
+        if shuffled:
+            return self.shuffled[model]
+        return self.replicates[seed][model] if seed is not None else (self.run_configs[model], self.runs[model])
+
+    def finetune(self, model: str, seed: int | None = None, shuffled: bool = False) -> None:
         from xtl.train import finetune
 
-        run, config = self.runs[model], self.run_configs[model]
+        config, run = self._which(model, seed, shuffled)
         if run.config_path.is_file():
             before, now = run.config().learning_settings(), config.learning_settings()
             changed = sorted(k for k, v in now.items() if before.get(k) != v)
@@ -207,15 +248,16 @@ class Pipeline:
         if self.redoing and not run.weights_path.is_file():
             # the last checkpoint is of a finished run: resuming it would train nothing and keep no model
             run.last_checkpoint.unlink(missing_ok=True)
-        finetune(config, self.split(config), run, resume=True, progress=self.progress)
+        finetune(config, self.split(config), run, resume=True, progress=self.progress, frozen_cache=self.frozen_cache)
 
-    def evaluate(self, model: str) -> None:
+    def evaluate(self, model: str, seed: int | None = None, shuffled: bool = False) -> None:
         from xtl.evaluate import evaluate
 
-        config = self.run_configs[model]
-        metrics = evaluate(self.runs[model], self.split(config), device=self.device(config))
+        config, run = self._which(model, seed, shuffled)
+        metrics = evaluate(run, self.split(config), device=self.device(config))
         low, high = metrics["accuracy_ci95"]
-        self.console.print(f"{model}: test accuracy {metrics['accuracy']:.3f} [{low:.3f}, {high:.3f}], "
+        who = f"{model}, shuffled labels" if shuffled else model if seed is None else f"{model}, seed {seed}"
+        self.console.print(f"{who}: test accuracy {metrics['accuracy']:.3f} [{low:.3f}, {high:.3f}], "
                            f"ROC-AUC {metrics['roc_auc_macro_ovr']:.3f}", markup=False)
 
     def explain_settings(self) -> list:
@@ -239,6 +281,29 @@ class Pipeline:
             if every:
                 explainer.stream(every, None, c.explain_batch_size, c.explain_target, self.progress)
         self._explained[model] = [paths["maps"], paths["correct"], paths["misclassified"]]
+
+    def claim_methods(self) -> list[str]:
+        """The explained methods that apply to every model: those the cross-model claim tests."""
+        from xtl.explain.runner import applicable_methods
+        from xtl.models import get_spec
+
+        families = {get_spec(m).family for m in self.config.models}
+        return [m for m in self.config.explain_methods if all(applicable_methods(f, [m]) for f in families)]
+
+    def explain_replicate(self, model: str, seed: int) -> None:
+        """A further seed's maps of what the claims test: the methods that apply to every model on the
+        first `explain_images` test images, and `explain_every_image`'s of every image; no galleries."""
+        from xtl.explain.runner import RunExplainer, applicable_methods
+
+        config, run = self.replicates[seed][model]
+        c = self.config
+        explainer = RunExplainer(run, "test", self.device(config))
+        shared_methods = applicable_methods(explainer.spec.family, self.claim_methods())
+        if shared_methods:
+            explainer.stream(shared_methods, c.explain_images, c.explain_batch_size, c.explain_target, self.progress)
+        every = applicable_methods(explainer.spec.family, c.explain_every_image)
+        if every:
+            explainer.stream(every, None, c.explain_batch_size, c.explain_target, self.progress)
 
     def compare(self) -> None:
         from xtl.evaluate import read_predictions
@@ -295,9 +360,13 @@ class Pipeline:
         from xtl.analysis import analyse_runs
         from xtl.analysis.run import PIPELINE_RANDOMISATION as cheap
 
+        seeds = self.config.all_seeds
+        replicates = {seed: [run for _, run in runs.values()] for seed, runs in self.replicates.items()}
         result = analyse_runs(list(self.runs.values()), self.folder / "analysis", methods=self.config.explain_methods,
                               randomisation_images=cheap["images"], randomisation_layers=cheap["layers"],
-                              robustness_images=cheap["robustness"], device=self.config.device)
+                              robustness_images=cheap["robustness"], device=self.config.device,
+                              seed=seeds[0], replicates=replicates,
+                              shuffled={str(self.run_configs[m].model): run for m, (_, run) in self.shuffled.items()})
         for claim in result["claims"]:
             self.console.print(f"{claim['key']}: {claim['verdict']}", markup=False, highlight=False)
 

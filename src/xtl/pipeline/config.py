@@ -45,6 +45,15 @@ class PipelineConfig:
     source: str = "../shared/data/cifar10"
     train: dict[str, Any] = field(default_factory=dict)  # RunConfig keys for every model (xtl finetune's options)
     per_model: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> RunConfig keys for that model only
+    # fine-tuning seeds of every model, on one split (the first seed's): the first is the primary run, which
+    # every step uses; each further seed is fine-tuned, evaluated and explained with the methods the claims
+    # test, so the report gives accuracy over seeds and says which seeds each verdict holds for (None: one
+    # seed, `train.seed` or 0)
+    seeds: list[int] | None = None
+    # the data-randomisation sanity check (Adebayo et al. 2018): each model fine-tuned once more, with the
+    # same recipe, on shuffled labels, and every gating method's maps compared with its (one more
+    # fine-tuning per model: off in quick, whose 2-core budget does not hold it)
+    data_randomisation: bool = False
     explain_methods: list[str] = field(default_factory=lambda: list(QUICK_METHODS))
     explain_images: int | None = 100  # maps of the first N test images (None: all)
     # methods whose maps are made of every test image as well (cheap ones: the error claims of the
@@ -107,6 +116,18 @@ class PipelineConfig:
                 raise XtlError(f"{label('per_model', where)} names {model}, which is not in models ({', '.join(self.models)})")
             if not isinstance(overrides, dict):
                 raise XtlError(f"{label('per_model', where)}: {model} must map keys to values, not {overrides!r}")
+        if self.seeds is not None:
+            seeds = self.seeds
+            if (not isinstance(seeds, list) or not seeds
+                    or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+                raise XtlError(f"{label('seeds', where)} must be a list of one or more whole numbers >= 0, not {seeds!r}")
+            if len(set(seeds)) != len(seeds):
+                raise XtlError(f"{label('seeds', where)} names a seed twice: {seeds}")
+            fixed = ["train"] * ("seed" in self.train) + [m for m, o in self.per_model.items()
+                                                          if isinstance(o, dict) and "seed" in o]
+            if fixed:
+                raise XtlError(f"{label('seeds', where)} and the key seed of {', '.join(fixed)} both set the fine-tuning "
+                               "seed; give the seeds with the key seeds alone")
         for model in self.models:
             self.run_config(model, where)  # every model's training settings must be valid too
         for methods_key in ("explain_methods", "faithfulness_methods", "explain_every_image"):
@@ -118,9 +139,19 @@ class PipelineConfig:
         value = self.faithfulness_baseline
         return [b.strip() for b in value.split(",") if b.strip()] if isinstance(value, str) else list(value)
 
-    def run_config(self, model: str, where: str = "option") -> RunConfig:
-        """The fine-tuning configuration of one model: its training preset, then `train`, then `per_model`."""
+    @property
+    def all_seeds(self) -> list[int]:
+        """The fine-tuning seeds, the primary first: `seeds`, else the one `train` gives (0 by default)."""
+        return list(self.seeds) if self.seeds else [int(self.train.get("seed", 0))]
+
+    def run_config(self, model: str, where: str = "option", seed: int | None = None) -> RunConfig:
+        """The fine-tuning configuration of one model: its training preset, then `train`, then `per_model`;
+        with `seed` (one of `all_seeds`), that seed's run on the primary seed's split."""
         overrides = {"source": self.source, **self.train, **self.per_model.get(model, {})}
+        if self.seeds:
+            overrides["seed"] = self.seeds[0] if seed is None else seed
+            if overrides["seed"] != self.seeds[0]:
+                overrides.setdefault("split_seed", self.seeds[0])
         banned = sorted({"model", "preset"} & set(overrides))
         if banned:
             raise XtlError(f"{label('train', where)}: set {', '.join(banned)} with the keys 'models' and 'preset'")
@@ -148,8 +179,9 @@ def preset_config(name: str) -> PipelineConfig:
     - `quick`: `make run`. EfficientNet-Lite0 and DINOv2 ViT-S/14 (offline weights) on a stratified
       4,500/500/1,000 subset at low resolution, frozen early blocks cached (xtl.config.preset), maps
       of 100 test images (Grad-CAM's of all 1,000, for the error claims), the first 64 scored on one common grid (CIFAR's 32 x 32) in 10 steps under the
-      zero baseline, every signed map in three readings, with paired tests: a 2-core CPU in 10 minutes.
-      (ROAD and the grid-sensitivity grids are the other presets' and `xtl faithfulness`'s defaults.)
+      zero baseline, every signed map in three readings, with paired tests; fine-tuning seeds 0, 1 and 2
+      (each claim's verdict per seed); no data randomisation. 58 minutes on a 2-core CPU (BENCHMARKS.md).
+      (ROAD, the grid-sensitivity grids and data randomisation are the other presets' defaults.)
     - `paper`: the paper's experiment. AlexNet, ResNet-34 and ViT-B/16 (ImageNet-21k) from the hubs,
       the paper's split and hyperparameters; needs a GPU and network access for the weights.
     - `offline-full`: EfficientNet-Lite0 and DINOv2 ViT-S/14 with our recipe on the paper split.
@@ -160,18 +192,19 @@ def preset_config(name: str) -> PipelineConfig:
         # on a 2-core CPU (BENCHMARKS.md), which the 10-minute budget does not hold
         # Grad-CAM, the cheapest method of both models (1.7 and 3.5 s per 100 maps on 2 cores,
         # BENCHMARKS.md), of all 1,000 test images: enough maps for the error claims
+        # three fine-tuning seeds on one split: every verdict says which seeds it holds for
         return PipelineConfig(preset="quick", faithfulness_images=64, faithfulness_baseline=["zero"],
-                              faithfulness_sensitivity_grids=[], explain_every_image=["gradcam"])
+                              faithfulness_sensitivity_grids=[], explain_every_image=["gradcam"], seeds=[0, 1, 2])
     if name == "paper":
         return PipelineConfig(
             preset="paper", models=["alexnet", "resnet34", "vit_b16_in21k"], explain_methods=list(FULL_METHODS),
-            explain_images=None, faithfulness_images=500, faithfulness_steps=10,
+            explain_images=None, faithfulness_images=500, faithfulness_steps=10, data_randomisation=True,
             title="Explainable transfer learning: the paper's experiment",
         )
     if name == "offline-full":
         return PipelineConfig(
             preset="offline-full", train={"split": "paper"}, explain_methods=list(FULL_METHODS), explain_images=None,
-            faithfulness_images=500, faithfulness_steps=10,
+            faithfulness_images=500, faithfulness_steps=10, data_randomisation=True,
         )
     RULES["preset"].check("preset", name, "option")
     raise AssertionError(name)  # every name in PRESETS has its defaults above

@@ -313,12 +313,31 @@ def _analysis_context(folder: Path | None, figures: Figures) -> dict[str, Any] |
                           "plain": ("–" if r.get("plain_difference") is None else
                                     f"{r['plain_difference']:+.3f} [{r['plain_low']:+.3f}, {r['plain_high']:+.3f}]")
                           if "plain_difference" in r else None}
-                         for r in c.get("methods", [])]}
+                         for r in c.get("methods", [])],
+               "seeds": [{"seed": r["seed"], "verdict": r["verdict"], "difference": number(r.get("difference"), "+.3f"),
+                          "interval": "–" if r.get("low") is None else f"[{r['low']:+.3f}, {r['high']:+.3f}]",
+                          "methods": ", ".join(r.get("methods", [])) or "none"}
+                         for r in c.get("seeds", [])]}
               for c in data.get("claims", [])]
+    seeds = data.get("seeds") or {}
+    accuracy = [{"model": r["model"], "per_seed": ", ".join(f"{s}: {v:.3f}" for s, v in zip(r["seeds"], r["per_seed"])),
+                 "mean": f"{r['mean']:.3f}", "range": f"{r['min']:.3f} to {r['max']:.3f}",
+                 "sd": number(r.get("sd"), ".3f"),
+                 "primary": f"{r['primary']:.3f} [{r['primary_low']:.3f}, {r['primary_high']:.3f}]"}
+                for r in seeds.get("accuracy", [])]
     sensitivity = [{"model": r["model"], "method": r["method"], "n": r["n"], "spearman": interval(r),
                     "status": next((x["status"] for x in data.get("sanity", [])
                                     if x["model"] == r["model"] and x["method"] == r["method"]), "")}
                    for r in data.get("class_sensitivity", [])]
+    shuffled_accuracy = {}
+    for model, path in (data.get("data_randomisation_runs") or {}).items():
+        try:
+            shuffled_accuracy[model] = f"{RunDir(path).metrics()['accuracy']:.3f}"
+        except (OSError, ValueError, KeyError, XtlError):
+            shuffled_accuracy[model] = "–"
+    data_randomisation = [{"model": r["model"], "method": r["method"], "n": r["n"], "spearman": interval(r),
+                           "accuracy": shuffled_accuracy.get(r["model"], "–")}
+                          for r in data.get("data_randomisation", [])]
     randomisation = []
     for model in dict.fromkeys(r["model"] for r in data.get("randomisation", [])):
         mine = [r for r in data["randomisation"] if r["model"] == model]
@@ -340,7 +359,10 @@ def _analysis_context(folder: Path | None, figures: Figures) -> dict[str, Any] |
         "rates": rates,
         "complexity": data.get("complexity_sentences", []),
         "claims": claims,
+        "seeds": {"seeds": seeds.get("seeds", []), "primary": data.get("seed"), "accuracy": accuracy,
+                  "pairs": [p["sentence"] for p in seeds.get("pairs", [])]} if accuracy else None,
         "class_sensitivity": sensitivity,
+        "data_randomisation": data_randomisation,
         "pairs": pairs,
         "figures": shown,
         "randomisation": randomisation,

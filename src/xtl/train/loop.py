@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,9 +73,17 @@ def make_fabric(config: RunConfig):
                        f"--precision {precision}: {str(err).splitlines()[0]}") from None
 
 
-def finetune(config: RunConfig, split: Split, run: RunDir, resume: bool = False, progress: bool = True) -> TrainState:
-    """Fine-tune `config.model` on `split`, keeping the best model (lowest val loss) in `run`."""
+def finetune(config: RunConfig, split: Split, run: RunDir, resume: bool = False, progress: bool = True,
+             frozen_cache: dict | None = None) -> TrainState:
+    """Fine-tune `config.model` on `split`, keeping the best model (lowest val loss) in `run`.
+
+    `frozen_cache`: a dict the caller keeps between calls, in which the frozen blocks' outputs
+    (`cache_frozen`) are kept and found again by what they depend on (the model, its weights, input
+    size, normalisation, frozen blocks, precision, the images and flips): fine-tuning seeds of one
+    model on one split compute them once. None: computed for this call alone."""
     check_split(split)
+    if config.shuffle_labels:
+        split = shuffled_labels(split, config.seed)
     fabric = make_fabric(config)
     fabric.launch()
     if len(split["train"]) < fabric.world_size:
@@ -106,7 +115,16 @@ def finetune(config: RunConfig, split: Split, run: RunDir, resume: bool = False,
         model.to(fabric.device)
         for name, feed in inputs.items():
             started = time.perf_counter()
-            feed.cache(fabric, parts, config, flips=name == "train" and config.augment)
+            flips = name == "train" and config.augment
+            key = _cache_key(config, split, name, flips, fabric) if frozen_cache is not None else None
+            if key is not None and key in frozen_cache:
+                feed.cached, feed.flipped = frozen_cache[key]
+                fabric.print(f"the {config.freeze_blocks} frozen blocks' outputs of {len(split[name])} {name} images "
+                             "computed for an earlier run: reused")
+                continue
+            feed.cache(fabric, parts, config, flips=flips)
+            if key is not None:
+                frozen_cache[key] = (feed.cached, feed.flipped)
             fabric.print(f"cached the {config.freeze_blocks} frozen blocks' outputs of {len(split[name])} {name} images"
                          f"{' and their mirror images' if feed.flipped is not None else ''} "
                          f"({time.perf_counter() - started:.1f} s)")
@@ -118,6 +136,33 @@ def finetune(config: RunConfig, split: Split, run: RunDir, resume: bool = False,
                      f"{state.head['val_accuracy']:.4f} ({state.head['seconds']:.1f} s)")
     with fed_from_cache(model, parts if inputs["train"].cached is not None else None):
         return _train_epochs(fabric, model, optimizer, scheduler, inputs, config, state, run, parts, progress)
+
+
+def shuffled_labels(split: Split, seed: int) -> Split:
+    """`split` with the training and validation labels permuted within each part (a generator seeded
+    by `seed`, so class counts stay): the data-randomisation check's training data. The test part,
+    and `split` itself, are left as they are."""
+    from dataclasses import replace
+
+    parts = dict(split.parts)
+    for k, name in enumerate(("train", "val")):
+        part = parts[name]
+        order = torch.randperm(len(part), generator=torch.Generator().manual_seed(seed * 1000 + 7 + k))
+        parts[name] = replace(part, labels=part.labels[order].clone())
+    return replace(split, parts=parts)
+
+
+def _cache_key(config: RunConfig, split: Split, name: str, flips: bool, fabric) -> str:
+    """What the frozen blocks' outputs of one split part depend on: the seed only for a randomly
+    initialised model (whose frozen blocks the seed draws); pretrained frozen blocks keep their
+    weights, and the cache is computed in eval mode."""
+    import hashlib
+
+    ids = hashlib.sha256(np.ascontiguousarray(split[name].ids, dtype=np.int64).tobytes()).hexdigest()
+    drawn = None if (config.pretrained or config.weights) else config.seed
+    return repr((config.model, config.weights, config.pretrained, drawn, config.input_size, config.normalization,
+                 config.freeze_blocks, str(fabric._precision.precision), str(fabric.device), config.source,
+                 name, flips, ids))
 
 
 def _train_epochs(fabric, model, optimizer, scheduler, inputs, config, state, run, parts, progress) -> TrainState:
