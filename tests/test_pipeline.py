@@ -116,7 +116,7 @@ def test_config_checks_come_from_the_one_settings_toolkit(tmp_path):
         ("train: {seed: -3}\n", "key 'seed' must be >= 0, not -3"),
         ("per_model: {efficientnet_lite0: {label_smoothing: .inf}}\n", "key 'label_smoothing' must be a finite number, not inf"),
         ("train: {learning_rate: 1}\n", "key 'train': unknown key(s) learning_rate; known: accelerator, augment, "),
-        ("explain_imgaes: 3\n", "unknown key(s) explain_imgaes; known: device, explain_batch_size, "),
+        ("explain_imgaes: 3\n", "unknown key(s) explain_imgaes; known: data_randomisation, device, explain_batch_size, "),
     ]
     for text, message in cases:
         path.write_text(text)

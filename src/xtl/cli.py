@@ -157,7 +157,7 @@ def finetune_command(
     freeze_blocks: Optional[int] = typer.Option(None, help="Keep the first N blocks (and the stem) pretrained; 0 = train all."),
     cache_frozen: Optional[bool] = typer.Option(None, "--cache-frozen/--no-cache-frozen",
                                                 help="Compute the frozen blocks once per image (augmentation: flips only)."),
-    shuffle_labels: Optional[bool] = typer.Option(None, "--shuffle-labels/--true-labels",
+    shuffle_labels: Optional[bool] = typer.Option(None, "--shuffle-labels/--no-shuffle-labels",
                                                   help="Train on shuffled training and validation labels: the data-"
                                                   "randomisation sanity check's model, never one to use."),
     head_epochs: Optional[int] = typer.Option(None, help="LP-FT: epochs of head-only training before fine-tuning."),

@@ -123,13 +123,14 @@ class PipelineConfig:
                 raise XtlError(f"{label('seeds', where)} must be a list of one or more whole numbers >= 0, not {seeds!r}")
             if len(set(seeds)) != len(seeds):
                 raise XtlError(f"{label('seeds', where)} names a seed twice: {seeds}")
+        for model in self.models:
+            self.run_config(model, where)  # every model's training settings must be valid too
+        if self.seeds is not None:  # after the settings' own checks: a seed out of range is named as such
             fixed = ["train"] * ("seed" in self.train) + [m for m, o in self.per_model.items()
                                                           if isinstance(o, dict) and "seed" in o]
             if fixed:
                 raise XtlError(f"{label('seeds', where)} and the key seed of {', '.join(fixed)} both set the fine-tuning "
                                "seed; give the seeds with the key seeds alone")
-        for model in self.models:
-            self.run_config(model, where)  # every model's training settings must be valid too
         for methods_key in ("explain_methods", "faithfulness_methods", "explain_every_image"):
             _check_methods(getattr(self, methods_key) or [], label(methods_key, where))
 
@@ -148,7 +149,7 @@ class PipelineConfig:
         """The fine-tuning configuration of one model: its training preset, then `train`, then `per_model`;
         with `seed` (one of `all_seeds`), that seed's run on the primary seed's split."""
         overrides = {"source": self.source, **self.train, **self.per_model.get(model, {})}
-        if self.seeds:
+        if self.seeds and "seed" not in overrides:  # both given: refused by `validate`
             overrides["seed"] = self.seeds[0] if seed is None else seed
             if overrides["seed"] != self.seeds[0]:
                 overrides.setdefault("split_seed", self.seeds[0])
