@@ -196,10 +196,11 @@ def over_seeds(claim: Claim, seeds: dict[int, Claim | None]) -> Claim:
     """The claim of the primary seed (`claim`) judged with the same claim of every seed (`seeds`, the
     primary first; None where a seed's maps cannot test it): the verdict stands only where every seed
     gives it; otherwise it is "cannot decide", and the sentence says which seed says what."""
-    rows = [{"seed": seed, "verdict": c.verdict if c is not None else "not tested",
-             "difference": c.difference if c is not None else float("nan"),
-             "low": c.low if c is not None else float("nan"), "high": c.high if c is not None else float("nan"),
-             "methods": [r["method"] for r in c.methods if r.get("in_verdict")] if c is not None else []}
+    nan = float("nan")
+    rows = [{"seed": seed, "verdict": "not tested", "difference": nan, "low": nan, "high": nan, "methods": []}
+            if c is None else
+            {"seed": seed, "verdict": c.verdict, "difference": c.difference, "low": c.low, "high": c.high,
+             "methods": [r["method"] for r in c.methods if r.get("in_verdict")]}
             for seed, c in seeds.items()]
     if len(rows) < 2:
         return replace(claim, seeds=rows)

@@ -302,16 +302,15 @@ def sanity_methods(sets: list[MapSet]) -> dict[str, list[str]]:
 
 def sanity_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, device: str | None,
                 max_layers: int | None = None, robustness_images: int = 0,
-                shuffled: dict[str, RunDir] | None = None, data_rows: list[dict] | None = None
-                ) -> tuple[list[dict], list[dict], list[dict], dict[tuple[str, str], str], str | None]:
+                shuffled: dict[str, RunDir] | None = None
+                ) -> tuple[list[dict], list[dict], list[dict], list[dict], dict[tuple[str, str], str], str | None]:
     """The sanity checks (`xtl.analysis.sanity`) of the methods `sanity_methods` names, on the first
     `n_images` stored images of each: cascading model-parameter randomisation from the top block
     down (`layer_groups="blocks"`, all groups, or the top `max_layers`), rows (model, method, layer,
     order, spearman: mean over the images whose randomised map is not constant, n, undefined); class
     sensitivity, rows (model, method, n, mean, low, high, undefined); robustness (`robustness_row`) on
     the first `robustness_images` of them; data randomisation where `shuffled` has the model's
-    shuffled-labels run (model -> RunDir), rows (model, method, n, mean, low, high, undefined)
-    appended to `data_rows`; and each method's status. A note instead where the randomisation check
+    shuffled-labels run (model -> RunDir), rows like class sensitivity's; and each method's status. A note instead where the randomisation check
     cannot run."""
     from xtl.analysis.sanity import class_sensitivity, data_randomisation, status
 
@@ -319,11 +318,11 @@ def sanity_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, device: s
         from xtl.analysis.metrics import layer_groups_of, randomisation_similarity
     except ImportError:
         note = "the randomisation check (xtl.analysis.metrics.randomisation_similarity) is not available"
-        return [], [], [], {}, note
+        return [], [], [], [], {}, note
     from xtl.inference import LoadedRun
 
     chosen = sanity_methods(sets)
-    random_rows, class_rows, robust_rows, states = [], [], [], {}
+    random_rows, class_rows, data_rows, robust_rows, states = [], [], [], [], {}
     for run in runs:
         mine = [s for s in sets if s.run is run and s.method in chosen.get(s.model, [])]
         if not mine or n_images <= 0:
@@ -353,23 +352,24 @@ def sanity_rows(runs: list[RunDir], sets: list[MapSet], n_images: int, device: s
                         "undefined": int(undefined.sum())}
                 random_rows.append(last)
             probabilities = loaded.probabilities[[position[i] for i in ids]]
-            values = class_sensitivity(loaded.model, loaded.spec, images, probabilities, s.method)
-            summary = mean_interval(values, SEED)
-            sensitivity = {"model": s.model, "method": s.method, "n": len(values), "mean": summary["mean"],
-                           "low": summary["low"], "high": summary["high"], "undefined": int(torch.isnan(values).sum())}
+            sensitivity = _correlation_row(s, class_sensitivity(loaded.model, loaded.spec, images, probabilities, s.method))
             class_rows.append(sensitivity)
             data = None
             if untrained is not None:
-                values = data_randomisation(loaded.model, untrained.model, loaded.spec, images, targets, s.method)
-                summary = mean_interval(values, SEED)
-                data = {"model": s.model, "method": s.method, "n": len(values), "mean": summary["mean"],
-                        "low": summary["low"], "high": summary["high"], "undefined": int(torch.isnan(values).sum())}
-                if data_rows is not None:
-                    data_rows.append(data)
+                data = _correlation_row(s, data_randomisation(loaded.model, untrained.model, loaded.spec, images,
+                                                              targets, s.method))
+                data_rows.append(data)
             complete = len(found) >= len(layer_groups_of(loaded.model, "blocks"))  # down to the input
             states[(s.model, s.method)] = status({**last, "complete": complete} if last else None, sensitivity,
                                                  data=data)
-    return random_rows, class_rows, robust_rows, states, None
+    return random_rows, class_rows, data_rows, robust_rows, states, None
+
+
+def _correlation_row(s: MapSet, values: torch.Tensor) -> dict:
+    """A sanity check's row: the per-image correlations' mean and bootstrap interval, and how many are NaN."""
+    summary = mean_interval(values, SEED)
+    return {"model": s.model, "method": s.method, "n": len(values), "mean": summary["mean"], "low": summary["low"],
+            "high": summary["high"], "undefined": int(torch.isnan(values).sum())}
 
 
 def robustness_row(loaded, s: MapSet, images: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -533,9 +533,8 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
     labels, matrices, agree = agreement_rows(sets)
     timings = {"statistics": round(time.perf_counter() - start, 2)}
     started = time.perf_counter()
-    data_rows: list[dict] = []
-    random_rows, class_rows, robust_rows, states, random_note = sanity_rows(
-        runs, sets, randomisation_images, device, randomisation_layers, robustness_images, shuffled, data_rows)
+    random_rows, class_rows, data_rows, robust_rows, states, random_note = sanity_rows(
+        runs, sets, randomisation_images, device, randomisation_layers, robustness_images, shuffled)
     timings["sanity"] = round(time.perf_counter() - started, 2)
     grid = claim_grid(runs)
     claims = paper_claims(sets, states, grid)
