@@ -115,6 +115,29 @@ def test_a_bad_image_file_is_a_one_line_error_naming_it(kind, tiny_folder, tmp_p
     _user_error(_data_command(tiny_folder, tmp_path), f"image file {bad}", message)
 
 
+@pytest.mark.parametrize("data_path", ["memory", "stream"])
+@pytest.mark.parametrize("kind", ["empty", "not_an_image"])
+def test_a_part_whose_every_header_is_unreadable_names_the_file_on_both_data_paths(kind, data_path, tmp_path, cifar):
+    """Issue 28's regression: when every image of a part has a header that cannot be read (here a part
+    of one image: an empty file or text), the sizes read from headers were all unknown, so the part
+    looked like one of images of size -1 x -1 and ended in `RuntimeError: negative dimension`. The
+    file is named in one line before anything is decoded or trained, on both data paths."""
+    folder = tmp_path / "data"
+    for part, name in (("train", "cat"), ("train", "dog"), ("test", "cat"), ("test", "dog")):
+        (folder / part / name).mkdir(parents=True, exist_ok=True)
+    bad = {"cat": folder / "train" / "cat" / "a.jpg", "dog": folder / "train" / "dog" / "b.jpg"}
+    if kind == "empty":
+        bad["cat"].write_bytes(b""), bad["dog"].write_bytes(b"")
+    else:
+        bad["cat"].write_text("hello\n"), bad["dog"].write_text("name,label\n")
+    for name in ("cat", "dog"):
+        for f in sorted((cifar / "test" / name).iterdir())[:2]:
+            shutil.copy(f, folder / "test" / name / f.name)
+    spec = SplitSpec("random", train_size=1, val_size=1, test_size=2)
+    with pytest.raises(XtlError, match=r"^image file .*/train/(cat/a|dog/b)\.jpg (is empty|cannot be read as an image)"):
+        load_split(str(folder), spec, data_path=data_path, num_workers=0)
+
+
 def _odd_images(folder: Path) -> dict[str, Path]:
     """Valid images in every awkward encoding, written beside the CIFAR images of class cat."""
     rng = np.random.default_rng(0)

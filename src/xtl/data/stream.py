@@ -153,10 +153,7 @@ def stored_side(partition: Partition, ids: np.ndarray, store_size: int | None) -
     sizes: set[tuple[int, int]] = set()
     for start in range(0, len(ids), 512):
         chunk = ids[start : start + 512].tolist()
-        if partition.sizes is not None:
-            sizes.update(partition.sizes(chunk))
-        else:
-            sizes.update(img.size for img in partition.fetch(chunk))
+        sizes.update(_sizes(partition, chunk))
         if len(sizes) > 1:
             return MIXED_SIZE_SIDE, (MIXED_SIZE_SIDE, MIXED_SIZE_SIDE)
     size = sizes.pop() if sizes else (0, 0)
@@ -201,5 +198,18 @@ def first_size(partition: Partition, ids: np.ndarray, store_size: int | None) ->
         return store_size, store_size
     if len(ids) == 0:
         return 0, 0
-    first = ids[:1].tolist()
-    return partition.sizes(first)[0] if partition.sizes is not None else partition.fetch(first)[0].size
+    return _sizes(partition, ids[:1].tolist())[0]
+
+
+def _sizes(partition: Partition, ids: list[int]) -> list[tuple[int, int]]:
+    """(width, height) of each image `ids`, from headers where the partition reads them. An image whose
+    header cannot be read (an empty file, text, a truncated header) is decoded instead, which names the
+    file in one line (`XtlError`) or, where only the header misled, gives its size."""
+    if partition.sizes is None:
+        return [img.size for img in partition.fetch(ids)]
+    sizes = list(partition.sizes(ids))
+    unknown = [k for k, (width, height) in enumerate(sizes) if width <= 0 or height <= 0]
+    if unknown:
+        for k, img in zip(unknown, partition.fetch([ids[k] for k in unknown])):
+            sizes[k] = img.size
+    return sizes
