@@ -119,7 +119,7 @@ def test_unique_names_tell_repeated_stems_apart(tmp_path):
 
 @pytest.mark.parametrize("case, fragment", [
     ("missing", "image {photos}/nope.jpg does not exist"),
-    ("not_an_image", "not_an_image.jpg cannot be read"),
+    ("not_an_image", "none of the 1 image file(s) could be explained"),
     ("empty_folder", "holds no images"),
     ("unknown_method", "unknown explanation method 'gradcan'"),
     ("bad_target", "option --target must be predicted, a class index or a class name"),
@@ -158,3 +158,122 @@ def test_list_methods_and_help_name_every_method():
     for name, method in METHODS.items():
         assert name in listed and name in " ".join(helped.split()), name
     assert "Options: target_layer=None" in listed and "Chefer" in listed
+
+
+def _awkward_and_bad_files(folder, cifar):
+    """Valid images in awkward encodings and shapes, and files that are not images, in one folder."""
+    from PIL import ImageSequence  # noqa: F401  (animated GIFs are written by PIL's GIF plugin)
+
+    folder.mkdir()
+    rgb = np.asarray(Image.open(sorted((cifar / "test" / "ship").iterdir())[0]).convert("RGB"))
+    good = {
+        "cmyk.jpg": lambda p: Image.fromarray(rgb).convert("CMYK").save(p, quality=95),
+        "sixteen.png": lambda p: Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(p),
+        "palette_alpha.png": lambda p: Image.fromarray(rgb).convert("P").save(p, transparency=bytes(range(256))),
+        "one_pixel.png": lambda p: Image.fromarray(rgb[:1, :1]).save(p),
+        "long.png": lambda p: Image.new("RGB", (20000, 20), (200, 30, 30)).save(p),
+        "animated.gif": lambda p: Image.fromarray(rgb).save(p, save_all=True, append_images=[Image.fromarray(255 - rgb)]),
+    }
+    for name, write in good.items():
+        write(folder / name)
+    exif = Image.fromarray(rgb[:, :16]).getexif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb[:, :16]).save(folder / "rotated.jpg", exif=exif, quality=95)
+    good["rotated.jpg"] = None
+    bad = {"truncated.jpg": "cannot be read as an image", "text.jpg": "cannot be read as an image",
+           "empty.png": "is empty", "link_to_text.jpg": "cannot be read as an image"}
+    data = (cifar / "test" / "cat" / sorted(p.name for p in (cifar / "test" / "cat").iterdir())[0]).read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "text.jpg").write_text("name,label\n")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "link_to_text.jpg").symlink_to(folder / "text.jpg")
+    return sorted(good), bad
+
+
+def test_one_bad_file_among_many_is_skipped_and_the_others_are_written(photos, timm_weights, cifar, tmp_path):
+    """Issue 28: a file that cannot be read among many is skipped with one line naming it, the good
+    images (awkward ones included: CMYK, 16-bit, palette with alpha, 1 x 1, 20,000 x 20, an animated
+    GIF's first frame, an EXIF rotation) are explained and written, and the last line counts the
+    skipped; the exit status is 0 because something was explained."""
+    folder = tmp_path / "mixed"
+    good, bad = _awkward_and_bad_files(folder, cifar)
+    out = tmp_path / "out"
+    result = _invoke("explain", photos / "grey.bmp", folder, "--model", "timm:test_resnet", "--weights", timm_weights,
+                     "--method", "saliency", "--out", out, "--batch-size", 4)
+    for name, reason in bad.items():
+        assert f"skipped: image file {folder / name} {reason}" in result.output, (name, result.output)
+    assert f"{len(good) + 1} image(s) explained" in result.output and f"{len(bad)} skipped (named above)" in result.output
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["image"] for r in rows) == sorted([str(photos / "grey.bmp")] + [str(folder / n) for n in good])
+    for name in good:
+        assert (out / name.rsplit(".", 1)[0] / "saliency.npy").is_file(), name
+    assert not any((out / name.rsplit(".", 1)[0]).exists() for name in bad)
+
+
+def test_awkward_images_decode_as_training_images_do(cifar, tmp_path):
+    """`xtl explain` image files are decoded by the training decoder (`decode_image`): EXIF rotation
+    applied (a 32 x 16 image stored rotated gives the same square as its upright version), a long thin
+    image is cropped before it is resized, so it costs a square's memory."""
+    good, _ = _awkward_and_bad_files(tmp_path / "files", cifar)
+    for name in good:
+        image = read_image(tmp_path / "files" / name, 24)
+        assert image.shape == (3, 24, 24) and image.dtype == torch.uint8, name
+    long = read_image(tmp_path / "files" / "long.png", 24)
+    assert (long[0] == 200).all() and (long[1] == 30).all()
+
+
+def test_nothing_explained_is_one_line_and_writes_nothing(timm_weights, cifar, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.jpg").write_text("hello")
+    (folder / "b.png").write_bytes(b"")
+    result = runner.invoke(app, ["explain", str(folder), "--model", "timm:test_resnet", "--weights", str(timm_weights),
+                                 "--out", str(tmp_path / "o")])
+    assert isinstance(result.exception, XtlError), result.output
+    assert str(result.exception) == "none of the 2 image file(s) could be explained: every one was skipped (each is named above)"
+    assert f"skipped: image file {folder / 'a.jpg'} cannot be read as an image" in result.output
+    assert not (tmp_path / "o" / "predictions.csv").exists()
+    help_text = " ".join(runner.invoke(app, ["explain", "--help"], terminal_width=400).output.split())
+    assert "skipped" in help_text and "exit status" in help_text
+
+
+def test_the_class_shown_as_predicted_is_the_class_explained(photos, timm_weights, tmp_path, monkeypatch):
+    """Issue 28: under bf16 autocast the probabilities can rank two close classes the other way round
+    from the float32 pass that computes a map; the figure said "predicted: cat" beside a map of deer.
+    The map now explains the class of the probabilities shown. Pinned where the two passes disagree
+    by construction: the probabilities' pass is made to predict each image's least likely class."""
+    from xtl.explain import files
+
+    def least_likely_first(model, x):
+        with torch.no_grad():
+            return (-model(x).float()).softmax(1)
+
+    monkeypatch.setattr(files, "class_probabilities", least_likely_first)
+    out = tmp_path / "out"
+    _invoke("explain", photos / "a" / "pet.jpg", "--model", "timm:test_resnet", "--weights", timm_weights,
+            "--method", "saliency", "--out", out)
+    with open(out / "predictions.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    loaded = load_image_model("timm:test_resnet", "cpu", timm_weights)
+    x = loaded.preprocess(read_image(photos / "a" / "pet.jpg", loaded.spec.input_size)[None])
+    with torch.no_grad():
+        least = int(loaded.model(x).argmin(1))
+    assert row["explained"] == row["top1"] == loaded.class_names[least]
+    expected = explain(loaded.model, x, least, "saliency").raw[0].numpy()
+    np.testing.assert_allclose(np.load(out / "pet" / "saliency.npy"), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_model_without_a_classification_head_is_refused_before_any_work(photos, tmp_path):
+    """Issue 28: the DINOv2 backbone (timm `num_classes=0`) outputs features; explaining "its predicted
+    class" ran for 15-47 s and ended in an IndexError. It is refused in one line, nothing written."""
+    import timm
+
+    assert class_names_of(timm.create_model("test_vit", num_classes=0)) == []
+    result = runner.invoke(app, ["explain", str(photos / "grey.bmp"), "--model", "vit_s14_dinov2", "--method",
+                                 "saliency", "--out", str(tmp_path / "o")])
+    assert isinstance(result.exception, XtlError), result.output
+    assert str(result.exception) == ("option --model: vit_s14_dinov2 has no classification head (it outputs features, "
+                                     "not class scores), so there is no class to explain; fine-tune it first "
+                                     "(xtl finetune --model vit_s14_dinov2), or pass a run folder")
+    assert not (tmp_path / "o").exists()

@@ -207,3 +207,26 @@ def test_side_by_side_figures_are_named_after_their_methods_and_kept(cnn_run, vi
     for run in runs:
         names = sorted(p.name for p in (run / "figures").glob("compare_*.png"))
         assert names == ["compare_a_vs_b_saliency-gradcam.png", "compare_a_vs_b_saliency.png"]
+
+
+def test_a_predicted_target_is_the_evaluations_prediction_everywhere_it_is_shown(cnn_run):
+    """Issue 28: the evaluation predicts under bf16 autocast where the CPU has it, a map's own float32
+    pass may rank two close classes the other way, and a gallery then said "pred: cat" above a map of
+    deer. Maps of the predicted class explain the class `predictions.csv` (and so the galleries, the
+    report and the app) shows. Pinned where the two disagree by construction: the stored predictions
+    are made to name each image's second most likely class."""
+    explainer = RunExplainer(cnn_run, device="cpu")
+    positions = list(range(6))
+    probabilities = explainer._saved.clone()
+    second = probabilities.topk(2, dim=1).indices[:, 1]
+    swapped = probabilities.clone()
+    rows = torch.arange(len(swapped))
+    swapped[rows, second], swapped[rows, probabilities.argmax(1)] = probabilities.max(1).values, probabilities[rows, second]
+    explainer._saved = swapped
+    explainer.__dict__.pop("probabilities", None)
+    result = explainer.explain_positions(positions, "saliency", "predicted")
+    assert result.targets.tolist() == second[positions].tolist()
+    for row, pos in zip(explainer.gallery_rows(positions, ["saliency"]), positions):
+        shown = explainer.class_names[int(row.probabilities.argmax())]
+        assert row.targets["saliency"] == int(second[pos]) and f"pred: {shown}" in row.caption
+        assert shown == explainer.class_names[int(second[pos])]

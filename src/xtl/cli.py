@@ -357,6 +357,10 @@ def explain_command(
 
     xtl explain runs/quick/vit_s14_dinov2 --methods transformer_attribution,attention_rollout
     xtl explain photo.jpg holiday/ --model timm:resnet50 --method gradcam --method integrated_gradients
+
+    With --model, a file that cannot be read as an image is skipped with one line naming it (the
+    others are explained, and the last line counts the skipped); the exit status is 2 only when no
+    image could be explained. A model without a classification head is refused before any work.
     """
     _check_numbers(images=images, batch_size=batch_size, devices=devices, num_nodes=num_nodes)
     chosen = [m.strip() for m in (methods or "").split(",") if m.strip()] + list(method or [])
@@ -372,10 +376,11 @@ def explain_command(
 
         _one_process(devices, num_nodes, "image files with --model")
         folder = _output_folder(out or Path("explanations"), "--out")
-        written = explain_files(inputs, model, chosen or None, folder, device=device, target=target,
-                                batch_size=batch_size, weights=weights)
-        console.print(f"{len(written)} image(s) explained: overlays, raw maps and figure.png per image in {folder}/, "
-                      f"top-5 predictions in {folder / 'predictions.csv'}")
+        done = explain_files(inputs, model, chosen or None, folder, device=device, target=target,
+                             batch_size=batch_size, weights=weights)
+        skipped = f"; {len(done.skipped)} skipped (named above)" if done.skipped else ""
+        console.print(f"{len(done.folders)} image(s) explained: overlays, raw maps and figure.png per image in {folder}/, "
+                      f"top-5 predictions in {folder / 'predictions.csv'}{skipped}")
         return
     for option, value in (("--out", out), ("--weights", weights)):
         if value is not None:

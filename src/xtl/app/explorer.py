@@ -13,6 +13,7 @@ from xtl.explain import explain
 from xtl.explain.gallery import overlay, pick_misclassified
 from xtl.explain.runner import applicable_methods
 from xtl.inference import LoadedRun
+from xtl.models import class_probabilities
 from xtl.runs import RunDir, run_title
 
 DEFAULT_METHODS = ("gradcam", "saliency", "transformer_attribution", "attnlrp", "attention_rollout")
@@ -62,8 +63,8 @@ class ServedRun:
         e = self.loaded
         x = e.preprocess(image[None].to(e.device))
         with self._lock:
-            with torch.no_grad():
-                probs = e.model(x).softmax(-1)[0].float().cpu()
+            # in the evaluation's precision: the answer for a test image is the one its gallery shows
+            probs = class_probabilities(e.model, x)[0].cpu()
             index, note = self._target_index(probs, target)
             targets = torch.tensor([index], device=e.device)
             maps = {m: explain(e.model, x, targets, method=m, spec=e.spec).maps[0].cpu()

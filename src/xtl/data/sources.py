@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -97,7 +98,10 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
     """Open any common image file as 8-bit RGB, honouring EXIF rotation; one-line error otherwise."""
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode):  # a pipe would block the read, a device never end
+            raise XtlError(f"image file {path} is not a regular file (a pipe, socket or device)")
+        if status.st_size == 0:
             raise XtlError(f"image file {path} is empty")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

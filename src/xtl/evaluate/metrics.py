@@ -14,7 +14,7 @@ from torchmetrics.functional.classification import (
 
 from xtl.data import Preprocess, SplitPart
 from xtl.data.stream import consecutive_batches, image_batches
-from xtl.models import inference_autocast
+from xtl.models import class_probabilities
 
 
 @dataclass
@@ -41,9 +41,7 @@ def predict(
     chunks = []
     for images in image_batches(part.images, consecutive_batches(len(part), batch_size)):  # a streamed part: decoded ahead in worker processes
         images = images.to(device, non_blocking=True)
-        with inference_autocast(device):
-            logits = model(preprocess(images))
-        chunks.append(logits.float().softmax(1).cpu())
+        chunks.append(class_probabilities(model, preprocess(images)).cpu())
     n_classes = chunks[0].shape[1] if chunks else 0
     probs = torch.cat(chunks) if chunks else torch.empty(0, n_classes)
     return Predictions(ids=part.ids, labels=part.labels.clone(), probabilities=probs)

@@ -16,6 +16,8 @@ side is the model's input size, then centre-cropped to a square.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from xtl.errors import XtlError
 from xtl.explain import METHODS, explain, methods_for
 from xtl.explain.base import get_method
 from xtl.io import atomic_path, write_csv
-from xtl.models import ModelDescription, describe_model, inference_autocast
+from xtl.models import ModelDescription, class_probabilities, describe_model
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -47,7 +49,9 @@ class ImageModel:
 
 def image_paths(inputs: list[Path]) -> list[Path]:
     """Image files given and the images in folders given (recursively, sorted); one line for a
-    path that does not exist or a folder without images."""
+    path that does not exist (or a symbolic link to nothing) or a folder without images. Anything
+    else given by name (a pipe, a file that is not an image) is kept: reading it names it, and it is
+    skipped (`explain_files`)."""
     found: list[Path] = []
     for path in map(Path, inputs):
         if path.is_dir():
@@ -55,25 +59,28 @@ def image_paths(inputs: list[Path]) -> list[Path]:
             if not inside:
                 raise XtlError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             found += inside
-        elif path.is_file():
+        elif path.exists():
             found.append(path)
+        elif path.is_symlink():
+            raise XtlError(f"image {path} is a symbolic link to {os.readlink(path)}, which does not exist")
         else:
             raise XtlError(f"image {path} does not exist")
     return found
 
 
 def read_image(path: Path, size: int) -> torch.Tensor:
-    """uint8 [3, size, size]: shorter side resized to `size` (antialiased), centre crop; one line
-    naming the file when it is not an image."""
-    from PIL import Image, UnidentifiedImageError
+    """uint8 [3, size, size]: the centre square (the shorter side's length), resized to `size`
+    (antialiased). Decoded as training images are (`xtl.data.sources.decode_image`: CMYK, 16-bit,
+    palette and alpha to 8-bit RGB, EXIF rotation applied, decompression bombs refused); one line
+    naming the file when it is not an image. Cropping first keeps an extreme shape (20,000 x 20) as
+    cheap as a square: resizing its short side first would make a 224,000 x 224 image."""
     from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
 
-    try:
-        with Image.open(path) as image:
-            tensor = pil_to_tensor(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise XtlError(f"image {path} cannot be read: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
-    return center_crop(resize(tensor, size, antialias=True), [size, size])
+    from xtl.data.sources import decode_image
+
+    tensor = pil_to_tensor(decode_image(path))
+    side = min(tensor.shape[-2:])
+    return resize(center_crop(tensor, [side, side]), [size, size], antialias=True)
 
 
 def load_image_model(model: str, device: str | None = None, weights: str | Path | None = None) -> ImageModel:
@@ -94,12 +101,18 @@ def load_image_model(model: str, device: str | None = None, weights: str | Path 
     where = resolve_device(device)
     net, spec = build_model(model, None, pretrained=True, weights=weights)
     net = net.eval().to(where)
-    return ImageModel(net, spec, preprocessing(spec=spec), class_names_of(net), where, model)
+    names = class_names_of(net)
+    if not names:
+        raise XtlError(f"option --model: {model} has no classification head (it outputs features, not class "
+                       f"scores), so there is no class to explain; fine-tune it first (xtl finetune --model {model}), "
+                       "or pass a run folder")
+    return ImageModel(net, spec, preprocessing(spec=spec), names, where, model)
 
 
 def class_names_of(model: nn.Module) -> list[str]:
     """The class names of a pretrained head: a Hugging Face model's own labels, ImageNet's names for
-    1,000 (or timm's ImageNet-21k subsets) classes, else `class k`."""
+    1,000 (or timm's ImageNet-21k subsets) classes, else `class k`; none for a model without a head
+    (timm's `num_classes=0`, an identity head: its outputs are features)."""
     from xtl.explain.base import logits_model
 
     description = describe_model(model)
@@ -122,7 +135,13 @@ def _out_features(model: nn.Module, description: ModelDescription) -> int | None
         head = submodule(model, description.classifier) if description.classifier else None
     except (AttributeError, IndexError, TypeError):
         head = None
-    return head.out_features if isinstance(head, nn.Linear) else None
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    if getattr(model, "num_classes", None) == 0 or isinstance(head, nn.Identity):
+        return 0  # headless: a backbone whose outputs are features
+    if head is not None and getattr(head, "out_channels", None):  # a 1 x 1 convolution head (SqueezeNet)
+        return int(head.out_channels)
+    return None
 
 
 def _imagenet_names(model: nn.Module, n: int) -> list[str] | None:
@@ -170,11 +189,23 @@ def unique_names(paths: list[Path]) -> list[str]:
     return out
 
 
+@dataclass
+class ExplainedFiles:
+    """What `explain_files` did: the per-image folders written, and each image skipped with its reason."""
+
+    folders: list[Path]
+    skipped: list[tuple[Path, str]]
+
+
 def explain_files(inputs: list[Path], model: str, methods: list[str] | None, out: Path, device: str | None = None,
                   target: str = "predicted", batch_size: int = 8, weights: str | Path | None = None,
-                  loaded: ImageModel | None = None) -> list[Path]:
-    """Explain every image of `inputs` with every method in `methods` (default: the family's
-    default); returns the per-image folders written."""
+                  loaded: ImageModel | None = None, on_skip=None) -> ExplainedFiles:
+    """Explain every image of `inputs` with every method in `methods` (default: the family's default).
+
+    A file that cannot be read as an image is skipped: `on_skip(path, message)` is called (default:
+    the line `skipped: <message>` on stderr) and the others are explained. When none can be, one
+    `XtlError` says so and nothing is written. Paths that do not exist, and folders without images,
+    are refused before any model is loaded."""
     if batch_size < 1:
         raise XtlError(f"option --batch-size must be at least 1, not {batch_size}")
     paths = image_paths(inputs)
@@ -186,21 +217,39 @@ def explain_files(inputs: list[Path], model: str, methods: list[str] | None, out
     names = unique_names(paths)
     size = image_model.spec.input_size
     rows: list[dict] = []
-    folders = []
+    folders, skipped = [], []
+    if on_skip is None:
+        def on_skip(path: Path, message: str) -> None:
+            print(f"skipped: {message}", file=sys.stderr, flush=True)
     for start in range(0, len(paths), batch_size):
-        part = paths[start:start + batch_size]
-        images = torch.stack([read_image(p, size) for p in part])
+        part, names_of_part, decoded = [], [], []
+        for k, path in enumerate(paths[start:start + batch_size]):
+            try:
+                decoded.append(read_image(path, size))
+            except XtlError as err:
+                skipped.append((path, str(err)))
+                on_skip(path, str(err))
+                continue
+            part.append(path)
+            names_of_part.append(names[start + k])
+        if not part:
+            continue
+        images = torch.stack(decoded)
         x = image_model.preprocess(images.to(image_model.device))
-        with torch.no_grad(), inference_autocast(image_model.device):
-            probabilities = image_model.model(x).float().softmax(1).cpu()
-        explanations = {m: explain(image_model.model, x, explained, m, spec=image_model.spec) for m in chosen}
+        probabilities = class_probabilities(image_model.model, x).cpu()
+        # the class shown as predicted is the class explained: one forward pass decides both
+        targets = probabilities.argmax(1).to(image_model.device) if explained is None else explained
+        explanations = {m: explain(image_model.model, x, targets, m, spec=image_model.spec) for m in chosen}
         for i, path in enumerate(part):
-            folder = out / names[start + i]
+            folder = out / names_of_part[i]
             _write_image_outputs(folder, images[i], probabilities[i], explanations, i, image_model.class_names, path)
             folders.append(folder)
             rows.append(_prediction_row(path, probabilities[i], explanations[chosen[0]].targets[i], image_model.class_names))
+    if not folders:
+        raise XtlError(f"none of the {len(paths)} image file(s) could be explained: every one was skipped "
+                       "(each is named above)")
     write_csv(out / "predictions.csv", rows)
-    return folders
+    return ExplainedFiles(folders, skipped)
 
 
 def _applicable(image_model: ImageModel, methods: list[str] | None) -> list[str]:

@@ -128,8 +128,17 @@ class RunExplainer(LoadedRun):
         """`images`: the uint8 images at `positions` where already decoded (a streamed split's batch
         decoded ahead in a worker process), else they are read from the split."""
         images = self.inputs(positions) if images is None else self.preprocess(images.to(self.device))
-        targets = None if target == "predicted" else self.part.labels[positions].to(self.device)
+        targets = self.predicted(positions, images) if target == "predicted" else self.part.labels[positions].to(self.device)
         return explain(self.model, images, targets, method=method, **options)
+
+    def predicted(self, positions: list[int], images: torch.Tensor) -> torch.Tensor:
+        """The predicted class of the images at `positions` (preprocessed `images`): the evaluation's,
+        as `predictions.csv`, the galleries and the report show it, where it was stored for these
+        images, else this batch's own prediction in the same precision (`class_probabilities`). The
+        map explains it, so a map never explains a class other than the one shown as predicted."""
+        if self._saved is not None:
+            return self._saved[positions].argmax(1).to(self.device)
+        return class_probabilities(self.model, images).argmax(1)
 
     @cached_property
     def images_digest(self) -> str:

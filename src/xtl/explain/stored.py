@@ -7,7 +7,8 @@
 (`target`: predicted or true), the batch size, the model (a hash of model.safetensors, its input size
 and normalisation) and a hash of the split (its ids, labels and images); `<key>` is a hash of it, as
 the faithfulness cache keys its batches (`xtl.faithfulness.cache`). Explaining with any of these
-changed writes a new set instead of reusing the old one; sets of other weights are removed then.
+changed writes a new set instead of reusing the old one; sets of other weights, or of an older
+layout (`SET_LAYOUT`), are removed then.
 
 Readers take one set whole, never shards of two: the newest set of the run's current weights (and,
 where they ask, of these images and this target), its shards from position 0 on without overlaps.
@@ -28,6 +29,9 @@ import torch
 from xtl.io import write_json
 
 KEY_FILE = "key.json"
+# 2: a `predicted` target is the class the evaluation predicted (`xtl.models.class_probabilities`), not the
+# map's own float32 argmax, which can differ under bf16 (issue 28); sets of another layout are never read
+SET_LAYOUT = 2
 SHARD = re.compile(r"^batch_(\d+)_(\d+)-(\d+)\.safetensors$")
 _digests: dict[tuple, str] = {}
 
@@ -66,7 +70,7 @@ def model_identity(run) -> dict:
 def set_info(run, split: str, method: str, target: str, batch_size: int, options: dict | None, images: str) -> dict:
     """key.json of a set of maps: everything its maps depend on."""
     return {"method": method, "split": split, "target": target, "batch_size": int(batch_size),
-            "options": dict(options or {}), "images": images, **model_identity(run)}
+            "options": dict(options or {}), "images": images, "layout": SET_LAYOUT, **model_identity(run)}
 
 
 def set_key(info: dict) -> str:
@@ -88,7 +92,7 @@ def open_set(run, info: dict) -> Path:
                 entry.unlink(missing_ok=True)
             elif entry.is_dir() and entry != folder:
                 stored = _read_info(entry)
-                if stored is None or stored.get("weights") != info["weights"]:
+                if stored is None or stored.get("weights") != info["weights"] or stored.get("layout") != SET_LAYOUT:
                     shutil.rmtree(entry, ignore_errors=True)
     write_json(folder / KEY_FILE, info)
     return folder
@@ -118,7 +122,7 @@ def chosen_set(run, method: str, split: str, target: str | None = None, images: 
     candidates = []
     for folder in parent.iterdir():
         info = _read_info(folder) if folder.is_dir() else None
-        if info is None or folder.name != set_key(info) or info.get("options"):
+        if info is None or folder.name != set_key(info) or info.get("options") or info.get("layout") != SET_LAYOUT:
             continue
         if any(info.get(k) != v for k, v in identity.items()) or (images is not None and info.get("images") != images):
             continue

@@ -6,10 +6,10 @@ from xtl.models.description import (
     ModelDescription, attach_description, describe_model, inspect_model, preprocessing, resolve_data_config,
 )
 from xtl.models.registry import (
-    ModelSpec, build_model, get_spec, inference_autocast, list_models, load_run_weights, native_bf16,
+    ModelSpec, build_model, class_probabilities, get_spec, inference_autocast, list_models, load_run_weights, native_bf16,
     submodule,
 )
 
 __all__ = ["ModelDescription", "ModelSpec", "attach_description", "build_model", "describe_model", "get_spec",
-           "inference_autocast", "inspect_model", "list_models", "load_run_weights", "native_bf16",
+           "class_probabilities", "inference_autocast", "inspect_model", "list_models", "load_run_weights", "native_bf16",
            "preprocessing", "resolve_data_config", "submodule"]

@@ -182,6 +182,17 @@ def inference_autocast(device: str | torch.device, bf16: bool | None = None):
                           enabled=native_bf16(device) if bf16 is None else bf16)
 
 
+@torch.no_grad()
+def class_probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """float32 softmax probabilities [B, classes] of a preprocessed batch, in the inference precision
+    (`inference_autocast`: bf16 where the device has it natively). Every prediction xtl shows beside a
+    map (the evaluation's `predictions.csv`, `xtl explain` figures, galleries, the report, the app)
+    comes from here, and the map explains that prediction's class, passed to `explain()` as its target:
+    the map's own float32 forward pass may rank two close classes the other way (issue 28)."""
+    with inference_autocast(x.device):
+        return model(x).float().softmax(1)
+
+
 def load_run_weights(model: nn.Module, path: Path, model_name: str) -> None:
     """Load a run's own `model.safetensors`: every tensor, the classifier included, must be there and fit.
 
