@@ -277,3 +277,22 @@ def test_a_model_without_a_classification_head_is_refused_before_any_work(photos
                                      "not class scores), so there is no class to explain; fine-tune it first "
                                      "(xtl finetune --model vit_s14_dinov2), or pass a run folder")
     assert not (tmp_path / "o").exists()
+
+
+def test_an_out_folder_inside_the_input_folder_is_not_read_as_input(photos, timm_weights, tmp_path):
+    """Issue 28 probe: `xtl explain DIR --out DIR/out` run twice explained its own overlays and
+    figures the second time (6 images from 2). The output folder is left out of the inputs; an
+    `--out` that holds an input folder is refused in one line, since the overlays would mix with the
+    images."""
+    folder = tmp_path / "in"
+    shutil.copytree(photos, folder)
+    args = ["explain", folder, "--model", "timm:test_resnet", "--weights", timm_weights, "--method", "saliency"]
+    for _ in range(2):
+        result = _invoke(*args, "--out", folder / "out")
+        assert "3 image(s) explained" in result.output
+    with open(folder / "out" / "predictions.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    for out in (folder, tmp_path):
+        refused = runner.invoke(app, [str(a) for a in (*args, "--out", out)])
+        assert isinstance(refused.exception, XtlError)
+        assert str(refused.exception).startswith(f"option --out: {out} holds the input folder {folder}")

@@ -47,15 +47,27 @@ class ImageModel:
     source: str
 
 
-def image_paths(inputs: list[Path]) -> list[Path]:
+def image_paths(inputs: list[Path], exclude: Path | None = None) -> list[Path]:
     """Image files given and the images in folders given (recursively, sorted); one line for a
     path that does not exist (or a symbolic link to nothing) or a folder without images. Anything
     else given by name (a pipe, a file that is not an image) is kept: reading it names it, and it is
-    skipped (`explain_files`)."""
+    skipped (`explain_files`). Files under `exclude` (the output folder, when it is inside an input
+    folder) are not inputs: a second call would otherwise explain the first one's overlays."""
     found: list[Path] = []
+    outside = None if exclude is None else Path(exclude).resolve()
+    for path in map(Path, inputs):
+        if outside is not None and path.is_dir() and (outside == path.resolve() or path.resolve().is_relative_to(outside)):
+            raise XtlError(f"option --out: {exclude} holds the input folder {path}: the overlays would be written among "
+                           "the images; give a folder of its own (one inside the input folder is fine)")
+
+    def wanted(p: Path) -> bool:
+        if not (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+            return False
+        return outside is None or not p.resolve().is_relative_to(outside)
+
     for path in map(Path, inputs):
         if path.is_dir():
-            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            inside = sorted(p for p in path.rglob("*") if wanted(p))
             if not inside:
                 raise XtlError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             found += inside
@@ -208,7 +220,7 @@ def explain_files(inputs: list[Path], model: str, methods: list[str] | None, out
     are refused before any model is loaded."""
     if batch_size < 1:
         raise XtlError(f"option --batch-size must be at least 1, not {batch_size}")
-    paths = image_paths(inputs)
+    paths = image_paths(inputs, exclude=out)
     for method in methods or []:
         get_method(method)  # unknown names first, before any model is loaded
     image_model = loaded or load_image_model(model, device, weights)
