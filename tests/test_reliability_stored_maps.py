@@ -135,3 +135,85 @@ def test_shards_of_the_unkeyed_layout_are_not_read(run, tmp_path):
     assert read_stored_maps(copy, METHOD, "test") is None
     _stream(copy, n=8)
     assert not old.exists() and read_stored_maps(copy, METHOD, "test")[0].shape[0] == 8
+
+
+def _craft(shard: Path, kind: str, other: Path) -> str:
+    """Spoil one stored shard as `kind`; return the expected reason in the one line."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(shard))
+    metadata = {"set": shard.parent.name}
+    if kind == "copied":  # a shard of another run's set, dropped into this one
+        shutil.copy(other, shard)
+        return "it was written for set"
+    if kind == "no_metadata":
+        metadata = None
+        reason = "it was written for set None"
+    elif kind == "nan":
+        tensors["raw"][0, 0, 0] = float("nan")
+        reason = "its maps hold NaN or infinite values"
+    elif kind == "inf":
+        tensors["raw"][-1, -1, -1] = float("inf")
+        reason = "its maps hold NaN or infinite values"
+    elif kind == "shape":
+        tensors["raw"] = tensors["raw"][:-1].contiguous()
+        reason = "shapes"
+    elif kind == "dtype":
+        tensors["raw"] = tensors["raw"].double()
+        reason = "raw is torch.float64, not torch.float32"
+    elif kind == "extra_tensor":
+        tensors["more"] = torch.zeros(1)
+        reason = "tensors ids, more, raw, targets"
+    elif kind == "huge_header":  # a header declaring a tensor far larger than the file
+        header = json.dumps({"raw": {"dtype": "F32", "shape": [8, 100000, 100000], "data_offsets": [0, 320000000000]},
+                             "__metadata__": metadata}).encode()
+        shard.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 64)
+        return "SafetensorError"
+    else:
+        raise ValueError(kind)
+    save_file(tensors, str(shard), metadata=metadata)
+    return reason
+
+
+@pytest.mark.parametrize("kind", ["copied", "no_metadata", "nan", "inf", "shape", "dtype", "extra_tensor", "huge_header"])
+def test_a_crafted_or_foreign_shard_is_one_line_and_never_mixed(kind, run, tmp_path, cifar):
+    """Issue 28: stored shards are checked before they are read (`load_shard`): a shard copied from
+    another run's set, one without this set's mark, NaN or infinite maps, wrong shapes or dtypes, an
+    extra tensor, a header declaring a huge tensor. Readers say so in one line naming the file (they
+    never mix it in); `xtl explain` with the same settings writes it anew."""
+    from xtl.errors import XtlError
+
+    from safetensors.torch import load_file
+
+    copy = _copy(run, tmp_path / "run")
+    _stream(copy)
+    shard = _shards(copy)[1]
+    # the same positions' shard of another set (another run, or other settings): its own key in its mark
+    stranger = tmp_path / "another_set" / "0123456789abcdef" / shard.name
+    stranger.parent.mkdir(parents=True)
+    save_file(load_file(str(shard)), str(stranger), metadata={"set": stranger.parent.name})
+    reason = _craft(shard, kind, stranger)
+    ids = RunExplainer(copy, device="cpu").part.ids[:24].tolist()
+    for read in (lambda: read_stored_maps(copy, METHOD, "test"), lambda: stored_maps_for(copy, METHOD, "test", ids)):
+        with pytest.raises(XtlError, match=r"^stored map shard .*batch_00001_8-15\.safetensors is damaged or not this set's") as err:
+            read()
+        assert reason in str(err.value) and "\n" not in str(err.value)
+    _stream(copy)  # the same settings: the spoiled shard is written anew, the others kept
+    raw, targets, got = read_stored_maps(copy, METHOD, "test")
+    assert got.tolist() == ids and torch.isfinite(raw).all() and raw.dtype == torch.float32
+
+
+
+def test_a_tampered_key_file_makes_its_set_unread_and_the_next_explain_replaces_it(run, tmp_path):
+    """A `key.json` edited by hand (here: another batch size, so it no longer hashes to its folder's
+    name, or made not JSON) cannot vouch for its shards: the set is never read, and `xtl explain`
+    with the same settings writes a sound set in its place."""
+    copy = _copy(run, tmp_path / "run")
+    _stream(copy)
+    key = next((copy.path / "explanations").rglob("key.json"))
+    for tamper in (lambda: key.write_text(json.dumps({**json.loads(key.read_text()), "batch_size": 4})),
+                   lambda: key.write_text("{not json")):
+        tamper()
+        assert read_stored_maps(copy, METHOD, "test") is None
+        _stream(copy)
+        assert read_stored_maps(copy, METHOD, "test")[2].shape == (24,)

@@ -307,16 +307,17 @@ def _write_run(path: Path, model: str, family: str, right: list[bool], ids: list
     if maps is not None:
         from safetensors.numpy import save_file
 
-        from xtl.explain.stored import open_set, set_info
+        from xtl.explain.stored import open_set, set_info, shard_metadata
 
         save_file({"weight": np.zeros(1, dtype=np.float32)}, str(path / "model.safetensors"))  # stored maps are of these
         info = set_info(RunDir(path), "test", "attention_rollout", "predicted", 8, None, images="test images")
         folder = open_set(RunDir(path), info)
         for k, start in enumerate(range(0, len(maps), 8)):
             part = maps[start:start + 8].astype(np.float32)
+            shard = folder / f"batch_{k:05d}_{start}-{start + len(part) - 1}.safetensors"
             save_file({"raw": part, "targets": np.zeros(len(part), dtype=np.int64),
-                       "ids": np.arange(start, start + len(part), dtype=np.int64)},
-                      str(folder / f"batch_{k:05d}_{start}-{start + len(part) - 1}.safetensors"))
+                       "ids": np.arange(start, start + len(part), dtype=np.int64)}, str(shard),
+                      metadata=shard_metadata(shard))
     return RunDir(path)
 
 

@@ -26,11 +26,13 @@ from xtl.explain.stored import (
     chosen_set,
     drop_overlapping,
     images_digest,
+    load_shard,
     method_folder,
     open_set,
     set_info,
     set_key,
     shard_files,
+    shard_metadata,
 )
 from xtl.inference import LoadedRun
 from xtl.io import atomic_path
@@ -50,42 +52,48 @@ def read_stored_maps(run: RunDir, method: str, split: str = "test", target: str 
                      images: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """What `explain_run` stored for `method`, in shard order from the split's first image: raw maps
     [N, h, w] on the method's grid, the classes they explain [N] and the images' ids [N]; None when
-    there are none or they cannot be read. One set of maps (`xtl.explain.stored.chosen_set`): of the
-    run's current weights, of `images` (`images_digest`) where given, of `target` where there is one."""
-    from safetensors.torch import load_file
-
+    there are none. One set of maps (`xtl.explain.stored.chosen_set`): of the run's current weights,
+    of `images` (`images_digest`) where given, of `target` where there is one. A shard that is
+    damaged, crafted or copied from another set (`load_shard`), or maps of two grids in one set, are
+    one `XtlError` naming the file: they are never mixed in."""
     shards = shard_files(chosen_set(run, method, split, target, images))
-    try:
-        parts = [load_file(str(s)) for s in shards]
-        return tuple(torch.cat([p[key] for p in parts]) for key in ("raw", "targets", "ids")) if parts else None
-    except Exception:  # a shard being written or damaged: the caller computes the maps instead
+    parts = [load_shard(s) for s in shards]
+    if not parts:
         return None
+    grids = {tuple(p["raw"].shape[1:]) for p in parts}
+    if len(grids) > 1:
+        raise XtlError(f"stored maps of {method} in {shards[0].parent} mix grids {sorted(grids)}; remove the folder, "
+                       "and xtl explain writes it anew")
+    return tuple(torch.cat([p[key] for p in parts]) for key in ("raw", "targets", "ids"))
 
 
 def stored_maps_for(run: RunDir, method: str, split: str, ids: list[int], target: str | None = None,
                     images: str | None = None) -> dict[int, tuple[torch.Tensor, int]]:
     """The maps `explain_run` stored for `method` of the images `ids` (one set, as `read_stored_maps`
     chooses it): image id -> (raw map [h, w], the class it explains). Reads each shard's ids and only
-    the rows wanted; images without a readable stored map are left out (the caller computes those)."""
-    from safetensors import safe_open
-
+    the rows wanted, each shard checked first (`load_shard`: a damaged or foreign one is one line);
+    images without a stored map are left out (the caller computes those)."""
     wanted = {int(i) for i in ids}
     found: dict[int, tuple[torch.Tensor, int]] = {}
     for shard in shard_files(chosen_set(run, method, split, target, images)):
         if len(found) == len(wanted):
             break
-        try:
-            with safe_open(str(shard), framework="pt") as f:
-                shard_ids = [int(i) for i in f.get_tensor("ids").tolist()]
-                rows = [k for k, i in enumerate(shard_ids) if i in wanted and i not in found]
-                if not rows:
-                    continue
-                raw, targets = f.get_slice("raw"), f.get_tensor("targets")
-                for k in rows:
-                    found[shard_ids[k]] = (raw[k:k + 1][0].float(), int(targets[k]))
-        except Exception:  # a shard being written or damaged: those maps are computed instead
-            continue
+        tensors = load_shard(shard)
+        for k, image_id in enumerate(int(i) for i in tensors["ids"].tolist()):
+            if image_id in wanted and image_id not in found:
+                found[image_id] = (tensors["raw"][k].float(), int(tensors["targets"][k]))
     return found
+
+
+def _intact(shard: Path) -> bool:
+    """Whether a finished shard is there and passes `load_shard`; a damaged or foreign one is written anew."""
+    if not shard.is_file():
+        return False
+    try:
+        load_shard(shard)
+    except XtlError:
+        return False
+    return True
 
 
 def applicable_methods(family: str, methods: list[str] | None) -> list[str]:
@@ -176,7 +184,7 @@ class RunExplainer(LoadedRun):
             tasks = {m: bar.add_task(f"{self.run.path.name}: {m}", total=len(own)) for m in methods}
             # the batches some method still lacks, decoded ahead (a streamed split: in worker processes)
             todo = [k for k, positions in enumerate(batches)
-                    if ranks.mine(k) and any(not (folders[m] / names[k]).is_file() for m in methods)]
+                    if ranks.mine(k) and any(not _intact(folders[m] / names[k]) for m in methods)]
             decoded = image_batches(self.part.images, [batches[k] for k in todo])
             # batch by batch, every method on each: "images done" means done by every method
             for k, positions in enumerate(batches):
@@ -187,7 +195,7 @@ class RunExplainer(LoadedRun):
                     todo.pop(0)
                 for method in methods:
                     shard = folders[method] / names[k]
-                    if not shard.is_file():
+                    if not _intact(shard):
                         try:
                             self._write_shard(shard, positions, method, target, options.get(method) or {}, images)
                         except torch.cuda.OutOfMemoryError:
@@ -210,7 +218,7 @@ class RunExplainer(LoadedRun):
             "ids": torch.as_tensor(self.part.ids[positions]).contiguous(),
         }
         with atomic_path(shard) as tmp:
-            save_file(tensors, str(tmp))
+            save_file(tensors, str(tmp), metadata=shard_metadata(shard))
 
     def gallery_maps(self, positions: list[int], method: str, target: str = "predicted") -> tuple[list[torch.Tensor], list[int]]:
         """Raw maps (sign kept) of the images at `positions` and the classes they explain: the maps

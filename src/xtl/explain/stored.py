@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from xtl.errors import XtlError
 from xtl.io import write_json
 
 KEY_FILE = "key.json"
@@ -155,3 +156,52 @@ def _read_info(folder: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None
+
+
+SHARD_KEYS = {"raw": torch.float32, "targets": torch.int64, "ids": torch.int64}
+
+
+def load_shard(shard: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one shard (`raw` [n, h, w] float32, `targets` and `ids` [n] int64), checked
+    before anything reads them: written for this set (its metadata names the set's key, so a shard
+    copied from another run's or another setting's set is refused), the names, dtypes and shapes the
+    writer gives, n equal to the positions in the shard's name, and every map value finite. Anything
+    else is one `XtlError` naming the file and the way out (remove it: `xtl explain` writes it anew)."""
+    from safetensors import safe_open
+
+    def damaged(reason: str) -> XtlError:
+        return XtlError(f"stored map shard {shard} is damaged or not this set's ({reason}); remove it, and "
+                        "xtl explain writes it anew")
+
+    span = _range(shard.name)
+    if span is None:
+        raise damaged("its name is not batch_<k>_<first>-<last>.safetensors")
+    n = span[1] - span[0] + 1
+    try:
+        with safe_open(str(shard), framework="pt") as f:
+            metadata, names = f.metadata() or {}, set(f.keys())
+            if metadata.get("set") != shard.parent.name:
+                raise damaged(f"it was written for set {metadata.get('set')!r}, not {shard.parent.name!r}")
+            if names != set(SHARD_KEYS):
+                raise damaged(f"tensors {', '.join(sorted(names)) or 'none'}, not raw, targets and ids")
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in SHARD_KEYS}
+            if len(shapes["raw"]) != 3 or shapes["targets"] != (n,) or shapes["ids"] != (n,) or shapes["raw"][0] != n:
+                raise damaged(f"shapes {shapes}, not {n} maps of positions {span[0]} to {span[1]}")
+            tensors = {key: f.get_tensor(key) for key in SHARD_KEYS}
+    except XtlError:
+        raise
+    except Exception as err:  # not a safetensors file, a header that does not fit the file, ...
+        raise damaged(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}") from None
+    for key, dtype in SHARD_KEYS.items():
+        if tensors[key].dtype != dtype:
+            raise damaged(f"{key} is {tensors[key].dtype}, not {dtype}")
+    if not torch.isfinite(tensors["raw"]).all():
+        raise damaged("its maps hold NaN or infinite values")
+    if (tensors["targets"] < 0).any():
+        raise damaged("a negative class index")
+    return tensors
+
+
+def shard_metadata(shard: Path) -> dict[str, str]:
+    """What a shard's writer stores beside its tensors (`load_shard` checks it)."""
+    return {"set": Path(shard).parent.name}
