@@ -186,6 +186,11 @@ NUMBER_CASES = [
     (["faithfulness", "nope"], "--images", "0", "must be at least 1, not 0"),
     (["faithfulness", "nope"], "--steps", "0", "must be at least 1, not 0"),
     (["faithfulness", "nope"], "--steps", "-2", "must be at least 1, not -2"),
+    (["faithfulness", "nope"], "--steps", "5000", "must be at most 1,000 (each step is a forward pass per image and metric), not 5,000"),
+    (["run", "--show-config"], "--faithfulness-steps", "2000", "must be in [1, 1000], not 2000"),
+    (["finetune"], "--input-size", "100000", "must be in [16, 1024], not 100000"),
+    (["localisation"], "--canvas", "4096", "must be in [16, 512], not 4096"),
+    (["localisation"], "--input-size", "5000", "must be in [16, 1024], not 5000"),
     (["faithfulness", "nope"], "--batch-size", "0", "must be at least 1, not 0"),
     (["faithfulness", "nope"], "--explain-batch-size", "-1", "must be at least 1, not -1"),
     (["faithfulness", "nope"], "--seed", "-1", "must be >= 0, not -1"),
@@ -202,7 +207,7 @@ NUMBER_CASES = [
     (["run", "--show-config"], "--explain-images", "-5", "must be >= 1 or null (all), not -5"),
     (["run", "--show-config"], "--gallery-size", "-1", "must be >= 1, not -1"),
     (["run", "--show-config"], "--faithfulness-images", "0", "must be >= 1, not 0"),
-    (["run", "--show-config"], "--faithfulness-steps", "-1", "must be >= 1, not -1"),
+    (["run", "--show-config"], "--faithfulness-steps", "-1", "must be in [1, 1000], not -1"),
     (["run", "--show-config"], "--faithfulness-batch-size", "0", "must be >= 1, not 0"),
     (["finetune"], "--warmup-epochs", "-1", "must be >= 0, not -1.0"),
     (["finetune"], "--weight-decay", "-0.1", "must be >= 0, not -0.1"),
@@ -258,3 +263,17 @@ def test_a_bad_number_exits_2_with_one_line(tmp_path):
     result = subprocess.run([XTL, "serve", "nope", "--port", "-1"], capture_output=True, text=True, timeout=60,
                             env=ENV, cwd=tmp_path)
     _one_line(result, "option --port must be in [1, 65535], not -1")
+
+
+@pytest.mark.parametrize("method, option", [("rise", "n_masks"), ("smoothgrad", "n_samples"),
+                                            ("integrated_gradients", "n_steps")])
+def test_a_count_option_that_would_cost_unbounded_time_is_one_line(method, option):
+    """Issue 28: one number (10^9 RISE masks, SmoothGrad samples, path points) is 10^9 passes through
+    the model per image; above `MAX_COUNT` it is refused in one line before any pass."""
+    from xtl.errors import XtlError
+    from xtl.explain import explain
+    from xtl.models import build_model
+
+    model, _ = build_model("timm:resnet10t", 3, pretrained=False, input_size=32)
+    with pytest.raises(XtlError, match=rf"^option {option} of method {method} must be at most 100,000 .*not 1,000,000,000$"):
+        explain(model.eval(), torch.zeros(1, 3, 32, 32), 0, method, **{option: 10**9})

@@ -158,7 +158,7 @@ def test_a_second_run_of_the_same_settings_reuses_the_fine_tuned_model(tiny_benc
     (["--methods", "bogus"], "option --methods: unknown method 'bogus'"),
     (["--methods", "attnlrp", "--models", "efficientnet_lite0"], "option --methods: none of attnlrp applies to efficientnet_lite0"),
     (["--models", "nosuchmodel"], "unknown model 'nosuchmodel'"),
-    (["--canvas", "8"], "option --canvas must be >= 16, not 8"),
+    (["--canvas", "8"], "option --canvas must be in [16, 512], not 8"),
     (["--device", "tpu"], "--device"),
 ], ids=["images", "epochs", "unknown_method", "method_of_another_family", "unknown_model", "canvas", "device"])
 def test_bad_options_are_one_line(options, fragment, tmp_path):

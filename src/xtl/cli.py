@@ -14,7 +14,7 @@ from rich.text import Text
 from typer.core import TyperOption
 
 from xtl.errors import XtlError
-from xtl.settings import Rule, check_values
+from xtl.settings import MAX_INPUT_SIZE, Rule, check_values
 
 # typer's rich help gives flags a type column too (`--help <bool>`), as if they took a value: not here
 _typer_display_type = TyperOption.display_type_rich
@@ -666,7 +666,7 @@ def localisation_command(
 
     from xtl.analysis.localisation import BenchmarkSettings, check_methods, localisation_table, run_benchmark
 
-    check_values({"epochs": epochs, "input_size": input_size}, {"epochs": Rule(at_least=1), "input_size": Rule(at_least=16)})
+    check_values({"epochs": epochs, "input_size": input_size}, {"epochs": Rule(at_least=1), "input_size": Rule(at_least=16, at_most=MAX_INPUT_SIZE)})
     settings = BenchmarkSettings(images=images, train_images=train_images, val_images=val_images, seed=seed, canvas=canvas,
                                  object_min=min(24, canvas), object_max=min(40, canvas))
     model_names = [m.strip() for m in models.split(",") if m.strip()]

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from xtl.errors import XtlError
-from xtl.settings import Rule, check_known, check_settings, check_types, label  # noqa: F401  (check_types, label: re-exported)
+from xtl.settings import MAX_INPUT_SIZE, Rule, check_known, check_settings, check_types, label  # noqa: F401  (check_types, label: re-exported)
 
 
 # Settings that change how fast a model trains and is evaluated, not what it learns: `xtl run`
@@ -29,7 +29,7 @@ RULES: dict[str, Rule] = {
     "grad_clip": Rule(at_least=0, note="0: no clipping"),
     "label_smoothing": Rule(at_least=0, below=1),
     "bn_momentum": Rule(at_least=0, at_most=1),
-    "input_size": Rule(at_least=16),
+    "input_size": Rule(at_least=16, at_most=MAX_INPUT_SIZE),
     "precision": Rule(choices=("auto", *("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
                                           "32", "16", "bf16", "64"))),  # PRECISIONS
 }

@@ -30,6 +30,17 @@ def check_known(keys: Iterable[str], known: Iterable[str], where: str, listed: I
         raise XtlError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(shown)}")
 
 
+# Upper bounds where one small number would cost unbounded memory or time (issue 28), each stated in
+# the message: an input side (the decoded split and every activation grow with its square), a
+# generated canvas (the benchmark holds every canvas in memory), the steps of a perturbation curve
+# (each a forward pass per image and metric; past a few hundred the curve's area no longer moves),
+# and a method's count option (samples, masks, path points: each a forward or backward pass).
+MAX_INPUT_SIZE = 1024
+MAX_CANVAS = 512
+MAX_STEPS = 1000
+MAX_COUNT = 100_000
+
+
 @dataclass(frozen=True)
 class Rule:
     """What a setting may hold beyond its type: one of `choices`, or a number in a range. `note` is

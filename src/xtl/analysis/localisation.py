@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from xtl.errors import XtlError
-from xtl.settings import Rule, check_values
+from xtl.settings import MAX_CANVAS, Rule, check_values
 
 CSV_NAME = "localisation.csv"
 FIGURE_NAME = "localisation.png"
@@ -59,7 +59,7 @@ METHOD_OPTIONS = {"integrated_gradients": {"n_steps": 8}}
 
 _COUNT = Rule(at_least=1)
 RULES = {
-    "canvas": Rule(at_least=16), "object_min": Rule(at_least=4), "object_max": Rule(at_least=4),
+    "canvas": Rule(at_least=16, at_most=MAX_CANVAS), "object_min": Rule(at_least=4), "object_max": Rule(at_least=4),
     "train_images": Rule(at_least=2), "val_images": _COUNT, "images": _COUNT, "seed": Rule(at_least=0),
     "texture_share": Rule(at_least=0, at_most=1),
 }

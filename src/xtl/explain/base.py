@@ -137,10 +137,16 @@ def check_option_type(method: str, key: str, value: Any, default: Any) -> None:
 
 
 def check_counts(method: str, **counts: int) -> None:
-    """Each count option (samples, masks, a batch) of `method` is at least 1."""
+    """Each count option (samples, masks, a batch) of `method` is at least 1 and at most `MAX_COUNT`
+    (each is a forward or backward pass per image: a larger number is a typo, not a setting)."""
+    from xtl.settings import MAX_COUNT
+
     for option, value in counts.items():
         if value < 1:
             raise XtlError(f"option {option} of method {method} must be at least 1, not {value}")
+        if value > MAX_COUNT:
+            raise XtlError(f"option {option} of method {method} must be at most {MAX_COUNT:,} (each is a pass through "
+                           f"the model per image), not {value:,}")
 
 
 METHODS: dict[str, ExplainMethod] = {}

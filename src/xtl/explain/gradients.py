@@ -15,7 +15,7 @@ import torch
 from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
 from torch import nn
 
-from xtl.explain.base import ExplainMethod, register_method
+from xtl.explain.base import ExplainMethod, check_counts, register_method
 from xtl.models import ModelSpec
 
 
@@ -82,6 +82,7 @@ class IntegratedGradientsMap(ExplainMethod):
         (8) points per image, so memory is that of 8 batches whatever `n_steps` is (all 32 points of 50
         images at once ran a 24 GiB machine out of memory). The maps do not depend on it.
         """
+        check_counts(self.name, n_steps=n_steps)
         inputs = images.detach()
         if internal_batch_size is None:
             internal_batch_size = PATH_POINTS_PER_PASS * len(inputs)
@@ -117,6 +118,7 @@ class SmoothGrad(ExplainMethod):
         seed: int = 0,
         samples_per_batch: int | None = None,
     ) -> torch.Tensor:
+        check_counts(self.name, n_samples=n_samples)
         tunnel = SeededNoiseTunnel(Saliency(model), seed)
         attributions = tunnel.attribute(
             images.detach(), nt_type="smoothgrad", nt_samples=n_samples, stdevs=float(stdev),

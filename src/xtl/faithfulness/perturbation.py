@@ -50,6 +50,7 @@ from xtl.errors import XtlError
 from xtl.faithfulness.metrics import Curve, get_metrics, metric_curve, scoring_fractions
 from xtl.models import inference_autocast
 from xtl.models.registry import IMAGENET_STD
+from xtl.settings import MAX_STEPS
 
 console = Console(stderr=True)
 
@@ -426,6 +427,9 @@ def check_scoring_options(steps: int, batch_size: int, baseline: str = "zero", g
         raise XtlError(f"option --baseline must be one of {', '.join(BASELINES)}, not '{baseline}'")
     if steps < 1:
         raise XtlError(f"option --steps must be at least 1, not {steps}")
+    if steps > MAX_STEPS:
+        raise XtlError(f"option --steps must be at most {MAX_STEPS:,} (each step is a forward pass per image and metric), "
+                       f"not {steps:,}")
     if batch_size < 1:
         raise XtlError(f"option --batch-size must be at least 1, not {batch_size}")
     if native and grid in NAMED_GRIDS:

@@ -12,7 +12,7 @@ import yaml
 from xtl.config import RunConfig, preset as training_preset
 from xtl.errors import XtlError
 from xtl.io import read_yaml
-from xtl.settings import Rule, check_known, check_settings, label
+from xtl.settings import MAX_STEPS, Rule, check_known, check_settings, label
 
 PRESETS = ("quick", "paper", "offline-full")
 # What each pipeline preset fine-tunes with (xtl.config.preset names).
@@ -28,8 +28,9 @@ GRID_NAMES = ("common", "model", "native", "none")  # xtl.faithfulness's named g
 RULES: dict[str, Rule] = {
     "preset": Rule(choices=PRESETS),
     "explain_target": Rule(choices=("predicted", "true")),
-    **dict.fromkeys(("explain_batch_size", "gallery_size", "faithfulness_images", "faithfulness_steps",
-                     "faithfulness_batch_size"), Rule(at_least=1)),
+    **dict.fromkeys(("explain_batch_size", "gallery_size", "faithfulness_images", "faithfulness_batch_size"),
+                    Rule(at_least=1)),
+    "faithfulness_steps": Rule(at_least=1, at_most=MAX_STEPS),
     "explain_images": Rule(at_least=1, none="all"),
 }
 
