@@ -668,3 +668,34 @@ def test_a_split_with_no_validation_image_is_refused_before_training(tiny_folder
     with pytest.raises(XtlError, match=r"^option --val-size: the validation split of .* is empty"):
         finetune(config, split, RunDir(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_runs_of_other_data_are_not_compared_image_by_image(run, tmp_path, cifar):
+    """Issue 28 probe: image ids index a data source's images, so runs of two data sets paired
+    different images under one id (`xtl explain A B` ended in `RuntimeError: selected index k out of
+    range` when their class counts differed). `xtl compare` and the analysis refuse them in one line
+    naming the run; `xtl explain A B` explains each and says why it draws no side-by-side figure."""
+    from typer.testing import CliRunner
+
+    from xtl.analysis.run import analyse_runs
+    from xtl.cli import app
+
+    folder = class_folder(tmp_path / "two", cifar, per_part=(("train", 30), ("test", 12)), classes=("cat", "truck"))
+    other = tiny_run(tmp_path / "runs" / "two", folder, "timm:resnet10t", 32)
+    def says(first: RunDir) -> str:
+        return (f"run {other.path} is of other data than {first.path} (data {folder.resolve()} vs "
+                f"{Path(run.config().source).resolve()}); its image ids name other images, so give runs of one data set")
+
+    message = says(run)
+    result = CliRunner().invoke(app, ["compare", str(run.path), str(other.path), "--out", str(tmp_path / "cmp")])
+    assert isinstance(result.exception, XtlError) and str(result.exception) == f"xtl compare: {message}"
+    assert not (tmp_path / "cmp").exists()
+    with pytest.raises(XtlError, match=f"^the analysis: {re.escape(message)}$"):
+        analyse_runs([run, other], tmp_path / "analysis")
+    copy = _copy_run(run, tmp_path / "copy")
+    result = CliRunner().invoke(app, ["explain", str(copy.path), str(other.path), "--methods", "saliency", "--images", "4",
+                                      "--no-progress"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert f"side by side: {says(copy)}: each run is explained, no side-by-side figure is drawn" in " ".join(result.output.split())
+    assert not list(copy.figures.glob("compare_*.png"))
+    assert (copy.path / "explanations" / "test" / "saliency").is_dir() and (other.path / "explanations" / "test" / "saliency").is_dir()

@@ -398,7 +398,7 @@ def _explain_runs(runs: list[Path], chosen: list[str] | None, images: Optional[i
                   batch_size: int, progress: bool, device: Optional[str], devices: int = 1, num_nodes: int = 1) -> None:
     """Maps of a split of each run, galleries of correct and misclassified images."""
     from xtl.explain.runner import compare_runs, explain_run
-    from xtl.runs import RunDir
+    from xtl.runs import RunDir, check_same_data
 
     if split not in ("train", "val", "test"):
         raise XtlError(f"option --split must be train, val or test, not '{split}'")
@@ -407,13 +407,19 @@ def _explain_runs(runs: list[Path], chosen: list[str] | None, images: Optional[i
     run_dirs = [RunDir(r) for r in runs]
     for run in run_dirs:
         run.read()
+    side_by_side = len(run_dirs) > 1
+    try:  # runs of other data sets are each explained; only the side-by-side figure needs one data set
+        check_same_data(run_dirs, "side by side")
+    except XtlError as err:
+        side_by_side = False
+        console.print(f"{err}: each run is explained, no side-by-side figure is drawn")
     ranks = _ranks(devices, num_nodes, device)
     for run in run_dirs:
         paths = explain_run(run, chosen, split, images, batch_size, target, device=device, progress=progress, ranks=ranks)
         if not ranks.is_zero:
             continue
         console.print(f"{run.path}: maps in {paths['maps']}, galleries {paths['correct'].name}, {paths['misclassified'].name}")
-    if len(run_dirs) > 1 and ranks.is_zero:
+    if side_by_side and ranks.is_zero:
         import shutil
 
         from xtl.io import atomic_path
@@ -550,10 +556,11 @@ def compare_command(
     from xtl.evaluate import read_predictions
     from xtl.explain.runner import compare_runs, shared_picks
     from xtl.report import build_report
-    from xtl.runs import RunDir
+    from xtl.runs import RunDir, check_same_data
 
     _device(device)
     run_dirs = [RunDir(r) for r in runs]
+    check_same_data(run_dirs, "xtl compare")
     _print_comparison(run_dirs)
     folder = _output_folder(out or Path("runs") / ("compare-" + "-vs-".join(r.path.name for r in run_dirs)), "--out")
     chosen = _list(methods) or ["gradcam", "transformer_attribution"]

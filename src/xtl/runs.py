@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -269,6 +270,27 @@ def _reason(err: BaseException, expected: str = "YAML") -> str:
         return f"cannot be read: {err.strerror or err}"
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
     return f"not {expected}: {first}"
+
+
+def check_same_data(runs: list["RunDir"], what: str) -> None:
+    """Runs compared image by image must be of one data set: image ids index a source's images, so
+    runs of two sources (or of one source read with other classes) would pair different images under
+    one id. One line naming the first run that differs, before any work."""
+    def identity(run: "RunDir") -> tuple[str, tuple[str, ...]]:
+        source = run.config().source
+        where = Path(source)
+        return (os.path.realpath(where) if where.is_dir() else source), tuple(run.class_names)
+
+    if len(runs) < 2:
+        return
+    first = identity(runs[0])
+    for run in runs[1:]:
+        other = identity(run)
+        if other != first:
+            differs = (f"data {other[0]} vs {first[0]}" if other[0] != first[0]
+                       else f"classes {', '.join(other[1])} vs {', '.join(first[1])}")
+            raise XtlError(f"{what}: run {run.path} is of other data than {runs[0].path} ({differs}); its image "
+                           "ids name other images, so give runs of one data set")
 
 
 def run_title(run_name: str, model: str) -> str:

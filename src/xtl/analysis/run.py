@@ -46,7 +46,7 @@ from xtl.analysis.statistics import DESCRIPTIONS, STATISTICS, map_statistics, me
 from xtl.errors import XtlError
 from xtl.evaluate.seeds import over_seeds as over_seeds_accuracy
 from xtl.io import write_csv, write_json
-from xtl.runs import RunDir
+from xtl.runs import RunDir, check_same_data
 
 ANALYSIS_VERSION = 4  # part of the pipeline step's fingerprint: a change of what is computed redoes it
 SEED = 0
@@ -521,6 +521,8 @@ def analyse_runs(runs: list[RunDir], out: Path, methods: list[str] | None = None
     checks of `runs`' methods, and stands only where every seed agrees (`xtl.analysis.claims.over_seeds`);
     accuracy over the seeds is in the result's `seeds` (`xtl.evaluate.seeds`); `shuffled`: model ->
     its run fine-tuned on shuffled labels, for the data-randomisation check (`xtl.analysis.sanity`)."""
+    check_same_data(list(runs) + [r for seed_runs in (replicates or {}).values() for r in seed_runs]
+                    + list((shuffled or {}).values()), "the analysis")
     start = time.perf_counter()
     sets = [s for run in runs for s in read_map_sets(run, methods)]
     if not sets:

@@ -36,7 +36,7 @@ from xtl.explain.stored import (
 )
 from xtl.inference import LoadedRun
 from xtl.io import atomic_path
-from xtl.runs import RunDir, run_title
+from xtl.runs import RunDir, check_same_data, run_title
 
 DEFAULT_METHOD = {"cnn": "gradcam", "vit": "transformer_attribution", "other": "saliency"}
 console = Console(stderr=True)
@@ -296,7 +296,9 @@ def compare_runs(runs: list[RunDir], methods: list[str] | None, path: Path, spli
                  image_ids: list[int] | None = None, title: str | None = None) -> Path:
     """The same images explained by every run and method: `image_ids`, or by default the first
     `per_class` images of each class that every run's split holds. Each row shows every model's
-    top-5 probabilities; the maps come from what `xtl explain` stored where it can."""
+    top-5 probabilities; the maps come from what `xtl explain` stored where it can. Runs of other
+    data sets are refused (`check_same_data`)."""
+    check_same_data(runs, "side-by-side galleries")
     explainers = [RunExplainer(run, split, device) for run in runs]
     first = explainers[0]
     common = set(first.part.ids.tolist())
