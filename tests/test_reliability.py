@@ -699,3 +699,25 @@ def test_runs_of_other_data_are_not_compared_image_by_image(run, tmp_path, cifar
     assert f"side by side: {says(copy)}: each run is explained, no side-by-side figure is drawn" in " ".join(result.output.split())
     assert not list(copy.figures.glob("compare_*.png"))
     assert (copy.path / "explanations" / "test" / "saliency").is_dir() and (other.path / "explanations" / "test" / "saliency").is_dir()
+
+
+def test_an_analysis_of_flat_maps_finishes_and_says_they_are_flat(run, tmp_path):
+    """Issue 28 probe: every stored map identical and flat (here overwritten with ones). The analysis
+    finishes without a traceback, scores them as perfectly spread (Gini 0, entropy 1, the centre of
+    mass in the middle), and decides nothing from them."""
+    from xtl.analysis.run import analyse_runs
+    from xtl.explain.stored import shard_metadata
+
+    copy = _copy_run(run, tmp_path / "flat")
+    explain_runner.explain_run(copy, ["saliency"], n_images=12, batch_size=4, progress=False)
+    shards = sorted((copy.path / "explanations").rglob("batch_*.safetensors"))
+    for shard in shards:
+        tensors = load_file(str(shard))
+        tensors["raw"] = torch.ones_like(tensors["raw"])
+        save_file(tensors, str(shard), metadata=shard_metadata(shard))
+    result = analyse_runs([copy], tmp_path / "analysis", methods=["saliency"], randomisation_images=0, robustness_images=0)
+    with open(tmp_path / "analysis" / "statistics.csv", newline="") as f:
+        rows = {r["statistic"]: r for r in csv.DictReader(f) if r["method"] == "saliency" and r["group"] == "all"}
+    assert abs(float(rows["gini"]["mean"])) < 1e-9 and abs(float(rows["entropy"]["mean"]) - 1) < 1e-9
+    assert float(rows["row"]["mean"]) == pytest.approx(0.5) and rows["gini"]["n"] == "12"
+    assert result["claims"] and all(claim["verdict"] == "cannot decide" for claim in result["claims"]), result["claims"]
