@@ -280,3 +280,24 @@ def api_call(server: str, api_name: str, data: list) -> str:
     with urllib.request.urlopen(request, timeout=10) as response:
         event = json.loads(response.read())["event_id"]
     return get(f"{server}gradio_api/call/{api_name}/{event}")[1]
+
+
+def test_a_request_costs_one_explanation_per_offered_method_and_the_queue_is_bounded(runs, monkeypatch):
+    """Issue 28 probe: every option a client sends is checked by Gradio (an opacity outside [0, 1], a
+    class or method not offered, a test image that does not exist: an error event), but a method
+    repeated in one request (`["saliency"] * 500`) was explained 500 times. Each offered method is
+    explained once per run, methods not offered never, and at most `MAX_QUEUE` requests wait."""
+    import xtl.app.explorer as explorer_module
+    from xtl.app import make_app
+    from xtl.app.explorer import Explorer
+    from xtl.app.ui import MAX_QUEUE
+
+    explorer = Explorer(runs, ["saliency", "gradcam"], "cpu")
+    calls, real = [], explorer_module.explain
+    monkeypatch.setattr(explorer_module, "explain", lambda *a, **k: (calls.append(k["method"]), real(*a, **k))[1])
+    answer = explorer.answer(runs[0].load_split()["test"].images[0], ["saliency"] * 50 + ["lrp_epsilon", "gradcam"])
+    assert sorted(calls) == ["gradcam", "gradcam", "saliency", "saliency"]  # two runs, each method once
+    assert [list(m.maps) for m in answer.models] == [["saliency", "gradcam"]] * 2
+    app = make_app(runs, ["saliency"], device="cpu")
+    queues = [route.app.get_blocks()._queue for route in app.routes if hasattr(getattr(route, "app", None), "get_blocks")]
+    assert [q.max_size for q in queues] == [MAX_QUEUE]

@@ -106,7 +106,11 @@ class Explorer:
         return names
 
     def answer(self, image: torch.Tensor, methods: list[str], target: str = PREDICTED) -> Answer:
-        return Answer(image, [run.answer(image, methods, target) for run in self.runs])
+        """Every run's answer. Each offered method is computed at most once, whatever the request
+        repeats (`["saliency"] * 500` was 500 explanations): a request costs at most one explanation
+        per offered method and run."""
+        offered = [m for m in dict.fromkeys(methods) if m in self.methods]
+        return Answer(image, [run.answer(image, offered, target) for run in self.runs])
 
 
 def overlays(answer: Answer, model: int, alpha: float) -> list[tuple[np.ndarray, str]]:

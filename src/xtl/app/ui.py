@@ -19,6 +19,11 @@ CSS = """
 """
 
 
+# Requests waiting for the models. Each costs at most one explanation per offered method and run
+# (`Explorer.answer`), so the wait of a request is bounded by MAX_QUEUE of those.
+MAX_QUEUE = 16
+
+
 def report_url(index: int) -> str:
     return f"report/{index}"
 
@@ -142,6 +147,8 @@ def build(explorer: Explorer, limits: UploadLimits) -> gr.Blocks:
         alpha.change(on_opacity, [answer_state, alpha], galleries, api_visibility="private", trigger_mode="always_last",
                      show_progress="hidden")
         page.load(lambda: metrics_table(explorer), None, table, api_visibility="private")
+    # at most MAX_QUEUE requests wait (one runs at a time); more are refused with Gradio's "queue is full"
+    page.queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
     return page
 
 
