@@ -123,6 +123,32 @@ def test_a_batch_a_worker_cannot_hand_over_is_one_line_not_a_hang(tiny_folder, m
     assert "\n" not in str(err.value)
 
 
+def test_a_decode_worker_killed_mid_epoch_is_one_line_not_a_hang(tiny_folder, monkeypatch):
+    """Issue 28 probe: a worker killed from outside (SIGKILL, the out-of-memory killer) while it decodes
+    a batch. DataLoader notices the death and raises; that is one line saying what is kept and how to
+    go on, not a DataLoader traceback, and never a wait for the lost batch. The next call decodes all."""
+    import os
+    import signal
+
+    from xtl.data.stream import StreamedImages
+
+    streamed = load_split(str(tiny_folder), SplitSpec("random", val_size=6, seed=1), data_path="stream", num_workers=2)
+    images, parent, real = streamed["train"].images, os.getpid(), StreamedImages.decode
+
+    def dies_on_the_second_batch(self, positions):
+        if os.getpid() != parent and positions[0] == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, positions)
+
+    monkeypatch.setattr(StreamedImages, "decode", dies_on_the_second_batch)
+    with pytest.raises(XtlError, match=r"^a decode worker process died while decoding streamed images \(DataLoader worker "
+                                       r".*\); what was finished is kept, and the same command continues") as err:
+        list(images.batches([range(0, 4), range(4, 8), range(8, 12)]))
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(StreamedImages, "decode", real)
+    assert [len(b) for b in images.batches([range(0, 4), range(4, 8), range(8, 12)])] == [4, 4, 4]
+
+
 def test_data_path_and_workers_are_checked_by_name(cifar):
     with pytest.raises(XtlError, match=r"^option --data-path must be one of auto, memory, stream, not 'disk'$"):
         RunConfig(data_path="disk")

@@ -77,10 +77,18 @@ class StreamedImages:
             generator=torch.Generator().manual_seed(0),
             worker_init_fn=_freeze_inherited_objects,
         )
-        for batch in loader:
-            if isinstance(batch, XtlError):
-                raise batch
-            yield batch
+        try:
+            for batch in loader:
+                if isinstance(batch, XtlError):
+                    raise batch
+                yield batch
+        except RuntimeError as err:
+            if "DataLoader worker" not in str(err):
+                raise
+            # killed from outside (SIGKILL, the out-of-memory killer): DataLoader notices and raises; said in one line
+            raise XtlError(f"a decode worker process died while decoding streamed images "
+                           f"({str(err).splitlines()[0].rstrip('. ')}); what was finished is kept, and the same command "
+                           "continues (xtl finetune: --resume); if memory is short, use fewer --num-workers") from None
 
     def chunks(self, size: int = 256) -> Iterator[torch.Tensor]:
         """All images in order, `size` at a time (e.g. to hash them) without holding them all."""
