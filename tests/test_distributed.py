@@ -166,3 +166,76 @@ def test_processes_started_by_torchrun_are_joined_not_spawned(one_and_two, tmp_p
     for name, tensors in expected.items():
         assert torch.equal(got[name]["ids"], tensors["ids"])
         torch.testing.assert_close(got[name]["raw"], tensors["raw"], rtol=1e-4, atol=1e-5)
+
+
+FAILING_RANK = """
+import os
+
+from xtl.errors import XtlError
+from xtl.explain import runner
+
+real = runner.RunExplainer._write_shard
+
+
+def failing(self, shard, positions, *args, **kwargs):
+    if os.environ.get("LOCAL_RANK") == "1":
+        if os.environ["XTL_TEST_FAULT"] == "error":  # the environment reaches the process Fabric starts
+            raise XtlError(f"injected failure in process 2 at {shard.name}")
+        os.kill(os.getpid(), 9)
+    return real(self, shard, positions, *args, **kwargs)
+
+
+runner.RunExplainer._write_shard = failing
+from xtl.cli import main
+
+main()
+"""
+
+
+@pytest.mark.parametrize("fault", ["error", "kill"])
+def test_a_failed_or_killed_process_is_one_line_per_error_and_the_same_command_resumes(fault, one_and_two, tmp_path):
+    """Issue 28 probe: with `--devices 2`, process 2 fails (an error of its own, printed once by it) or
+    is killed (SIGKILL) at its first batch. Process 1 waited for it in a barrier, and gloo's
+    `Connection closed by peer` came out as a traceback, exit 1. Now it is one line, exit 2, no hang;
+    process 1's finished shards are kept, no temporary file is left, and the same command finishes
+    the rest to the one-process result."""
+    import sys
+
+    _, two = one_and_two
+    run = RunDir(shutil.copytree(two.path, tmp_path / "run", ignore=shutil.ignore_patterns("explanations")))
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    command = ["explain", str(run.path), "--methods", "saliency", "--batch-size", "8", "--device", "cpu",
+               "--devices", "2", "--no-progress"]
+    result = subprocess.run([sys.executable, str(script), *command], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "XTL_TEST_FAULT": fault})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    lost = ("error: process 1 of 2: another process of this command failed (its error is above) or was killed; "
+            "finished work is kept, and the same command continues from it")
+    expected = (["error: injected failure in process 2 at batch_00001_8-15.safetensors"] if fault == "error" else []) + [lost]
+    assert result.returncode == 2 and sorted(errors) == sorted(expected), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    kept = sorted(p.name for p in (run.path / "explanations").rglob("batch_*.safetensors"))
+    assert kept == ["batch_00000_0-7.safetensors", "batch_00002_16-23.safetensors"]
+    assert not list(run.path.rglob("*.tmp"))
+    again = two_processes(command[:-5], tmp_path)  # without --device cpu --devices 2 --no-progress, which it adds
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert shards(run, "saliency").keys() == shards(two, "saliency").keys()
+
+
+def test_an_interrupt_of_a_multi_process_command_is_said_once(monkeypatch, capsys):
+    """Ctrl-C reaches every process of a `--devices 2` command (its process group), and each said
+    `interrupted: …` (the line twice, run together). Only the first process of the first node says
+    it; each still stops (exit 130) with its finished batches kept."""
+    from xtl.errors import sigterm_as_interrupt
+
+    for env, said in (({}, True), ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, True), ({"LOCAL_RANK": "1"}, False),
+                      ({"RANK": "3"}, False), ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False)):
+        for key in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(KeyboardInterrupt):
+            with sigterm_as_interrupt(lambda: "finished shards are kept"):
+                raise KeyboardInterrupt
+        assert (capsys.readouterr().err == "interrupted: finished shards are kept\n") is said, env

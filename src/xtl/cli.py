@@ -773,9 +773,20 @@ def main() -> None:
     try:
         app()
     except XtlError as err:
-        # the message is user text (a path may hold `[x]`): a Text, never read as markup
-        Console(stderr=True).print(Text.assemble(("error:", "red"), f" {err}"), highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _print_error(err)
+    except RuntimeError as err:
+        from xtl.distributed import lost_peer
+
+        line = lost_peer(err)
+        if line is None:
+            raise
+        _print_error(line)
+
+
+def _print_error(err: XtlError) -> None:
+    # the message is user text (a path may hold `[x]`): a Text, never read as markup
+    Console(stderr=True).print(Text.assemble(("error:", "red"), f" {err}"), highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

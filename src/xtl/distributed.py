@@ -55,6 +55,27 @@ class Ranks:
         return values
 
 
+# what gloo and nccl say when a peer's connection closes under a collective
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote worker", "NCCL communicator was aborted",
+             "Broken pipe")
+
+
+def lost_peer(err: BaseException) -> XtlError | None:
+    """The one line for a collective (a barrier, a gather, DDP's gradient all-reduce) that failed because
+    another process of the command failed (its own error is printed once, by it) or was killed: its
+    connection closed, and gloo or nccl raise a backend error with a traceback. None for any other
+    error. Every process writes each finished batch (and fine-tuning each finished epoch), so the
+    same command continues from them."""
+    import torch.distributed as dist
+
+    if not isinstance(err, RuntimeError) or isinstance(err, XtlError) or not any(s in str(err) for s in LOST_PEER):
+        return None
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return XtlError(f"process {dist.get_rank() + 1} of {dist.get_world_size()}: another process of this command failed "
+                    "(its error is above) or was killed; finished work is kept, and the same command continues from it")
+
+
 SINGLE = Ranks()
 _launched: Ranks | None = None
 

@@ -7,6 +7,7 @@ removed, and running the command again (`--resume` for fine-tuning) continues.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -47,7 +48,8 @@ def sigterm_as_interrupt(on_interrupt: Callable[[], str | None] | None = None) -
         yield
     except KeyboardInterrupt:
         message = on_interrupt() if on_interrupt is not None else None
-        if message:
+        # Ctrl-C reaches every process of a multi-process command (its process group): one says it
+        if message and all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
             print(f"interrupted: {message}", file=sys.stderr, flush=True)
         raise
     finally:
