@@ -296,3 +296,28 @@ def test_an_out_folder_inside_the_input_folder_is_not_read_as_input(photos, timm
         refused = runner.invoke(app, [str(a) for a in (*args, "--out", out)])
         assert isinstance(refused.exception, XtlError)
         assert str(refused.exception).startswith(f"option --out: {out} holds the input folder {folder}")
+
+
+def test_calls_sharing_an_out_folder_overwrite_nothing_of_each_other(photos, timm_weights, tmp_path):
+    """Issue 28 probe: a second call with the same --out replaced `predictions.csv` (the first call's rows
+    were lost) and wrote another image called `pet` into the first call's `pet/`. Each image folder now
+    names its image, an image of the same name gets `pet_2/`, and the table keeps every call's rows;
+    explaining the first image again reuses its folder."""
+    out = tmp_path / "shared"
+    model = ["--model", "timm:test_resnet", "--weights", timm_weights, "--method", "saliency", "--out", out]
+    _invoke("explain", photos / "a" / "pet.jpg", *model)
+    first = np.load(out / "pet" / "saliency.npy")
+    (out / "notes").mkdir()
+    (out / "notes" / "mine.txt").write_text("the user's")
+    _invoke("explain", photos / "b" / "pet.png", *model)
+    _invoke("explain", photos / "grey.bmp", *model[:-2], "--out", out)
+    assert (out / "pet" / "image.txt").read_text().strip() == str((photos / "a" / "pet.jpg").resolve())
+    assert (out / "pet_2" / "image.txt").read_text().strip() == str((photos / "b" / "pet.png").resolve())
+    np.testing.assert_array_equal(np.load(out / "pet" / "saliency.npy"), first)
+    with open(out / "predictions.csv", newline="") as f:
+        images = sorted(row["image"] for row in csv.DictReader(f))
+    assert images == sorted(str(p) for p in (photos / "a" / "pet.jpg", photos / "b" / "pet.png", photos / "grey.bmp"))
+    _invoke("explain", photos / "a" / "pet.jpg", *model)  # the same image again: its own folder, one row
+    assert not (out / "pet_3").exists() and (out / "notes" / "mine.txt").read_text() == "the user's"
+    with open(out / "predictions.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3

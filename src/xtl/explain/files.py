@@ -7,6 +7,10 @@ For each image, in `out/<name>/`:
   the model's top-5 probabilities;
 and `out/predictions.csv`: per image the top-5 classes with their probabilities and the class
 explained. Files of other methods from an earlier call are kept; a file is never half-written.
+Calls may share `out`, one after another or at once: each image folder names its image
+(`image.txt`), so an image of another call that has the same name gets a folder of its own
+(`photo_2`), and `predictions.csv` keeps the rows of the images this call did not explain (it is
+merged under a lock on `out`).
 
 The model is a run folder (its best model, class names and preprocessing), or a name of the
 registry (`xtl models`), `timm:NAME`, `torchvision:NAME` or `hf:REPO` with its pretrained head kept
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +34,7 @@ from xtl.device import resolve_device
 from xtl.errors import XtlError
 from xtl.explain import METHODS, explain, methods_for
 from xtl.explain.base import get_method
-from xtl.io import atomic_path, write_csv
+from xtl.io import atomic_path, read_csv, write_csv, write_text
 from xtl.models import ModelDescription, class_probabilities, describe_model
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -253,15 +258,66 @@ def explain_files(inputs: list[Path], model: str, methods: list[str] | None, out
         targets = probabilities.argmax(1).to(image_model.device) if explained is None else explained
         explanations = {m: explain(image_model.model, x, targets, m, spec=image_model.spec) for m in chosen}
         for i, path in enumerate(part):
-            folder = out / names_of_part[i]
+            folder = _own_folder(out, names_of_part[i], path)
             _write_image_outputs(folder, images[i], probabilities[i], explanations, i, image_model.class_names, path)
             folders.append(folder)
             rows.append(_prediction_row(path, probabilities[i], explanations[chosen[0]].targets[i], image_model.class_names))
     if not folders:
         raise XtlError(f"none of the {len(paths)} image file(s) could be explained: every one was skipped "
                        "(each is named above)")
-    write_csv(out / "predictions.csv", rows)
+    _merge_predictions(out, rows)
     return ExplainedFiles(folders, skipped)
+
+
+IMAGE_MARK = "image.txt"
+
+
+def _own_folder(out: Path, name: str, path: Path) -> Path:
+    """The folder of image `path` under `out`: `name`, or `name_2`, `name_3`, ... where a folder of that
+    name holds another image's outputs (an earlier or concurrent call) or files xtl did not write.
+    Made and marked (`image.txt`: the image's resolved path) under a lock on `out`."""
+    mark = str(path.resolve())
+    with _locked(out):
+        for k in range(1, 10_000):
+            folder = out / (name if k == 1 else f"{name}_{k}")
+            if not folder.exists():
+                folder.mkdir(parents=True)
+                write_text(folder / IMAGE_MARK, mark + "\n")
+                return folder
+            owner = folder / IMAGE_MARK
+            if owner.is_file() and owner.read_text().rstrip("\n") == mark:
+                return folder
+    raise XtlError(f"option --out: {out} holds 10,000 folders named {name}; give another --out")
+
+
+def _merge_predictions(out: Path, rows: list[dict]) -> None:
+    """`predictions.csv` with this call's rows, keeping those of images other calls explained (read
+    and written under the lock on `out`, so two calls at once lose neither's rows)."""
+    with _locked(out):
+        path = out / "predictions.csv"
+        try:
+            kept = read_csv(path, missing_ok=True)
+        except XtlError:  # not a predictions table (damaged, or not ours): replaced, as before
+            kept = []
+        now = {row["image"] for row in rows}
+        kept = [row for row in kept if row.get("image") not in now and "explained" in row]
+        merged = kept + rows
+        columns = list(dict.fromkeys(key for row in merged for key in row))
+        write_csv(path, merged, columns)
+
+
+@contextmanager
+def _locked(folder: Path):
+    """An exclusive lock on `folder` itself (flock on the directory: no lock file is left behind)."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _applicable(image_model: ImageModel, methods: list[str] | None) -> list[str]:
