@@ -115,6 +115,7 @@ def test_unique_names_tell_repeated_stems_apart(tmp_path):
     paths = [tmp_path / "x" / "a.jpg", tmp_path / "y" / "a.jpg", tmp_path / "b.jpg", tmp_path / "x" / "a.png"]
     names = unique_names(paths)
     assert len(set(names)) == 4 and names[2] == "b"
+    assert unique_names([tmp_path / "new\nline.jpg", tmp_path / "-x.jpg"]) == ["new_line", "-x"]  # one line each
 
 
 @pytest.mark.parametrize("case, fragment", [

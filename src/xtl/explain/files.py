@@ -21,6 +21,7 @@ side is the model's input size, then centre-cropped to a square.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -195,9 +196,13 @@ def parse_target(target: str, class_names: list[str]) -> int | None:
 
 
 def unique_names(paths: list[Path]) -> list[str]:
-    """One folder name per image: its stem, with its parent folder's name (then a number) when stems repeat."""
-    stems = [p.stem for p in paths]
-    names = [f"{p.parent.name}_{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    """One folder name per image: its stem, with its parent folder's name (then a number) when stems
+    repeat; control characters (a newline in a file name) become `_`, so every folder name is one line."""
+    def clean(text: str) -> str:
+        return re.sub(r"[\x00-\x1f\x7f]", "_", text)
+
+    stems = [clean(p.stem) for p in paths]
+    names = [f"{clean(p.parent.name)}_{stem}" if stems.count(stem) > 1 else stem for p, stem in zip(paths, stems)]
     seen: dict[str, int] = {}
     out = []
     for name in names:
