@@ -36,6 +36,7 @@ from xtl.explain.stored import (
 )
 from xtl.inference import LoadedRun
 from xtl.io import atomic_path
+from xtl.models import class_probabilities
 from xtl.runs import RunDir, check_same_data, run_title
 
 DEFAULT_METHOD = {"cnn": "gradcam", "vit": "transformer_attribution", "other": "saliency"}
