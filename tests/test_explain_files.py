@@ -163,7 +163,6 @@ def test_list_methods_and_help_name_every_method():
 
 def _awkward_and_bad_files(folder, cifar):
     """Valid images in awkward encodings and shapes, and files that are not images, in one folder."""
-
     folder.mkdir()
     rgb = np.asarray(Image.open(sorted((cifar / "test" / "ship").iterdir())[0]).convert("RGB"))
     good = {
