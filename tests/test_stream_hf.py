@@ -122,15 +122,19 @@ def test_a_bad_hf_image_decoded_in_a_worker_is_one_line(hf_data, tmp_path):
     good = datasets.Dataset.from_dict(rows, features=features)
     datasets.DatasetDict({"train": good, "test": good}).save_to_disk(str(tmp_path / "bad"))
     spec = f"hf:{tmp_path / 'bad'}"
-    streamed = load_split(spec, SplitSpec("random", train_size=9, val_size=0, test_size=2, seed=0), data_path="stream")
-    assert streamed["train"].ids.tolist() == list(range(9))
+    # its size cannot be read without decoding it, so the split names it on both data paths (issue 28)
+    for data_path in ("stream", "memory"):
+        with pytest.raises(XtlError, match=r"^image train/4 of data source .* cannot be read as an image"):
+            load_split(spec, SplitSpec("random", train_size=9, val_size=0, test_size=2, seed=0), data_path=data_path)
+    # decoded when its batch is asked for (a row spoiled after the split): in a worker or here
+    from xtl.data.stream import StreamedImages
+
+    images = StreamedImages(open_source(spec).partition("train"), np.arange(9), 32, (32, 32), 2)
     for workers in (2, 0):
-        streamed["train"].images.num_workers = workers
+        images.num_workers = workers
         with pytest.raises(XtlError, match="cannot be read as an image") as err:
-            list(streamed["train"].images.batches([range(0, 3), range(3, 6), range(6, 9)]))
+            list(images.batches([range(0, 3), range(3, 6), range(6, 9)]))
         assert "\n" not in str(err.value) and str(err.value).startswith(f"image train/4 of data source {spec} ")
-    with pytest.raises(XtlError, match=r"^image train/4 of data source .* cannot be read as an image"):
-        load_split(spec, SplitSpec("random", train_size=9, val_size=0, test_size=2, seed=0))
 
 
 def test_finetune_streams_an_hf_source_from_the_command_line(hf_data, tmp_path):
