@@ -183,9 +183,11 @@ class RunExplainer(LoadedRun):
         with progress_bar(progress and ranks.is_zero) as bar, \
                 sigterm_as_interrupt(lambda: f"finished shards are kept in {out}; the same command continues"):
             tasks = {m: bar.add_task(f"{self.run.path.name}: {m}", total=len(own)) for m in methods}
+            # each shard checked once: those missing or spoiled are (re)written
+            lacking = {(m, k) for k in range(len(batches)) if ranks.mine(k) for m in methods
+                       if not _intact(folders[m] / names[k])}
             # the batches some method still lacks, decoded ahead (a streamed split: in worker processes)
-            todo = [k for k, positions in enumerate(batches)
-                    if ranks.mine(k) and any(not _intact(folders[m] / names[k]) for m in methods)]
+            todo = sorted({k for _, k in lacking})
             decoded = image_batches(self.part.images, [batches[k] for k in todo])
             # batch by batch, every method on each: "images done" means done by every method
             for k, positions in enumerate(batches):
@@ -196,7 +198,7 @@ class RunExplainer(LoadedRun):
                     todo.pop(0)
                 for method in methods:
                     shard = folders[method] / names[k]
-                    if not _intact(shard):
+                    if (method, k) in lacking:
                         try:
                             self._write_shard(shard, positions, method, target, options.get(method) or {}, images)
                         except torch.cuda.OutOfMemoryError:
