@@ -301,3 +301,40 @@ def test_a_request_costs_one_explanation_per_offered_method_and_the_queue_is_bou
     app = make_app(runs, ["saliency"], device="cpu")
     queues = [route.app.get_blocks()._queue for route in app.routes if hasattr(getattr(route, "app", None), "get_blocks")]
     assert [q.max_size for q in queues] == [MAX_QUEUE]
+
+
+def test_one_client_holds_only_a_few_places_in_the_queue(runs):
+    """Issue 28 probe: Gradio bounds its queue as a whole, so one client that sent `MAX_QUEUE` slow
+    requests filled it and every other client got "queue is full". A client may now hold
+    `MAX_PER_CLIENT` places; its next join is refused (503, naming the reason), another client's is
+    taken. The app's real join route, no processing loop: joined requests stay in the queue."""
+    import asyncio
+
+    import httpx
+
+    from xtl.app import make_app
+    from xtl.app.guard import MAX_PER_CLIENT
+    from xtl.app.ui import MAX_QUEUE
+
+    assert 1 < MAX_PER_CLIENT < MAX_QUEUE
+    app = make_app(runs, ["saliency"], device="cpu")
+    blocks = next(r.app.get_blocks() for r in app.routes if hasattr(getattr(r, "app", None), "get_blocks"))
+    fn_index = next(i for i, fn in blocks.fns.items() if fn.api_name == "explain_test_image")
+
+    async def join(host: str, n: int) -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app, client=(host, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            return [await client.post("/gradio_api/queue/join",
+                                      json={"data": ["0:0", ["saliency"], "predicted", 0.5], "fn_index": fn_index,
+                                            "session_hash": f"{host}-{k}"}) for k in range(n)]
+
+    async def both():
+        flood = await join("10.0.0.1", MAX_PER_CLIENT + 2)
+        other = await join("10.0.0.2", 1)
+        return flood, other
+
+    flood, other = asyncio.run(both())
+    assert [r.status_code for r in flood] == [200] * MAX_PER_CLIENT + [503, 503]
+    assert f"already has {MAX_PER_CLIENT} requests waiting or running" in flood[-1].json()["detail"]
+    assert [r.status_code for r in other] == [200]
+    assert len(blocks._queue) == MAX_PER_CLIENT + 1

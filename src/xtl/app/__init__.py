@@ -28,7 +28,7 @@ def make_app(runs: list[RunDir], methods: list[str] | None = None, max_upload_mb
     from fastapi.responses import FileResponse
 
     from xtl.app.explorer import Explorer
-    from xtl.app.guard import BodyLimit
+    from xtl.app.guard import BodyLimit, limit_each_client
     from xtl.app.ui import CSS, build
     from xtl.app.uploads import UploadLimits
 
@@ -59,6 +59,8 @@ def make_app(runs: list[RunDir], methods: list[str] | None = None, max_upload_mb
     # Unlike launch(), mount_gradio_app leaves this False, which switches off Gradio's check that a
     # file named in a request was uploaded (processing_utils._check_allowed): any path would be read.
     page.has_launched = True
+    # Gradio bounds its queue as a whole: one client may hold only a few of its places.
+    limit_each_client(page._queue)
     # Gradio bounds the files of an upload, not the body of any other request (an API call's JSON).
     app.add_middleware(BodyLimit, max_upload_bytes=limits.max_bytes)
     return app

@@ -100,3 +100,44 @@ async def _refuse(send: Send, status: int, detail: str) -> None:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+# Requests one client may have waiting or running at once. With `ui.MAX_QUEUE` = 16 places, one
+# client holds at most 4: the others always find room, and a flood of slow requests (kernel SHAP,
+# occlusion) from one browser or script delays another client by at most the requests already ahead.
+MAX_PER_CLIENT = 4
+
+
+def client_key(request) -> str:
+    """Who sent a request: the peer's address (every browser tab and API script from one machine is
+    one client). Behind a reverse proxy on the same machine uvicorn reads the address the proxy
+    forwards (X-Forwarded-For); a proxy on another machine must be named in the environment variable
+    FORWARDED_ALLOW_IPS, or every request counts as the proxy's."""
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) or "unknown"
+
+
+def limit_each_client(queue, max_per_client: int = MAX_PER_CLIENT) -> None:
+    """Refuse a queue join (503, like Gradio's "queue is full") from a client that already has
+    `max_per_client` requests waiting or running in Gradio's `queue`.
+
+    Gradio bounds its queue as a whole (`max_size`), not per client, and has no hook for it, so this
+    wraps `Queue.push` (the join of a request) and counts the client's events in the queue's own
+    lists: nothing to keep in step, so a request that was cancelled, failed or finished stops
+    counting the moment Gradio drops it.
+    """
+    push = queue.push
+
+    def held(key: str) -> int:
+        waiting = [e for q in queue.event_queue_per_concurrency_id.values() for e in q.queue]
+        running = [e for events in getattr(queue, "active_jobs", []) or [] if events for e in events]
+        return sum(client_key(e.request) == key for e in waiting + running)
+
+    async def limited_push(body, request, username):
+        key = client_key(request)
+        if held(key) >= max_per_client:
+            return (False, f"this client already has {max_per_client} requests waiting or running; "
+                           "send the next one when one of them is answered", "queue_full")
+        return await push(body=body, request=request, username=username)
+
+    queue.push = limited_push
