@@ -19,7 +19,7 @@ from helpers import XTL, chromium_page
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 SECTIONS = ("summary", "data", "models", "comparison", "confusions", "galleries", "faithfulness", "analysis",
-            "reproducibility")
+            "localisation", "reproducibility")
 pytestmark = pytest.mark.xdist_group("pipeline")
 
 TINY = {
@@ -207,6 +207,13 @@ def test_run_writes_every_step(finished):
                  "figures/class_distribution.png", "figures/faithfulness_combined.png"):
         assert (folder / name).is_file(), name
     assert "test accuracy" in result.stdout
+    # the grid pointing game needs confidently correct test images of 4 classes, which random-init models
+    # lack: the run goes on, and the report's localisation section says why it was not played
+    game = json.loads((folder / "grid_pointing" / "grid_pointing.json").read_text())
+    assert "needs confidently correct test images of 4 classes" in game["not_played"]
+    assert "grid pointing game not played: " in result.stderr
+    html = (folder / "report" / "report.html").read_text()
+    assert "Not played: the grid pointing game needs confidently correct test images" in html
     # stderr is a pipe: no live bars, but plain progress lines while explaining (the last one always)
     assert "explain timm_resnet10t: 16/16 images, gradcam+saliency (" in result.stderr
     assert "explain timm_vit_tiny_patch16_224: 16/16 images, gradcam+transformer_attribution+saliency (" in result.stderr

@@ -472,6 +472,11 @@ def run_command(
     faithfulness_sensitivity_grids: Optional[str] = typer.Option(None, help="Comma-separated further grids scored under "
                                                                  "the first baseline (the report's grid-sensitivity "
                                                                  "appendix); default model,none."),
+    grid_pointing_mosaics: Optional[int] = typer.Option(None, help="Mosaics of the grid pointing game (xtl benchmark "
+                                                        "grid-pointing) on the explained models; 0: not played "
+                                                        "(default 100)."),
+    grid_pointing_layout: Optional[str] = typer.Option(None, help="half (tiles at half the input side, the default) "
+                                                       "or full (tiles at the input side; CNNs only)."),
     title: Optional[str] = typer.Option(None, help="Title of the report."),
     device: Optional[str] = typer.Option(None, help="Where evaluating, explaining and scoring run: auto, cpu, cuda, "
                                          "cuda:N or mps (default: each model's fine-tuning accelerator, --train accelerator=...)."),
@@ -496,6 +501,7 @@ def run_command(
         "faithfulness_sensitivity_grids": None if faithfulness_sensitivity_grids is None else [
             int(g) if g.lstrip("-").isdigit() else g for g in _list(faithfulness_sensitivity_grids) or []],
         "faithfulness_batch_size": faithfulness_batch_size,
+        "grid_pointing_mosaics": grid_pointing_mosaics, "grid_pointing_layout": grid_pointing_layout,
         "faithfulness_grid": int(faithfulness_grid) if (faithfulness_grid or "").lstrip("-").isdigit() else faithfulness_grid,
         "train": parse_assignments(train, "--train") if train else None,
         "per_model": parse_assignments(per_model, "--per-model") if per_model else None,
@@ -689,6 +695,58 @@ def localisation_command(
     console.print(localisation_table(rows))
     console.print(f"localisation: {out}/localisation.csv, {out}/localisation.png, {out}/gallery_*.png "
                   f"({time.perf_counter() - start:.0f} s)")
+
+
+benchmark_app = typer.Typer(help="Benchmarks whose ground truth is known: do the maps point where the evidence is?",
+                            no_args_is_help=True)
+app.add_typer(benchmark_app, name="benchmark")
+
+
+@benchmark_app.command("grid-pointing")
+def grid_pointing_command(
+    runs: list[Path] = typer.Argument(..., help="Run directories of one test split (every model plays the same mosaics)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: grid_pointing/ in the runs' xtl run folder, "
+                                       "else runs/grid-pointing-A-vs-B)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (each run's that apply to it; default: "
+                                          "a cheap set per family). The references random, centre and edge are "
+                                          "always scored."),
+    mosaics: int = typer.Option(100, help="2 x 2 mosaics, each explained for its four classes."),
+    min_confidence: float = typer.Option(0.5, help="A tile is classified correctly alone, with at least this "
+                                         "probability, by every model given."),
+    layout: str = typer.Option("half", help="half: four tiles at half the input side in one input of the model's "
+                               "size (any model); full: tiles at the input side, the input twice as large (models "
+                               "that accept it: CNNs)."),
+    seed: int = typer.Option(0, help="Seed of the mosaics and the bootstrap."),
+    batch_size: int = typer.Option(16, help="Mosaics explained per call (4 maps each)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+) -> None:
+    """The grid pointing game (Boehle et al. 2021): 2 x 2 mosaics of test images of four classes, each
+    classified correctly alone; each class explained; the share of positive relevance in its quadrant.
+
+    xtl benchmark grid-pointing runs/quick/efficientnet_lite0 runs/quick/vit_s14_dinov2
+    """
+    import time
+
+    from xtl.analysis.grid_pointing import GridSettings, grid_pointing, grid_pointing_table
+    from xtl.runs import RunDir
+
+    settings = GridSettings(mosaics=mosaics, min_confidence=min_confidence, layout=layout, seed=seed,
+                            batch_size=batch_size).check()
+    run_dirs = [RunDir(r) for r in runs]
+    for run in run_dirs:
+        run.read()
+    parents = {Path(r).resolve().parent for r in runs}
+    if out is None:
+        parent = next(iter(parents))
+        out = parent / "grid_pointing" if len(parents) == 1 and (parent / "pipeline.yaml").is_file() else \
+            Path("runs") / ("grid-pointing-" + "-vs-".join(r.path.name for r in run_dirs))
+    folder = _output_folder(out, "--out")
+    start = time.perf_counter()
+    result = grid_pointing(run_dirs, folder, _list(methods), settings, device=_device(device),
+                           log=lambda line: console.print(Text(line)))
+    console.print(grid_pointing_table(result["rows"]))
+    console.print(Text(f"grid pointing: {folder}/grid_pointing.csv, grid_pointing_tests.csv, grid_pointing.png and "
+                       f"the galleries ({time.perf_counter() - start:.0f} s)"))
 
 
 @app.command("analyse")

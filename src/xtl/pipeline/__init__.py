@@ -7,6 +7,7 @@ Everything lands in one folder, `<runs_dir>/<name>/`:
     figures/               class distribution, side-by-side galleries, combined faithfulness curves
     faithfulness_combined.csv
     analysis/              the stored maps measured: statistics, agreement, the paper's claims (xtl.analysis)
+    grid_pointing/         the grid pointing game on the models (xtl.analysis.grid_pointing)
     <model>/               one run directory per model (see xtl.runs): the primary seed's
     seeds/seed-<s>/<model>/   each further fine-tuning seed's run (key seeds): evaluated, and explained
                            with the methods the claims test
@@ -25,7 +26,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,7 +41,7 @@ from xtl.runs import RunDir, split_spec
 
 __all__ = ["PipelineConfig", "load_config", "parse_assignments", "preset_config", "run_pipeline", "model_folder"]
 
-STEPS = ("data", "finetune", "evaluate", "explain", "compare", "faithfulness", "analysis", "report")
+STEPS = ("data", "finetune", "evaluate", "explain", "compare", "faithfulness", "analysis", "grid_pointing", "report")
 
 
 def model_folder(model: str) -> str:
@@ -205,6 +206,10 @@ class Pipeline:
         self.step("analysis", [trained_all, replicated, self.explain_settings(), self.analysis_settings()], self.analysis,
                   "analysis: what the models look at, in numbers", outputs=lambda: [self.folder / "analysis" / "analysis.json"],
                   after=explained)
+        if self.config.grid_pointing_mosaics:
+            self.step("grid_pointing", [trained_all, self.grid_pointing_settings()], self.grid_pointing,
+                      "grid pointing game: mosaics of four classes, each explained",
+                      outputs=lambda: [self.folder / "grid_pointing" / "grid_pointing.json"], after=every)
         report = self.folder / "report" / "report.html"
         upstream = {k: v for k, v in self.log.steps.items() if k != "report"}
         self.step("report", [upstream, self.config.to_dict()], self.report, "report", outputs=lambda: [report])
@@ -369,6 +374,28 @@ class Pipeline:
                               shuffled={str(self.run_configs[m].model): run for m, (_, run) in self.shuffled.items()})
         for claim in result["claims"]:
             self.console.print(f"{claim['key']}: {claim['verdict']}", markup=False, highlight=False)
+
+    def grid_pointing_settings(self) -> list:
+        from xtl.analysis.grid_pointing import PROTOCOL
+
+        c = self.config
+        return [c.explain_methods, c.grid_pointing_mosaics, c.grid_pointing_layout, PROTOCOL]
+
+    def grid_pointing(self) -> None:
+        from xtl.analysis.grid_pointing import SETTINGS_JSON, GridSettings, NotPlayable, grid_pointing, grid_pointing_table
+
+        c = self.config
+        settings = GridSettings(mosaics=c.grid_pointing_mosaics, layout=c.grid_pointing_layout)
+        out = self.folder / "grid_pointing"
+        say = lambda line: self.console.print(line, markup=False, highlight=False)  # noqa: E731
+        try:
+            result = grid_pointing(list(self.runs.values()), out, c.explain_methods, settings, device=c.device, log=say)
+        except NotPlayable as err:  # weak models: the game says so in the report; the run goes on
+            shutil.rmtree(out, ignore_errors=True)
+            write_json(out / SETTINGS_JSON, {"settings": asdict(settings), "not_played": str(err)})
+            say(f"grid pointing game not played: {err}")
+            return
+        Console(width=None if sys.stdout.isatty() else 150, markup=False).print(grid_pointing_table(result["rows"]))
 
     def report(self) -> None:
         from xtl.report import build_report

@@ -32,6 +32,8 @@ RULES: dict[str, Rule] = {
                     Rule(at_least=1)),
     "faithfulness_steps": Rule(at_least=1, at_most=MAX_STEPS),
     "explain_images": Rule(at_least=1, none="all"),
+    "grid_pointing_mosaics": Rule(at_least=0, at_most=100_000, note="0: not played"),
+    "grid_pointing_layout": Rule(choices=("half", "full")),
 }
 
 
@@ -77,6 +79,11 @@ class PipelineConfig:
     faithfulness_grid: int | str | None = "common"
     # further grids scored under the first baseline: the report's grid-sensitivity appendix ([] for none)
     faithfulness_sensitivity_grids: list[int | str | None] = field(default_factory=lambda: ["model", "none"])
+    # the grid pointing game on the explained models (xtl.analysis.grid_pointing): 2 x 2 mosaics of test
+    # images every model classifies correctly alone, each explained for its four classes with the
+    # explained methods; 0: not played. Layout "half" (tiles at half the input side) or "full"
+    grid_pointing_mosaics: int = 100
+    grid_pointing_layout: str = "half"
     title: str | None = None  # of the report
     # where evaluating, explaining and scoring run: auto, cpu, cuda, cuda:N or mps (None: each model's
     # fine-tuning accelerator, `train.accelerator`, which is where fine-tuning runs)

@@ -35,7 +35,7 @@ __all__ = ["ModelResult", "build_report", "SECTIONS"]
 
 # Section ids, in page order; a report of existing runs (`xtl compare`) has only some of them.
 SECTIONS = ("summary", "data", "models", "comparison", "confusions", "galleries", "faithfulness", "analysis",
-            "reproducibility")
+            "localisation", "reproducibility")
 RUN_FIGURES = {
     "training_curves": "Training curves: loss and accuracy per batch, validation per epoch",
     "confusion_matrix": "Confusion matrix on the test split",
@@ -86,6 +86,7 @@ def build_report(runs: list[RunDir], out: Path, folder: Path | None = None, conf
                       for name, caption in FOLDER_FIGURES.items() if name.startswith("compare") and folder],
         "faithfulness": _faithfulness_context(folder, results, figures),
         "analysis": _analysis_context(folder, figures),
+        "localisation": _localisation_context(folder, figures),
         "reproducibility": _reproducibility_context(results, config),
     }
     context["galleries"] = [g for g in context["galleries"] if g]
@@ -275,16 +276,14 @@ ANALYSIS_FIGURES = {
 
 def _analysis_context(folder: Path | None, figures: Figures) -> dict[str, Any] | None:
     """The "What the models look at, in numbers" section from `folder/analysis/analysis.json`
-    (xtl.analysis), and the localisation benchmark's table where `localisation_summary` finds one."""
+    (xtl.analysis)."""
     from xtl.analysis import read_analysis
 
     if folder is None:
         return None
     data = read_analysis(folder / "analysis")
-    localisation = _localisation_rows(folder)
-    if data is None and not localisation:
+    if data is None:
         return None
-    data = data or {}
     interval = lambda r, key="": (f"{r[key + 'mean']:.3f} [{r[key + 'low']:.3f}, {r[key + 'high']:.3f}]"
                                   if r.get(key + "mean") is not None else "–")
     stats = data.get("statistics", [])
@@ -374,24 +373,39 @@ def _analysis_context(folder: Path | None, figures: Figures) -> dict[str, Any] |
         "robustness_sentences": data.get("robustness_sentences", []),
         "robustness_settings": data.get("robustness_settings", {}),
         "settings": data.get("settings", {}),
-        "localisation": localisation,
     }
 
 
-def _localisation_rows(folder: Path) -> list[dict]:
-    """The localisation benchmark's summary rows, where there is one (xtl.analysis.localisation)."""
+def _localisation_context(folder: Path | None, figures: "Figures") -> dict[str, Any] | None:
+    """The "Localisation" section: the grid pointing game of `folder/grid_pointing`
+    (xtl.analysis.grid_pointing), where it was played."""
+    from xtl.analysis.grid_pointing import EVEN_SHARE, grid_pointing_summary, interval
+
+    if folder is None:
+        return None
+    place = folder / "grid_pointing"
     try:
-        from xtl.analysis.localisation import localisation_summary
-    except ImportError:
-        return []
-    for place in (folder, folder / "localisation"):  # `xtl localisation --out` the run folder, or a folder in it
-        try:
-            rows = localisation_summary(place)
-        except (OSError, ValueError, XtlError):
-            continue
-        if rows:
-            return [r for r in rows if isinstance(r, dict)]
-    return []
+        game = grid_pointing_summary(place)
+    except (OSError, ValueError, XtlError):
+        return None
+    if not game:
+        return None
+    if "not_played" in game:
+        return {"not_played": game["not_played"]}
+    rows = [{"run": r["run"], "method": r["method"], "reading": r["reading"], "share": interval(r, "share"),
+             "pointing": interval(r, "pointing"), "flat": int(r["flat_maps"]), "maps": int(r["maps"]),
+             "seconds": f"{float(r['seconds']):.1f}"} for r in game["rows"]]
+    shown = [figures.add(place / "grid_pointing.png", "grid_pointing.png",
+                         "Grid pointing game: share of each map's positive relevance in the explained class's quadrant")]
+    for run in dict.fromkeys(r["run"] for r in game["rows"]):
+        shown.append(figures.add(place / f"grid_pointing_gallery_{run}.png", f"grid_pointing_gallery_{run}.png",
+                                 f"{run}: two mosaics, each class's map; white: its quadrant"))
+    settings = game["settings"]
+    family = int(game["tests"][0]["family"]) if game["tests"] else 0
+    return {"rows": rows, "sentences": game["sentences"], "figures": [f for f in shown if f],
+            "mosaics": settings.get("mosaics"), "layout": settings.get("layout"),
+            "min_confidence": settings.get("min_confidence"), "candidates": game["candidates"],
+            "test_images": game["test_images"], "even": EVEN_SHARE, "family": family}
 
 
 def _reproducibility_context(results: list[ModelResult], config: dict[str, Any] | None) -> dict[str, Any]:
