@@ -654,49 +654,6 @@ def faithfulness_command(
     console.print(faithfulness_table([row for r in results for row in r.rows()]))
 
 
-@app.command("localisation")
-def localisation_command(
-    out: Path = typer.Option(Path("runs/localisation"), help="Output folder: the generated data, the runs, "
-                             "localisation.csv, localisation.png and the galleries."),
-    models: str = typer.Option("efficientnet_lite0,vit_s14_dinov2", help="Comma-separated models to fine-tune and explain."),
-    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: a cheap set per family); "
-                                          "random and centre are reference maps."),
-    images: int = typer.Option(100, help="Test canvases explained and scored."),
-    train_images: int = typer.Option(1000, help="Training canvases."),
-    val_images: int = typer.Option(200, help="Validation canvases (the best epoch is chosen on them)."),
-    epochs: int = typer.Option(2, help="Fine-tuning epochs (the quick recipe)."),
-    seed: int = typer.Option(0, help="Seed of the generated data, the split and the training."),
-    canvas: int = typer.Option(64, help="Side of the canvas in pixels (objects of 24 to 40 px are pasted on it)."),
-    input_size: Optional[int] = typer.Option(None, help="Model input size (default: 96 for CNNs, 84 for ViTs)."),
-    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--random-init", help="Start from pretrained weights (default)."),
-    source: Path = typer.Option(Path("../shared/data/cifar10"), help="CIFAR-10 image folder (train/<class>/, test/<class>/)."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-) -> None:
-    """Localisation with known ground truth: CIFAR-10 objects pasted on larger canvases, models fine-tuned
-    on them, every method scored with the pointing game and relevance-mass / relevance-rank accuracy."""
-    import time
-
-    from xtl.analysis.localisation import BenchmarkSettings, check_methods, localisation_table, run_benchmark
-
-    check_values({"epochs": epochs, "input_size": input_size}, {"epochs": Rule(at_least=1), "input_size": Rule(at_least=16, at_most=MAX_INPUT_SIZE)})
-    settings = BenchmarkSettings(images=images, train_images=train_images, val_images=val_images, seed=seed, canvas=canvas,
-                                 object_min=min(24, canvas), object_max=min(40, canvas))
-    model_names = [m.strip() for m in models.split(",") if m.strip()]
-    if not model_names:
-        raise XtlError("option --models: give at least one model")
-    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    check_methods(model_names, chosen)
-    _device(device)
-    _output_folder(out, "--out")
-    start = time.perf_counter()
-    rows = run_benchmark(out, model_names, chosen, settings, epochs=epochs, source=source, input_size=input_size,
-                         pretrained=pretrained, device=device, progress=progress, log=console.print)
-    console.print(localisation_table(rows))
-    console.print(f"localisation: {out}/localisation.csv, {out}/localisation.png, {out}/gallery_*.png "
-                  f"({time.perf_counter() - start:.0f} s)")
-
-
 benchmark_app = typer.Typer(help="Benchmarks whose ground truth is known: do the maps point where the evidence is?",
                             no_args_is_help=True)
 app.add_typer(benchmark_app, name="benchmark")
@@ -747,6 +704,59 @@ def grid_pointing_command(
     console.print(grid_pointing_table(result["rows"]))
     console.print(Text(f"grid pointing: {folder}/grid_pointing.csv, grid_pointing_tests.csv, grid_pointing.png and "
                        f"the galleries ({time.perf_counter() - start:.0f} s)"))
+
+
+@benchmark_app.command("shortcut")
+def shortcut_command(
+    out: Path = typer.Option(Path("runs/shortcut"), help="Output folder: the two image folders, the runs, "
+                             "shortcut.csv, shortcut_reality.csv and the galleries."),
+    models: str = typer.Option("efficientnet_lite0,vit_s14_dinov2", help="Comma-separated models, each fine-tuned "
+                               "twice: on the marked data and on the same data without markers."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: a cheap set per family); the "
+                                          "references random, centre and edge are always scored."),
+    shortcut_class: str = typer.Option("cat", "--class", help="The class whose training images get the marker."),
+    marker: str = typer.Option("square", help="square (a solid square of --colour) or stamp (a checkerboard of "
+                               "--colour and black)."),
+    colour: str = typer.Option("magenta", help="The marker's colour."),
+    marker_size: int = typer.Option(4, help="Side of the marker in pixels of the source image."),
+    rate: float = typer.Option(0.9, help="Share of the class's training and validation images marked."),
+    seed: int = typer.Option(0, help="Seed of the images, the marked ones, the corners and the training."),
+    train_images: int = typer.Option(1000, help="Training images (balanced over the classes)."),
+    val_images: int = typer.Option(200, help="Validation images (the best epoch is chosen on them)."),
+    test_images: int = typer.Option(200, help="Test images, each marked and explained."),
+    epochs: int = typer.Option(2, help="Fine-tuning epochs (the quick recipe)."),
+    input_size: Optional[int] = typer.Option(None, help="Model input size (default: the quick recipe's)."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--random-init", help="Start from pretrained weights (default)."),
+    source: Path = typer.Option(Path("../shared/data/cifar10"), help="CIFAR-10 image folder (train/<class>/, test/<class>/)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+) -> None:
+    """A planted shortcut (Adebayo et al. 2022): a marker on most training images of one class, each model
+    fine-tuned with and without it; is the shortcut real, do the maps find the marker, and do they tell
+    the two models apart?"""
+    import time
+
+    from xtl.analysis.shortcut import ShortcutSettings, check_methods, run_shortcut_benchmark, shortcut_table
+
+    check_values({"epochs": epochs, "input_size": input_size},
+                 {"epochs": Rule(at_least=1, at_most=1000), "input_size": Rule(at_least=16, at_most=MAX_INPUT_SIZE)})
+    settings = ShortcutSettings(shortcut_class=shortcut_class, marker=marker, colour=colour, marker_size=marker_size,
+                                rate=rate, seed=seed, train_images=train_images, val_images=val_images,
+                                test_images=test_images)
+    model_names = _list(models) or []
+    if not model_names:
+        raise XtlError("option --models: give at least one model")
+    chosen = _list(methods)
+    check_methods(model_names, chosen)
+    _device(device)
+    _output_folder(out, "--out")
+    start = time.perf_counter()
+    rows = run_shortcut_benchmark(out, model_names, chosen, settings, epochs=epochs, source=source, input_size=input_size,
+                                  pretrained=pretrained, device=device, progress=progress,
+                                  log=lambda line: console.print(Text(line)))
+    console.print(shortcut_table(rows))
+    console.print(Text(f"shortcut: {out}/shortcut.csv, {out}/shortcut_reality.csv, {out}/shortcut_gallery_*.png "
+                       f"({time.perf_counter() - start:.0f} s)"))
 
 
 @app.command("analyse")

@@ -31,12 +31,11 @@ def check_known(keys: Iterable[str], known: Iterable[str], where: str, listed: I
 
 
 # Upper bounds where one small number would cost unbounded memory or time (issue 28), each stated in
-# the message: an input side (the decoded split and every activation grow with its square), a
-# generated canvas (the benchmark holds every canvas in memory), the steps of a perturbation curve
+# the message: an input side (the decoded split and every activation grow with its square), the steps of a perturbation curve
 # (each a forward pass per image and metric; past a few hundred the curve's area no longer moves),
-# and a method's count option (samples, masks, path points: each a forward or backward pass).
+# and a count (a method's samples, masks, path points; the grid pointing game's mosaics: each a forward or
+# backward pass).
 MAX_INPUT_SIZE = 1024
-MAX_CANVAS = 512
 MAX_STEPS = 1000
 MAX_COUNT = 100_000
 
