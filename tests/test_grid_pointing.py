@@ -239,7 +239,7 @@ def test_the_command_plays_every_model_on_the_same_mosaics(two_runs, tmp_path):
 
     from xtl.cli import app
 
-    out = tmp_path / "game"
+    out = tmp_path / "grid_pointing"
     result = CliRunner().invoke(app, ["benchmark", "grid-pointing", *(str(r.path) for r in two_runs), "--out", str(out),
                                       "--mosaics", "6", "--methods", "saliency,gradcam,attention_rollout", "--device", "cpu"])
     assert result.exit_code == 0, result.output
@@ -264,6 +264,21 @@ def test_the_command_plays_every_model_on_the_same_mosaics(two_runs, tmp_path):
         ("saliency", "saliency"), ("gradcam", "gradcam")}
     for name in ("grid_pointing.png", "grid_pointing_gallery_cnn.png", "grid_pointing_gallery_vit.png"):
         assert (out / name).stat().st_size > 10_000
+    # the report's section: the table, the figures, and sentences that say only what the tests support
+    from xtl.report import Figures, _localisation_context
+
+    shown = _localisation_context(tmp_path, Figures(tmp_path / "report"))["game"]
+    assert [(r["run"], r["method"]) for r in shown["rows"]] == [(r["run"], r["method"]) for r in rows]
+    assert len(shown["figures"]) == 3 and shown["family"] == len(tests)
+    for run, methods in (("cnn", ("saliency", "gradcam")), ("vit", ("saliency", "gradcam", "attention_rollout"))):
+        above = next((x for x in shown["sentences"] if x.startswith(f"{run}: ") and "more than every reference" in x), "")
+        below = next((x for x in shown["sentences"] if x.startswith(f"{run}: not above every reference")), "")
+        for m in methods:
+            beats = all(t["verdict"] == "first" for t in tests if (t["first_run"], t["first_method"], t["measure"],
+                                                                   t["kind"]) == (run, m, "share", "reference"))
+            assert (f"{m} " in above) == beats and (f"{m} " in below) == (not beats), (run, m, shown["sentences"])
+    said = " ".join(shown["sentences"])
+    assert "cannot decide between cnn and vit" in said or "localise the class better" in said
 
 
 def test_a_model_that_cannot_play_the_layout_is_one_line_and_exit_2(two_runs, tmp_path, monkeypatch, capsys):

@@ -355,3 +355,20 @@ def test_a_second_call_reuses_the_finished_runs(tiny_benchmark):
     assert flat(again) == pytest.approx(flat(rows))
     with pytest.raises(XtlError, match="holds a run of other settings"):
         run_shortcut_benchmark(out, **{**options, "epochs": 2})
+
+
+def test_the_report_shows_the_tables_and_says_only_what_the_tests_support(tiny_benchmark, tmp_path):
+    from xtl.report import Figures, _shortcut_context
+
+    out, rows, _, _ = tiny_benchmark
+    shown = _shortcut_context(out, Figures(tmp_path / "figures"))
+    assert [(r["method"], r["data"]) for r in shown["rows"]] == [(r["method"], r["data"]) for r in rows]
+    assert [r["measure"] for r in shown["reality"]] == ["test accuracy", "class accuracy", "flip rate"]
+    assert [f.file for f in shown["figures"]] == ["figures/shortcut_gallery_timm_test_resnet.png"]
+    saliency = next(r for r in rows if r["method"] == "saliency" and r["data"] == "shortcut")
+    above = all(saliency[f"minus_{ref}_verdict"] == "first" for ref in REFERENCES)
+    said = " ".join(shown["sentences"])
+    assert ("more than every reference" in said) == above
+    assert ("cannot tell the two models apart" in said) == (saliency["auc_verdict"] != "first")
+    assert "is the shortcut real?" in said
+    assert _shortcut_context(out / "nothing-here", Figures(tmp_path / "figures")) is None

@@ -809,3 +809,48 @@ def shortcut_table(rows: list[dict]):
         table.add_row(str(r["model"]), str(r["method"]), str(r["data"]), _ci(r, "marker_share"), _ci(r, "pointing"),
                       *versus, auc)
     return table
+
+
+def shortcut_sentences(rows: list[dict], reality_rows: list[dict], class_name: str) -> list[str]:
+    """What the tests of one benchmark support, in words (verdicts Holm-corrected over the call's family):
+    per model, whether the shortcut is real (accuracy on the class's unmarked images and the flip rate,
+    shortcut model against clean model), and per method whether its maps put more relevance on the
+    marker than every reference does and whether they tell the two models apart (the AUC)."""
+    sentences = []
+    word = {"first": "higher for the shortcut model", "second": "lower for the shortcut model",
+            "cannot decide": "cannot decide"}
+    for model in dict.fromkeys(r["model"] for r in reality_rows):
+        mine = {r["measure"]: r for r in reality_rows if r["model"] == model}
+        parts = []
+        for key, what in (("class_accuracy", f"accuracy on unmarked {class_name} images"),
+                          ("flip_rate", f"flip rate to {class_name} when marked")):
+            r = mine.get(key)
+            if r is None or str(r.get("verdict", "")) in ("", "nan"):
+                continue
+            parts.append(f"{what} {float(r['shortcut']):.3f} against {float(r['clean']):.3f} "
+                         f"({float(r['difference']):+.3f} [{float(r['difference_low']):+.3f}, "
+                         f"{float(r['difference_high']):+.3f}]: {word.get(r['verdict'], r['verdict'])})")
+        if parts:
+            sentences.append(f"{model}: is the shortcut real? {'; '.join(parts)}.")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        found, missed, apart, undecided = [], [], [], []
+        for r in rows:
+            if r["model"] != model or r["method"] in REFERENCES:
+                continue
+            if r["data"] == "shortcut":
+                above = all(r.get(f"minus_{ref}_verdict") == "first" for ref in REFERENCES)
+                (found if above else missed).append(f"{r['method']} {float(r['marker_share']):.2f}")
+                auc = f"{r['method']} {float(r['auc']):.2f} [{float(r['auc_low']):.2f}, {float(r['auc_high']):.2f}]"
+                (apart if r.get("auc_verdict") == "first" else undecided).append(auc)
+        if found:
+            sentences.append(f"{model}: on the shortcut model's maps, {', '.join(found)} of the positive relevance "
+                             "lies on the marker, more than every reference (random, centre, edge).")
+        if missed:
+            sentences.append(f"{model}: not above every reference on the shortcut model: {', '.join(missed)}.")
+        if apart:
+            sentences.append(f"{model}: the marker's share tells the shortcut model from the clean one on the same "
+                             f"marked images (AUC): {', '.join(apart)}.")
+        if undecided:
+            sentences.append(f"{model}: cannot tell the two models apart by the marker's share (AUC): "
+                             f"{', '.join(undecided)}.")
+    return sentences

@@ -387,11 +387,12 @@ def _localisation_context(folder: Path | None, figures: "Figures") -> dict[str, 
     try:
         game = grid_pointing_summary(place)
     except (OSError, ValueError, XtlError):
-        return None
+        game = {}
+    shortcut = _shortcut_context(folder / "shortcut", figures)
     if not game:
-        return None
+        return {"game": None, "shortcut": shortcut} if shortcut else None
     if "not_played" in game:
-        return {"not_played": game["not_played"]}
+        return {"game": None, "not_played": game["not_played"], "shortcut": shortcut}
     rows = [{"run": r["run"], "method": r["method"], "reading": r["reading"], "share": interval(r, "share"),
              "pointing": interval(r, "pointing"), "flat": int(r["flat_maps"]), "maps": int(r["maps"]),
              "seconds": f"{float(r['seconds']):.1f}"} for r in game["rows"]]
@@ -402,10 +403,44 @@ def _localisation_context(folder: Path | None, figures: "Figures") -> dict[str, 
                                  f"{run}: two mosaics, each class's map; white: its quadrant"))
     settings = game["settings"]
     family = int(game["tests"][0]["family"]) if game["tests"] else 0
-    return {"rows": rows, "sentences": game["sentences"], "figures": [f for f in shown if f],
-            "mosaics": settings.get("mosaics"), "layout": settings.get("layout"),
-            "min_confidence": settings.get("min_confidence"), "candidates": game["candidates"],
-            "test_images": game["test_images"], "even": EVEN_SHARE, "family": family}
+    return {"game": {"rows": rows, "sentences": game["sentences"], "figures": [f for f in shown if f],
+                     "mosaics": settings.get("mosaics"), "layout": settings.get("layout"),
+                     "min_confidence": settings.get("min_confidence"), "candidates": game["candidates"],
+                     "test_images": game["test_images"], "even": EVEN_SHARE, "family": family},
+            "not_played": None, "shortcut": shortcut}
+
+
+def _shortcut_context(place: Path, figures: "Figures") -> dict[str, Any] | None:
+    """The planted shortcut of `place` (`xtl benchmark shortcut --out RUNFOLDER/shortcut`), where it ran."""
+    import json
+
+    from xtl.analysis.shortcut import REFERENCES, reality_summary, shortcut_sentences, shortcut_summary
+
+    try:
+        rows, reality_rows = shortcut_summary(place), reality_summary(place)
+        info = json.loads((place / "shortcut.json").read_text())
+    except (OSError, ValueError, XtlError):
+        return None
+    if not rows or not isinstance(info, dict):
+        return None
+    settings = info.get("settings", {})
+    ci = lambda r, k: f"{float(r[k]):.3f} [{float(r[k + '_low']):.3f}, {float(r[k + '_high']):.3f}]"  # noqa: E731
+    verdict = lambda r, k: "" if str(r.get(k, "")) in ("", "nan") else str(r[k])  # noqa: E731
+    table = [{"model": r["model"], "method": r["method"], "data": r["data"], "reading": r["reading"],
+              "share": ci(r, "marker_share"), "pointing": ci(r, "pointing"),
+              "versus": [verdict(r, f"minus_{ref}_verdict") for ref in REFERENCES],
+              "auc": ci(r, "auc") if r["method"] not in REFERENCES else "0.5 (one map for both)",
+              "auc_verdict": verdict(r, "auc_verdict")} for r in rows]
+    reality = [{"model": r["model"], "measure": r["measure"].replace("_", " "), "n": int(r["n_images"]),
+                "shortcut": ci(r, "shortcut"), "clean": ci(r, "clean"), "difference": ci(r, "difference"),
+                "verdict": verdict(r, "verdict")} for r in reality_rows]
+    shown = [figures.add(path, path.name, f"{path.stem.replace('shortcut_gallery_', '')}: marked test images (marker outlined), each "
+                         "method's map of the shortcut class for the shortcut and the clean model")
+             for path in sorted(place.glob("shortcut_gallery_*.png"))]
+    return {"rows": table, "reality": reality, "references": list(REFERENCES),
+            "sentences": shortcut_sentences(rows, reality_rows, settings.get("shortcut_class", "")),
+            "settings": settings, "epochs": info.get("epochs"), "family": int(rows[0].get("family", 0)),
+            "figures": [f for f in shown if f]}
 
 
 def _reproducibility_context(results: list[ModelResult], config: dict[str, Any] | None) -> dict[str, Any]:
