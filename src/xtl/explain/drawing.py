@@ -1,6 +1,7 @@
 """Drawing explanation maps over images: the one place where a map becomes colours.
 
     rgb = overlay(image, heatmap, signed=False)      # uint8 [H, W, 3]
+    rgbs = overlay(images, maps, signed=True)        # a batch: [B, 3, H, W] and [B, h, w] -> uint8 [B, H, W, 3]
     save_overlay("map.png", image, heatmap, signed=True)
 
 Two kinds of map, two colour scales, so that a figure does not suggest what the map does not say:
@@ -112,12 +113,43 @@ def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return big[0, 0].numpy()
 
 
+def _ndim(value) -> int:
+    return value.ndim if isinstance(value, torch.Tensor) else np.ndim(value)
+
+
+def _batch_size(image, heatmap) -> int | None:
+    """The number of images when `overlay` is given a batch: images [B, 3, H, W] (or [B, H, W, 3]),
+    or maps [B, h, w] (also [B, 1, h, w]) with B > 1; None for one image and one map."""
+    map_shape = tuple(heatmap.shape) if isinstance(heatmap, torch.Tensor) else np.shape(heatmap)
+    if _ndim(image) == 4:
+        return (image.shape if isinstance(image, torch.Tensor) else np.shape(image))[0]
+    if (len(map_shape) == 4 and map_shape[1] == 1 or len(map_shape) == 3) and map_shape[0] > 1:
+        return map_shape[0]
+    return None
+
+
 def overlay(image, heatmap, signed: bool = False, alpha: float = 0.5, size: tuple[int, int] | None = None) -> np.ndarray:
     """uint8 [H, W, 3]: `image` under `heatmap` coloured with opacity `alpha`.
 
     `image`: see `to_rgb`; `heatmap`: [h, w] tensor or array of any size, resized bilinearly to the
     image (or both to `size` when given). `signed`: draw on the diverging zero-centred scale (see the
-    module's docstring). A flat map (`is_flat`) is not coloured: the image is returned unchanged."""
+    module's docstring). A flat map (`is_flat`) is not coloured: the image is returned unchanged.
+
+    Batches: images [B, 3, H, W] with maps [B, h, w] (or one map [h, w] for all, or one image [3, H, W]
+    under maps [B, h, w]) give uint8 [B, H, W, 3], each map over its own image (each scaled on its own)."""
+    n = _batch_size(image, heatmap)
+    if n is not None:
+        images = image if _ndim(image) == 4 else [image] * n
+        maps = heatmap if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap)
+        if maps.ndim == 4:
+            maps = maps[:, 0]
+        if maps.ndim == 2:
+            maps = [maps] * n
+        if len(images) != len(maps):
+            raise ValueError(f"overlay: {len(images)} images and {len(maps)} maps; give one map per image")
+        if n == 0:
+            raise ValueError("overlay: the batch is empty")
+        return np.stack([overlay(images[i], maps[i], signed=signed, alpha=alpha, size=size) for i in range(n)])
     values = np.nan_to_num(_as_array(heatmap), nan=0.0, posinf=0.0, neginf=0.0)
     rgb = to_rgb(image, size)
     if is_flat(values):
@@ -138,6 +170,10 @@ def save_overlay(path: str | os.PathLike, image, heatmap, signed: bool = False, 
 
     path = Path(path)
     rgb = overlay(image, heatmap, signed=signed, alpha=alpha, size=size)
+    if rgb.ndim == 4:
+        if len(rgb) != 1:
+            raise ValueError(f"save_overlay writes one image, not a batch of {len(rgb)}; save each overlay(...)[i]")
+        rgb = rgb[0]
     with atomic_path(path) as tmp:
         Image.fromarray(rgb).save(tmp, format="PNG")
     return path

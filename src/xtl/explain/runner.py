@@ -49,14 +49,24 @@ def progress_bar(progress: bool, on: Console | None = None) -> Progress:
                     TimeRemainingColumn(), disable=not progress, console=on or console)
 
 
-def read_stored_maps(run: RunDir, method: str, split: str = "test", target: str | None = None,
+def as_run(run: RunDir | str | Path) -> RunDir:
+    """A run folder given as a `RunDir`, a str or a Path, as a `RunDir`."""
+    if isinstance(run, RunDir):
+        return run
+    if isinstance(run, (str, Path)) or hasattr(run, "__fspath__"):
+        return RunDir(Path(run))
+    raise XtlError(f"run must be a run folder (a str, a Path or an xtl.runs.RunDir), not {type(run).__name__}")
+
+
+def read_stored_maps(run: RunDir | str | Path, method: str, split: str = "test", target: str | None = None,
                      images: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """What `explain_run` stored for `method`, in shard order from the split's first image: raw maps
     [N, h, w] on the method's grid, the classes they explain [N] and the images' ids [N]; None when
     there are none. One set of maps (`xtl.explain.stored.chosen_set`): of the run's current weights,
     of `images` (`images_digest`) where given, of `target` where there is one. A shard that is
     damaged, crafted or copied from another set (`load_shard`), or maps of two grids in one set, are
-    one `XtlError` naming the file: they are never mixed in."""
+    one `XtlError` naming the file: they are never mixed in. `run`: a `RunDir` or the run folder's path."""
+    run = as_run(run)
     shards = shard_files(chosen_set(run, method, split, target, images))
     parts = [load_shard(s) for s in shards]
     if not parts:
@@ -68,12 +78,13 @@ def read_stored_maps(run: RunDir, method: str, split: str = "test", target: str 
     return tuple(torch.cat([p[key] for p in parts]) for key in ("raw", "targets", "ids"))
 
 
-def stored_maps_for(run: RunDir, method: str, split: str, ids: list[int], target: str | None = None,
+def stored_maps_for(run: RunDir | str | Path, method: str, split: str, ids: list[int], target: str | None = None,
                     images: str | None = None) -> dict[int, tuple[torch.Tensor, int]]:
     """The maps `explain_run` stored for `method` of the images `ids` (one set, as `read_stored_maps`
     chooses it): image id -> (raw map [h, w], the class it explains). Reads each shard's ids and only
     the rows wanted, each shard checked first (`load_shard`: a damaged or foreign one is one line);
-    images without a stored map are left out (the caller computes those)."""
+    images without a stored map are left out (the caller computes those). `run`: a `RunDir` or a path."""
+    run = as_run(run)
     wanted = {int(i) for i in ids}
     found: dict[int, tuple[torch.Tensor, int]] = {}
     for shard in shard_files(chosen_set(run, method, split, target, images)):

@@ -111,6 +111,36 @@ class Curve:
     values: torch.Tensor  # [B, F] probability of the explained class, or 1/0 for a correct prediction
     auc: torch.Tensor  # [B] area under the curve divided by the x range: in [0, 1] for every metric
 
+    def __repr__(self) -> str:
+        return f"Curve(images={len(self.auc)}, points={len(self.x)}, auc_mean={mean_text(self.auc)})"
+
+
+def mean_text(values: torch.Tensor) -> str:
+    """The mean of the finite values, to 3 decimals ("nan" when there is none)."""
+    values = values.detach().double().cpu()
+    finite = values[torch.isfinite(values)]
+    return f"{float(finite.mean()):.3f}" if len(finite) else "nan"
+
+
+def gap_columns(columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`columns` (name -> per-image AUCs) with the gaps (`GAPS`) of the metrics present, for the
+    predicted class's maps and (`_true`) the true class's where those are there."""
+    out = dict(columns)
+    for suffix in ("", "_true"):
+        for gap in GAPS.values():
+            least, most = gap.least + suffix, gap.most + suffix
+            if least in columns and most in columns:
+                out[gap.name + suffix] = columns[least].double() - columns[most].double()
+    return out
+
+
+def html_table(header: str, frame, max_rows: int = 20) -> str:
+    """A notebook's view of a table: one header line (plain text, escaped) over `frame`'s HTML."""
+    import html
+
+    return (f"<div><div>{html.escape(header)}</div>"
+            f"{frame.to_html(index=False, max_rows=max_rows, float_format=lambda v: f'{v:.4g}')}</div>")
+
 
 def metric_curve(metric: Metric, fractions: torch.Tensor, series: dict[str, torch.Tensor], steps: int) -> Curve:
     """Read `metric` off the series ("most"/"least" -> [B, F] values on the masked `fractions`, which

@@ -36,6 +36,7 @@ of a batch independently: the tests pin exact equality for 1 and 64 on such a mo
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -47,7 +48,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from xtl.errors import XtlError
-from xtl.faithfulness.metrics import Curve, get_metrics, metric_curve, scoring_fractions
+from xtl.faithfulness.metrics import Curve, gap_columns, get_metrics, html_table, mean_text, metric_curve, scoring_fractions
 from xtl.models import inference_autocast
 from xtl.models.registry import IMAGENET_STD
 from xtl.settings import MAX_STEPS
@@ -84,7 +85,7 @@ def baseline_inputs(images: torch.Tensor, baseline: str, seed: int = 0,
                     pixel_std: Sequence[float] | None = None) -> torch.Tensor:
     """The fully masked images (fraction 1). "road": 0 plus its noise (`road_noise`, `seed`, `pixel_std`)."""
     if baseline not in BASELINES:
-        raise XtlError(f"option --baseline must be one of {', '.join(BASELINES)}, not '{baseline}'")
+        raise XtlError(f"baseline_inputs(): baseline must be one of {', '.join(BASELINES)}, not {baseline!r}")
     if baseline == "road":
         return BASELINES[baseline](images) + road_noise(tuple(images.shape), seed, pixel_std, images.device)
     return BASELINES[baseline](images)
@@ -360,6 +361,31 @@ class Scores:
     def auc_mean(self) -> dict[str, float]:
         return {name: float(curve.auc.mean()) for name, curve in self.curves.items()}
 
+    def per_image(self) -> dict[str, torch.Tensor]:
+        """Column -> [B]: each metric's AUC and the gaps (`metrics.GAPS`: srg, srg_accuracy) it allows."""
+        return gap_columns({name: curve.auc.detach().double().cpu() for name, curve in self.curves.items()})
+
+    def to_pandas(self):
+        """A pandas DataFrame, one row per image: its position, the class the maps explain, every metric's
+        AUC and the gaps (srg = insertion - deletion, srg_accuracy = negative - positive)."""
+        import pandas as pd
+
+        columns = self.per_image()
+        return pd.DataFrame({"image": list(range(len(self.targets))),
+                             "target": [int(t) for t in self.targets.tolist()],
+                             **{name: values.tolist() for name, values in columns.items()}})
+
+    def _summary(self) -> str:
+        means = ", ".join(f"{name}={mean_text(values)}" for name, values in self.per_image().items())
+        points = next(iter(self.curves.values())).x.numel() if self.curves else 0
+        return f"images={len(self.targets)}, points={points}, mean AUC: {means or 'none'}"
+
+    def __repr__(self) -> str:
+        return f"Scores({self._summary()})"
+
+    def _repr_html_(self) -> str:
+        return html_table(f"Scores: {self._summary()}", self.to_pandas())
+
 
 def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor,
           targets: torch.Tensor | None = None, steps: int = 10, baseline: str = "zero", batch_size: int = 64,
@@ -374,17 +400,21 @@ def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, maps: to
     `seed`, `pixel_std`: ROAD's noise (`road_noise`; the other baselines have none).
     """
     return score_maps(model, images, labels, {"maps": maps}, targets, steps, baseline, batch_size,
-                      metrics, progress, bf16=bf16, grid=grid, seed=seed, pixel_std=pixel_std)["maps"]
+                      metrics, progress, bf16=bf16, grid=grid, seed=seed, pixel_std=pixel_std, _where="score()")["maps"]
 
 
 def score_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, maps: Mapping[str, torch.Tensor],
                targets: torch.Tensor | None = None, steps: int = 10, baseline: str = "zero", batch_size: int = 64,
                metrics: list[str] | None = None, progress: bool | Progress = False,
                description: str = "faithfulness", bf16: bool | None = None, grid: int | None = None,
-               seed: int = 0, pixel_std: Sequence[float] | None = None) -> dict[str, Scores]:
-    """`score` for several map sets of the same images; the shared end points run once."""
-    check_scoring_options(steps, batch_size, baseline, grid)
-    check_grid_size(grid, tuple(images.shape[-2:]))
+               seed: int = 0, pixel_std: Sequence[float] | None = None, _where: str = "score_maps()") -> dict[str, Scores]:
+    """`score` for several map sets of the same images; the shared end points run once.
+
+    A bad setting is one line naming the parameter as Python callers write it (`score(): steps must
+    be at least 1, not 0`); the command line checks its options first, in its own words
+    (`FaithfulnessSettings`)."""
+    check_scoring_options(steps, batch_size, baseline, grid, where=_where)
+    check_grid_size(grid, tuple(images.shape[-2:]), where=_where)
     chosen = get_metrics(metrics)
     n = images.shape[0]
     for name, m in maps.items():
@@ -419,30 +449,43 @@ NAMED_GRIDS = ("common", "native", "model")
 COMMON_GRID = 28  # cells per side of the common grid where the source is not coarser than the input
 
 
+def setting_name(name: str, where: str = "option") -> str:
+    """How an error names a setting: `option --batch-size` for the command line (`where="option"`),
+    `score(): batch_size` for a Python caller (`where` is the function's name, "score()")."""
+    return f"option --{name.replace('_', '-')}" if where == "option" else f"{where}: {name}"
+
+
 def check_scoring_options(steps: int, batch_size: int, baseline: str = "zero", grid: int | str | None = None,
-                          native: bool = False) -> None:
+                          native: bool = False, where: str = "option") -> None:
     """One line naming the option for each bad value (`native`: whether the named grids "native" and
-    "model", which only a run or a model can resolve, are accepted)."""
+    "model", which only a run or a model can resolve, are accepted). `where`: "option" names them as
+    the command line does (`option --steps`); a function's name ("score()") names its parameters."""
+    python = where != "option"
     if baseline not in BASELINES:
-        raise XtlError(f"option --baseline must be one of {', '.join(BASELINES)}, not '{baseline}'")
+        shown = repr(baseline) if python else f"'{baseline}'"
+        raise XtlError(f"{setting_name('baseline', where)} must be one of {', '.join(BASELINES)}, not {shown}")
+    for name, value in (("steps", steps), ("batch_size", batch_size)) if python else ():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise XtlError(f"{setting_name(name, where)} must be an int, not {value!r}")
     if steps < 1:
-        raise XtlError(f"option --steps must be at least 1, not {steps}")
+        raise XtlError(f"{setting_name('steps', where)} must be at least 1, not {steps}")
     if steps > MAX_STEPS:
-        raise XtlError(f"option --steps must be at most {MAX_STEPS:,} (each step is a forward pass per image and metric), "
-                       f"not {steps:,}")
+        raise XtlError(f"{setting_name('steps', where)} must be at most {MAX_STEPS:,} (each step is a forward pass per "
+                       f"image and metric), not {steps:,}")
     if batch_size < 1:
-        raise XtlError(f"option --batch-size must be at least 1, not {batch_size}")
+        raise XtlError(f"{setting_name('batch_size', where)} must be at least 1, not {batch_size}")
     if native and grid in NAMED_GRIDS:
         return
     if grid is not None and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
-        choices = "a number of cells per side >= 1" + (", common, native, model" if native else "") + " or none (pixels)"
-        raise XtlError(f"option --grid must be {choices}, not {grid!r}")
+        choices = ("a number of cells per side >= 1" + (", common, native, model" if native else "")
+                   + (" or None (pixels)" if python else " or none (pixels)"))
+        raise XtlError(f"{setting_name('grid', where)} must be {choices}, not {grid!r}")
 
 
-def check_grid_size(grid: int | None, size: tuple[int, int]) -> None:
+def check_grid_size(grid: int | None, size: tuple[int, int], where: str = "option") -> None:
     """A grid finer than the input has cells without pixels."""
     if grid is not None and grid > min(size):
-        raise XtlError(f"option --grid must be at most the input's {min(size)} px per side, not {grid}")
+        raise XtlError(f"{setting_name('grid', where)} must be at most the input's {min(size)} px per side, not {grid}")
 
 
 def _end_points(images: torch.Tensor, fill: torch.Tensor, part: slice) -> torch.Tensor:

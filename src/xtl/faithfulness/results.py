@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from xtl.faithfulness.figures import plot_curves
-from xtl.faithfulness.metrics import GAPS, METRICS, Curve
+from xtl.faithfulness.metrics import GAPS, METRICS, Curve, html_table, mean_text
 from xtl.faithfulness.readings import UNSIGNED, label as reading_label, set_name, split_name
 from xtl.errors import XtlError
 from xtl.io import read_csv, write_csv
@@ -66,6 +66,26 @@ class MethodScores:
         return cls(method, curves, sum(p.explain_seconds for p in parts), sum(p.score_seconds for p in parts),
                    reading, extras)
 
+    def __repr__(self) -> str:
+        return f"MethodScores({self._summary()})"
+
+    def _summary(self) -> str:
+        n = len(next(iter(self.curves.values())).auc) if self.curves else 0
+        means = ", ".join(f"{column}={mean_text(values)}" for column, values in self.per_image().items())
+        return f"method={self.method!r}, reading={self.reading!r}, images={n}, mean: {means or 'none'}"
+
+    def to_pandas(self):
+        """A pandas DataFrame, one row per image: every column of `per_image` (AUCs, gaps, extras)."""
+        import pandas as pd
+
+        columns = self.per_image()
+        n = len(next(iter(columns.values()))) if columns else 0
+        return pd.DataFrame({"method": [self.method] * n, "reading": [self.reading] * n, "image": list(range(n)),
+                             **{column: values.tolist() for column, values in columns.items()}})
+
+    def _repr_html_(self) -> str:
+        return html_table(f"MethodScores: {self._summary()}", self.to_pandas())
+
     def per_image(self) -> dict[str, torch.Tensor]:
         """Column -> [B] per-image AUCs, the gaps (`GAPS`, and of the true class's maps where scored) and the extras."""
         columns = {column: curve.auc.double() for column, curve in self.curves.items()}
@@ -89,6 +109,24 @@ class ModelScores:
     grid: int | None = None  # cells per side of the perturbed grid; None: pixels
 
     ids: list[str] | None = None  # the scored images' ids (file names), in order; None: their positions
+
+    def __repr__(self) -> str:
+        return f"ModelScores({self._summary()})"
+
+    def _summary(self) -> str:
+        return (f"name={self.name!r}, model={self.model!r}, map_sets={len(self.methods)}, images={self.n_images}, "
+                f"steps={self.steps}, baseline={self.baseline!r}, grid={grid_label(self.grid)}")
+
+    def to_pandas(self, per_image: bool = False):
+        """A pandas DataFrame: one row per map set (`rows()`: each column's mean and std over the images,
+        as faithfulness.csv holds them), or with `per_image=True` one row per map set and image
+        (`image_rows()`, as faithfulness_images.csv)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.image_rows() if per_image else self.rows())
+
+    def _repr_html_(self) -> str:
+        return html_table(f"ModelScores: {self._summary()}", self.to_pandas())
 
     def rows(self) -> list[dict]:
         """One row per map set: each column's mean over the images and its std (`<column>_std`)."""

@@ -91,7 +91,9 @@ def inspect_model(model: nn.Module) -> ModelDescription:
         return replace(inner, target_layer=_prefixed("hf", inner.target_layer), classifier=_prefixed("hf", inner.classifier))
     if is_hf_model(model):
         return _hf_description(model)
-    if hasattr(model, "pretrained_cfg") and type(model).__module__.startswith("timm."):
+    if type(model).__module__.startswith("timm.") and (
+            hasattr(model, "pretrained_cfg") or (hasattr(model, "blocks") and hasattr(model, "patch_embed"))):
+        # timm.create_model attaches pretrained_cfg; a ViT built by its class (VisionTransformer(...)) has none
         return _timm_description(model)
     if type(model).__module__.startswith("torchvision.models"):
         return _torchvision_description(model)
