@@ -369,6 +369,7 @@ def test_the_report_shows_the_tables_and_says_only_what_the_tests_support(tiny_b
     above = all(saliency[f"minus_{ref}_verdict"] == "first" for ref in REFERENCES)
     said = " ".join(shown["sentences"])
     assert ("more than every reference" in said) == above
-    assert ("cannot tell the two models apart" in said) == (saliency["auc_verdict"] != "first")
+    assert ("cannot tell the two models apart" in said) == (saliency["auc_verdict"] == "cannot decide")
+    assert ("put less of their relevance on the marker" in said) == (saliency["auc_verdict"] == "second")
     assert "is the shortcut real?" in said
     assert _shortcut_context(out / "nothing-here", Figures(tmp_path / "figures")) is None

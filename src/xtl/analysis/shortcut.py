@@ -833,7 +833,7 @@ def shortcut_sentences(rows: list[dict], reality_rows: list[dict], class_name: s
         if parts:
             sentences.append(f"{model}: is the shortcut real? {'; '.join(parts)}.")
     for model in dict.fromkeys(r["model"] for r in rows):
-        found, missed, apart, undecided = [], [], [], []
+        found, missed, apart, reversed_, undecided = [], [], [], [], []
         for r in rows:
             if r["model"] != model or r["method"] in REFERENCES:
                 continue
@@ -841,7 +841,7 @@ def shortcut_sentences(rows: list[dict], reality_rows: list[dict], class_name: s
                 above = all(r.get(f"minus_{ref}_verdict") == "first" for ref in REFERENCES)
                 (found if above else missed).append(f"{r['method']} {float(r['marker_share']):.2f}")
                 auc = f"{r['method']} {float(r['auc']):.2f} [{float(r['auc_low']):.2f}, {float(r['auc_high']):.2f}]"
-                (apart if r.get("auc_verdict") == "first" else undecided).append(auc)
+                {"first": apart, "second": reversed_}.get(r.get("auc_verdict"), undecided).append(auc)
         if found:
             sentences.append(f"{model}: on the shortcut model's maps, {', '.join(found)} of the positive relevance "
                              "lies on the marker, more than every reference (random, centre, edge).")
@@ -850,6 +850,9 @@ def shortcut_sentences(rows: list[dict], reality_rows: list[dict], class_name: s
         if apart:
             sentences.append(f"{model}: the marker's share tells the shortcut model from the clean one on the same "
                              f"marked images (AUC): {', '.join(apart)}.")
+        if reversed_:
+            sentences.append(f"{model}: the shortcut model's maps put less of their relevance on the marker than the "
+                             f"clean model's (AUC below 0.5): {', '.join(reversed_)}.")
         if undecided:
             sentences.append(f"{model}: cannot tell the two models apart by the marker's share (AUC): "
                              f"{', '.join(undecided)}.")
