@@ -220,9 +220,10 @@ def test_a_finished_pipeline_reruns_nothing(pipeline, tmp_path, monkeypatch, cap
 # a deleted output -> the step that wrote it, and the steps redone after it
 DELETED = [
     ("timm_resnet10t/model.safetensors", "timm:resnet10t: fine-tune", {"finetune:timm:resnet10t", "evaluate:timm:resnet10t",
-                                                                       "explain:timm:resnet10t", "faithfulness", "analysis", "report"}),
+                                                                       "explain:timm:resnet10t", "faithfulness", "analysis",
+                                                                       "grid_pointing", "report"}),
     ("timm_resnet10t/metrics.json", "timm:resnet10t: evaluate", {"evaluate:timm:resnet10t", "explain:timm:resnet10t",
-                                                                 "faithfulness", "analysis", "report"}),
+                                                                 "faithfulness", "analysis", "grid_pointing", "report"}),
     ("timm_resnet10t/figures/gallery_misclassified_saliency.png", "timm:resnet10t: explain",
      {"explain:timm:resnet10t", "analysis", "report"}),
     ("timm_resnet10t/explanations/test", "timm:resnet10t: explain", {"explain:timm:resnet10t", "analysis", "report"}),
@@ -230,6 +231,8 @@ DELETED = [
     ("faithfulness_combined.csv", "faithfulness", {"faithfulness", "report"}),
     ("data.json", "data: split and class distribution", {"data", "report"}),
     ("figures/class_distribution.png", "data: split and class distribution", {"data", "report"}),
+    ("grid_pointing/grid_pointing.json", "grid pointing game: mosaics of four classes, each explained",
+     {"grid_pointing", "report"}),
     ("report/report.html", "report", {"report"}),
 ]
 
