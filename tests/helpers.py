@@ -130,3 +130,27 @@ def cifar_resnet18(cifar: Path, n_per_class: int):
     model.eval()
     raw, labels = cifar_images(cifar, n_per_class=n_per_class)
     return model, spec, preprocessing(model, spec)(raw), labels
+
+
+def cifar_uint8(cifar: Path, per_class: int = 3, classes=("cat", "ship")):
+    """uint8 [B, 3, 32, 32] real CIFAR-10 test images, `per_class` of each class, and their labels."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    names = sorted(p.name for p in (cifar / "test").iterdir() if p.is_dir())
+    images, labels = [], []
+    for name in classes:
+        for f in sorted((cifar / "test" / name).iterdir())[:per_class]:
+            images.append(torch.tensor(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1))
+            labels.append(names.index(name))
+    return torch.stack(images), torch.tensor(labels)
+
+
+def random_resnet10t():
+    """A seeded random-init timm resnet10t with 10 classes, in eval mode."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()

@@ -9,34 +9,25 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from xtl.errors import XtlError
 from xtl.explain import explain, methods_for
 from xtl.models import describe_model, preprocessing
 
+from helpers import cifar_uint8, random_resnet10t
+
 torch.set_num_threads(1)
 
 
 def _cifar(cifar: Path, n: int = 2, classes=("cat", "ship")) -> tuple[torch.Tensor, torch.Tensor]:
-    index = {"cat": 3, "ship": 8}
-    images, labels = [], []
-    for name in classes:
-        for f in sorted((cifar / "test" / name).iterdir())[:n]:
-            images.append(torch.tensor(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1))
-            labels.append(index[name])
-    return torch.stack(images), torch.tensor(labels)
+    return cifar_uint8(cifar, n, classes)
 
 
 @pytest.fixture(scope="module")
 def cnn():
-    import timm
-
-    torch.manual_seed(0)
-    return timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
+    return random_resnet10t()
 
 
 @pytest.fixture(scope="module")

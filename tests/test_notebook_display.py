@@ -8,7 +8,6 @@ import base64
 import io
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,27 +17,15 @@ from PIL import Image
 from xtl.explain import Explanation, drawing, explain, gallery
 from xtl.models import describe_model, preprocessing
 
+from helpers import cifar_uint8, random_resnet10t
+
 torch.set_num_threads(1)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def cifar_uint8(cifar: Path, per_class: int = 3, classes=("cat", "ship")) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [B, 3, 32, 32] real CIFAR-10 test images and their labels (cat 3, ship 8)."""
-    index = {"cat": 3, "ship": 8, "dog": 5}
-    images, labels = [], []
-    for name in classes:
-        for f in sorted((cifar / "test" / name).iterdir())[:per_class]:
-            images.append(torch.tensor(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1))
-            labels.append(index[name])
-    return torch.stack(images), torch.tensor(labels)
-
-
 @pytest.fixture(scope="module")
 def cnn():
-    import timm
-
-    torch.manual_seed(0)
-    return timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
+    return random_resnet10t()
 
 
 @pytest.fixture(scope="module")

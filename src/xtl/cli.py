@@ -525,6 +525,22 @@ def _seeds(text: Optional[str]) -> Optional[list[int]]:
     return [int(p) for p in parts]
 
 
+def _runs_and_out(runs: list[Path], out: Optional[Path], name: str, prefix: str):
+    """The run directories (each read, so a broken one is named first) and the output folder: `out`, else
+    `name/` in the runs' `xtl run` folder, else runs/<prefix>-A-vs-B."""
+    from xtl.runs import RunDir
+
+    run_dirs = [RunDir(r) for r in runs]
+    for run in run_dirs:
+        run.read()
+    parents = {Path(r).resolve().parent for r in runs}
+    if out is None:
+        parent = next(iter(parents))
+        out = parent / name if len(parents) == 1 and (parent / "pipeline.yaml").is_file() else \
+            Path("runs") / (f"{prefix}-" + "-vs-".join(r.path.name for r in run_dirs))
+    return run_dirs, _output_folder(out, "--out")
+
+
 def _list(text: Optional[str]) -> Optional[list[str]]:
     return [part.strip() for part in text.split(",") if part.strip()] if text is not None else None
 
@@ -685,19 +701,10 @@ def grid_pointing_command(
     import time
 
     from xtl.analysis.grid_pointing import GridSettings, grid_pointing, grid_pointing_table
-    from xtl.runs import RunDir
 
     settings = GridSettings(mosaics=mosaics, min_confidence=min_confidence, layout=layout, seed=seed,
                             batch_size=batch_size).check()
-    run_dirs = [RunDir(r) for r in runs]
-    for run in run_dirs:
-        run.read()
-    parents = {Path(r).resolve().parent for r in runs}
-    if out is None:
-        parent = next(iter(parents))
-        out = parent / "grid_pointing" if len(parents) == 1 and (parent / "pipeline.yaml").is_file() else \
-            Path("runs") / ("grid-pointing-" + "-vs-".join(r.path.name for r in run_dirs))
-    folder = _output_folder(out, "--out")
+    run_dirs, folder = _runs_and_out(runs, out, "grid_pointing", "grid-pointing")
     start = time.perf_counter()
     result = grid_pointing(run_dirs, folder, _list(methods), settings, device=_device(device),
                            log=lambda line: console.print(Text(line)))
@@ -786,17 +793,8 @@ def analyse_command(
     if randomisation_layers is not None and randomisation_layers < 1:
         raise XtlError(f"option --randomisation-layers must be 1 or more, not {randomisation_layers}")
     from xtl.analysis import analyse_runs
-    from xtl.runs import RunDir
 
-    run_dirs = [RunDir(r) for r in runs]
-    for run in run_dirs:
-        run.read()
-    parents = {Path(r).resolve().parent for r in runs}
-    if out is None:
-        parent = next(iter(parents))
-        out = parent / "analysis" if len(parents) == 1 and (parent / "pipeline.yaml").is_file() else \
-            Path("runs") / ("analysis-" + "-vs-".join(r.path.name for r in run_dirs))
-    folder = _output_folder(out, "--out")
+    run_dirs, folder = _runs_and_out(runs, out, "analysis", "analysis")
     result = analyse_runs(run_dirs, folder, methods=_list(methods), randomisation_images=randomisation_images,
                           robustness_images=robustness_images,
                           randomisation_layers=randomisation_layers, device=_device(device))

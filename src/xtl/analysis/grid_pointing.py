@@ -193,11 +193,9 @@ def reference_maps(kind: str, mosaics: torch.Tensor, seed: int) -> torch.Tensor:
     if kind == "random":
         return torch.rand(4 * m, side, side, generator=torch.Generator().manual_seed(seed))
     if kind == "centre":
-        centre = (side - 1) / 2
-        axis = torch.arange(side, dtype=torch.float32)
-        y, x = torch.meshgrid(axis, axis, indexing="ij")
-        gauss = torch.exp(-((y - centre) ** 2 + (x - centre) ** 2) / (2 * (side / 4) ** 2))
-        return gauss.expand(4 * m, side, side).clone()
+        from xtl.analysis.shortcut import centre_maps
+
+        return centre_maps(4 * m, (side, side))
     if kind == "edge":
         grey = mosaics.detach().float().cpu().mean(1, keepdim=True)
         kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
